@@ -1,0 +1,259 @@
+"""Public functional API (SPEC.md): checks inputs once, then dispatches to a backend.
+
+Backends: "torch" (nsa.reference, the spec) and "triton" (nsa.triton, the kernels). "auto" picks
+Triton for CUDA tensors and the reference otherwise. An explicit backend never falls back.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import reference
+from .config import NSAConfig, check_compression, check_int, resolve_config
+
+_FLOATS = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+_BACKENDS = ("auto", "torch", "triton")
+
+
+# ----------------------------------------------------------------------------- validation
+def _tensor(name, x, rank=4):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != rank:
+        raise ValueError(f"{name} must have rank {rank}, got shape {tuple(x.shape)}")
+    return x
+
+
+def _floats(ref_name, ref, **others):
+    if ref.dtype not in _FLOATS:
+        raise TypeError(f"{ref_name} must be float64/float32/float16/bfloat16, got {ref.dtype}")
+    for name, x in others.items():
+        if x.dtype != ref.dtype:
+            raise TypeError(f"{name} must have the dtype of {ref_name} ({ref.dtype}), got {x.dtype}")
+        if x.device != ref.device:
+            raise ValueError(f"{name} must be on {ref_name}'s device ({ref.device}), got {x.device}")
+
+
+def _dims(name, x, expected: dict):
+    """expected: {axis: (what, value)}; raises naming the first mismatch."""
+    for axis, (what, value) in expected.items():
+        if x.shape[axis] != value:
+            raise ValueError(f"{name}.shape[{axis}] ({what}) must be {value}, got {x.shape[axis]} "
+                             f"(shape {tuple(x.shape)})")
+
+
+def _heads(q, kv_name, kv):
+    hq, h = q.shape[2], kv.shape[2]
+    if h < 1 or hq % h:
+        raise ValueError(f"query heads ({hq}) must be a positive multiple of {kv_name} heads ({h})")
+
+
+def _scale(scale):
+    if scale is None:
+        return None
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
+        raise ValueError(f"scale must be a positive float or None, got {scale!r}")
+    return float(scale)
+
+
+def _cu_seqlens(cu, q):
+    """Checks packing; values only on CPU tensors (checking CUDA values would sync the host)."""
+    if cu is None:
+        return None
+    if not isinstance(cu, torch.Tensor):
+        raise TypeError(f"cu_seqlens must be a torch.Tensor, got {type(cu).__name__}")
+    if cu.dtype != torch.int32:
+        raise TypeError(f"cu_seqlens must be int32, got {cu.dtype}")
+    if cu.dim() != 1 or cu.numel() < 2:
+        raise ValueError(f"cu_seqlens must be 1-D with N+1 >= 2 entries, got shape {tuple(cu.shape)}")
+    if cu.device != q.device:
+        raise ValueError(f"cu_seqlens must be on q's device ({q.device}), got {cu.device}")
+    if q.shape[0] != 1:
+        raise ValueError(f"packed input (cu_seqlens given) needs batch size 1, got {q.shape[0]}")
+    if cu.device.type == "cpu":
+        v = cu.tolist()
+        if v[0] != 0 or v[-1] != q.shape[1] or any(b < a for a, b in zip(v, v[1:])):
+            raise ValueError(f"cu_seqlens must start at 0, be non-decreasing and end at the "
+                             f"packed length {q.shape[1]}, got {v}")
+    return cu
+
+
+def _compressed_len(k_name, k_cmp, q, cu, l, d):
+    if cu is None:
+        _dims(k_name, k_cmp, {1: ("compressed length Tc(T)", reference.num_compressed(q.shape[1], l, d))})
+    elif cu.device.type == "cpu":
+        total = int(compressed_cu_seqlens(cu, l, d)[-1])
+        _dims(k_name, k_cmp, {1: ("total compressed length of the packed sequences", total)})
+
+
+def _backend(backend, x):
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        backend = "triton" if x.is_cuda else "torch"
+    if backend == "torch":
+        return reference
+    if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for the "
+                         f"interpreter), got tensors on {x.device}")
+    from . import triton as triton_backend
+    return triton_backend
+
+
+def _check_qkv(q, k, v, k_name="k", v_name="v", cu_seqlens=None):
+    _tensor("q", q), _tensor(k_name, k), _tensor(v_name, v)
+    _floats("q", q, **{k_name: k, v_name: v})
+    B, T, HQ, dk = q.shape
+    _dims(k_name, k, {0: ("batch", B), 3: ("key dim, q.shape[3]", dk)})
+    _dims(v_name, v, {0: ("batch", B), 1: (f"length, {k_name}.shape[1]", k.shape[1]),
+                      2: (f"kv heads, {k_name}.shape[2]", k.shape[2])})
+    _heads(q, k_name, k)
+    return _cu_seqlens(cu_seqlens, q)
+
+
+def _check_raw_len(q, k_name, k):
+    _dims(k_name, k, {1: ("sequence length, q.shape[1]", q.shape[1])})
+
+
+# ----------------------------------------------------------------------------- public API
+def compressed_cu_seqlens(cu_seqlens, cmp_block_size, cmp_stride):
+    """Offsets of the per-sequence compressed tokens in a packed compressed tensor."""
+    lens = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    tc = torch.where(lens < cmp_block_size, 0, (lens - cmp_block_size) // cmp_stride + 1)
+    return torch.cat([tc.new_zeros(1), tc.cumsum(0)]).to(torch.int32)
+
+
+def compressed_attention(q, k_cmp, v_cmp, *, cmp_block_size, cmp_stride, scale=None,
+                         cu_seqlens=None, backend="auto"):
+    """Attention of each query over the compressed tokens it can see.
+
+    q [B,T,HQ,dk], k_cmp [B,Tc,H,dk], v_cmp [B,Tc,H,dv]; compressed token i summarises keys
+    [i*d, i*d+l) and is visible to query t iff i*d + l - 1 <= t. Returns (o [B,T,HQ,dv],
+    lse [B,T,HQ] float32; float64 for float64 inputs); a query that sees nothing gets o = 0,
+    lse = -inf.
+    """
+    check_compression(cmp_block_size, cmp_stride)
+    cu = _check_qkv(q, k_cmp, v_cmp, "k_cmp", "v_cmp", cu_seqlens)
+    _compressed_len("k_cmp", k_cmp, q, cu, cmp_block_size, cmp_stride)
+    return _backend(backend, q).compressed_attention(
+        q, k_cmp, v_cmp, cmp_block_size=cmp_block_size, cmp_stride=cmp_stride,
+        scale=_scale(scale), cu_seqlens=cu)
+
+
+def select_blocks(q, k_cmp, lse, *, cmp_block_size, cmp_stride, sel_block_size, sel_block_count,
+                  sel_init_blocks=1, sel_local_blocks=2, scale=None, cu_seqlens=None,
+                  backend="auto"):
+    """Indices of the selected blocks, [B,T,H,n] int32, ascending, padded with -1.
+
+    Block scores are the compression probabilities exp(scale*q.k_cmp - lse) spread over the
+    selection blocks by overlap and summed over each GQA group; the first `sel_init_blocks`
+    blocks and the last `sel_local_blocks` candidates are always kept. Not differentiable.
+    """
+    cfg = resolve_config(None, cmp_block_size=cmp_block_size, cmp_stride=cmp_stride,
+                         sel_block_size=sel_block_size, sel_block_count=sel_block_count,
+                         sel_init_blocks=sel_init_blocks, sel_local_blocks=sel_local_blocks)
+    cu = _check_qkv(q, k_cmp, k_cmp, "k_cmp", "k_cmp", cu_seqlens)
+    _compressed_len("k_cmp", k_cmp, q, cu, cfg.cmp_block_size, cfg.cmp_stride)
+    _tensor("lse", lse, rank=3)
+    if lse.shape != q.shape[:3]:
+        raise ValueError(f"lse must have shape {tuple(q.shape[:3])} (q's [B,T,HQ]), got {tuple(lse.shape)}")
+    if not lse.is_floating_point() or lse.device != q.device:
+        raise TypeError(f"lse must be a floating tensor on {q.device}, got {lse.dtype} on {lse.device}")
+    return _backend(backend, q).select_blocks(
+        q, k_cmp, lse, scale=_scale(scale), cu_seqlens=cu, **_sel_kwargs(cfg))
+
+
+def _sel_kwargs(cfg):
+    return dict(cmp_block_size=cfg.cmp_block_size, cmp_stride=cfg.cmp_stride,
+                sel_block_size=cfg.sel_block_size, sel_block_count=cfg.sel_block_count,
+                sel_init_blocks=cfg.sel_init_blocks, sel_local_blocks=cfg.sel_local_blocks)
+
+
+def _check_block_idx(block_idx, k, q):
+    _tensor("block_idx", block_idx)
+    if block_idx.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"block_idx must be int32 (or int64), got {block_idx.dtype}")
+    if block_idx.device != q.device:
+        raise ValueError(f"block_idx must be on q's device ({q.device}), got {block_idx.device}")
+    _dims("block_idx", block_idx, {0: ("batch", q.shape[0]), 1: ("length", q.shape[1]),
+                                   2: ("kv heads", k.shape[2])})
+    return block_idx.to(torch.int32)
+
+
+def selected_attention(q, k, v, block_idx, *, sel_block_size, scale=None, cu_seqlens=None,
+                       backend="auto"):
+    """Each query attends, token by token, the keys <= t of the blocks its KV head selected.
+
+    q [B,T,HQ,dk], k [B,T,H,dk], v [B,T,H,dv], block_idx [B,T,H,n] (block j = keys
+    [j*l', (j+1)*l'); -1 = empty slot). Returns o [B,T,HQ,dv].
+    """
+    check_int("sel_block_size", sel_block_size, 1)
+    cu = _check_qkv(q, k, v, "k", "v", cu_seqlens)
+    _check_raw_len(q, "k", k)
+    block_idx = _check_block_idx(block_idx, k, q)
+    return _backend(backend, q).selected_attention(
+        q, k, v, block_idx, sel_block_size=sel_block_size, scale=_scale(scale), cu_seqlens=cu)
+
+
+def sliding_window_attention(q, k, v, *, window_size, scale=None, cu_seqlens=None, backend="auto"):
+    """Each query t attends keys [max(0, t-w+1), t]. Returns o [B,T,HQ,dv]."""
+    check_int("window_size", window_size, 1)
+    cu = _check_qkv(q, k, v, "k", "v", cu_seqlens)
+    _check_raw_len(q, "k", k)
+    return _backend(backend, q).sliding_window_attention(
+        q, k, v, window_size=window_size, scale=_scale(scale), cu_seqlens=cu)
+
+
+def nsa_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, config=None,
+                  cmp_block_size=None, cmp_stride=None, sel_block_size=None, sel_block_count=None,
+                  sel_init_blocks=None, sel_local_blocks=None, window_size=None, scale=None,
+                  cu_seqlens=None, return_block_idx=False, backend="auto"):
+    """Native Sparse Attention: o = g_cmp*o_cmp + g_slc*o_slc + g_win*o_win.
+
+    q [B,T,HQ,dk]; k_cmp/v_cmp [B,Tc,H,dk|dv] (compressed); k_slc/v_slc and k_win/v_win
+    [B,T,H,dk|dv] (each branch its own); gates [B,T,HQ,3] in (cmp, slc, win) order.
+    Hyper-parameters come from `config` (an NSAConfig) and/or keywords; paper defaults otherwise.
+    """
+    cfg = resolve_config(config, cmp_block_size=cmp_block_size, cmp_stride=cmp_stride,
+                         sel_block_size=sel_block_size, sel_block_count=sel_block_count,
+                         sel_init_blocks=sel_init_blocks, sel_local_blocks=sel_local_blocks,
+                         window_size=window_size)
+    cu = _check_qkv(q, k_cmp, v_cmp, "k_cmp", "v_cmp", cu_seqlens)
+    _compressed_len("k_cmp", k_cmp, q, cu, cfg.cmp_block_size, cfg.cmp_stride)
+    for kn, k, vn, v in (("k_slc", k_slc, "v_slc", v_slc), ("k_win", k_win, "v_win", v_win)):
+        _check_qkv(q, k, v, kn, vn)
+        _check_raw_len(q, kn, k)
+        _dims(kn, k, {2: ("kv heads, k_cmp.shape[2]", k_cmp.shape[2])})
+        _dims(vn, v, {3: ("value dim, v_cmp.shape[3]", v_cmp.shape[3])})
+    _tensor("gates", gates)
+    _floats("q", q, gates=gates)
+    if gates.shape != (*q.shape[:3], 3):
+        raise ValueError(f"gates must have shape {(*q.shape[:3], 3)} ([B,T,HQ,3]), got {tuple(gates.shape)}")
+    impl = _backend(backend, q)
+    run = getattr(impl, "nsa_attention", None)   # a backend may fuse the branches
+    run = run or (lambda *a, **kw: gated_nsa(impl, *a, **kw))
+    o, idx = run(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates,
+                 config=cfg, scale=_scale(scale), cu_seqlens=cu)
+    return (o, idx) if return_block_idx else o
+
+
+def gated_nsa(impl, q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, config, scale,
+              cu_seqlens):
+    """The three branches of one backend, composed as SPEC.md step 6 says."""
+    c = config
+    o_cmp, lse = impl.compressed_attention(q, k_cmp, v_cmp, cmp_block_size=c.cmp_block_size,
+                                           cmp_stride=c.cmp_stride, scale=scale, cu_seqlens=cu_seqlens)
+    idx = impl.select_blocks(q.detach(), k_cmp.detach(), lse.detach(), scale=scale,
+                             cu_seqlens=cu_seqlens, **_sel_kwargs(c))
+    o_slc = impl.selected_attention(q, k_slc, v_slc, idx, sel_block_size=c.sel_block_size,
+                                    scale=scale, cu_seqlens=cu_seqlens)
+    o_win = impl.sliding_window_attention(q, k_win, v_win, window_size=c.window_size,
+                                          scale=scale, cu_seqlens=cu_seqlens)
+    g = gates.unsqueeze(-1)
+    o = g[..., 0, :] * o_cmp + g[..., 1, :] * o_slc + g[..., 2, :] * o_win
+    return o, idx
+
+
+__all__ = ["compressed_attention", "select_blocks", "selected_attention",
+           "sliding_window_attention", "nsa_attention", "compressed_cu_seqlens", "NSAConfig"]

@@ -1,0 +1,183 @@
+"""nn.Modules: NativeSparseAttention (the NSA layer) and FullAttention (its baseline twin).
+
+Both take x [B, T, hidden] (and optional cu_seqlens for packed sequences) and return
+[B, T, hidden]. NSA gives each branch its own keys and values (paper, Section 3.3.3).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .api import nsa_attention
+from .config import NSAConfig, check_int
+
+
+def positions(batch, seqlen, cu_seqlens, device):
+    """Token positions, restarting at 0 for every packed sequence. [B, T] (or [1, total])."""
+    t = torch.arange(seqlen, device=device)
+    if cu_seqlens is None:
+        return t.expand(batch, seqlen)
+    seq = torch.searchsorted(cu_seqlens[1:].long(), t, right=True)
+    return (t - cu_seqlens.long()[seq]).unsqueeze(0)
+
+
+def rotary(x, pos, theta):
+    """Rotary embedding (rotate-half form) of x [B, T, H, D] at positions pos [B, T]."""
+    d = x.shape[-1]
+    inv = theta ** (-torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d)
+    ang = pos.to(torch.float32)[..., None, None] * inv                 # [B, T, 1, D/2]
+    cos, sin = ang.cos(), ang.sin()
+    x1, x2 = x.float().chunk(2, -1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).to(x.dtype)
+
+
+def block_starts(batch, seqlen, cu_seqlens, cfg: NSAConfig, device):
+    """For every compressed token: (row of its first key, its position in its sequence).
+    Packed input needs the sequence lengths on the host (one sync per call)."""
+    l, d = cfg.cmp_block_size, cfg.cmp_stride
+    if cu_seqlens is None:
+        pos = torch.arange(cfg.num_compressed(seqlen), device=device) * d
+        return pos, pos
+    cu = cu_seqlens.tolist()
+    rows, pos = [], []
+    for t0, t1 in zip(cu[:-1], cu[1:]):
+        p = torch.arange(cfg.num_compressed(t1 - t0), device=device) * d
+        rows.append(p + t0)
+        pos.append(p)
+    return torch.cat(rows), torch.cat(pos)
+
+
+class BlockCompressor(nn.Module):
+    """phi: maps each block of l keys (or values) to one compressed token.
+
+    phi(block) = mean(block + pe) + MLP(flatten(block + pe)), pe a learned intra-block position
+    embedding. The MLP's last layer starts at zero, so phi starts as mean pooling: a stable
+    starting point that training moves away from.
+    """
+
+    def __init__(self, block_size: int, dim: int):
+        super().__init__()
+        self.block_size = block_size
+        self.pos_emb = nn.Parameter(torch.zeros(block_size, dim))
+        self.mlp = nn.Sequential(nn.Linear(block_size * dim, dim), nn.GELU(), nn.Linear(dim, dim))
+        nn.init.zeros_(self.mlp[2].weight)
+        nn.init.zeros_(self.mlp[2].bias)
+
+    def forward(self, x, rows):
+        """x [B, T, H, D], rows [Tc] first key row of each block -> [B, Tc, H, D]."""
+        idx = rows[:, None] + torch.arange(self.block_size, device=x.device)   # [Tc, l]
+        blocks = x[:, idx] + self.pos_emb[:, None, :].to(x.dtype)              # [B, Tc, l, H, D]
+        blocks = blocks.transpose(2, 3)                                        # [B, Tc, H, l, D]
+        return blocks.mean(-2) + self.mlp(blocks.flatten(-2))
+
+
+class _AttentionBase(nn.Module):
+    def __init__(self, hidden_size, num_heads, num_kv_heads, head_dim_qk, head_dim_v, rope_theta):
+        super().__init__()
+        for name, v in (("hidden_size", hidden_size), ("num_heads", num_heads),
+                        ("num_kv_heads", num_kv_heads), ("head_dim_qk", head_dim_qk),
+                        ("head_dim_v", head_dim_v)):
+            check_int(name, v, 1)
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+        if head_dim_qk % 2:
+            raise ValueError(f"head_dim_qk must be even for rotary embeddings, got {head_dim_qk}")
+        self.hidden_size, self.num_heads, self.num_kv_heads = hidden_size, num_heads, num_kv_heads
+        self.head_dim_qk, self.head_dim_v, self.rope_theta = head_dim_qk, head_dim_v, rope_theta
+        self.q_proj = nn.Linear(hidden_size, num_heads * head_dim_qk, bias=False)
+        self.o_proj = nn.Linear(num_heads * head_dim_v, hidden_size, bias=False)
+
+    def _init_linears(self):
+        for m in self.modules():
+            if isinstance(m, nn.Linear) and not getattr(m, "_keep_init", False):
+                nn.init.normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def _check_input(self, x, cu_seqlens):
+        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.hidden_size:
+            raise ValueError(f"x must be [B, T, {self.hidden_size}], got "
+                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+        if cu_seqlens is not None and x.shape[0] != 1:
+            raise ValueError(f"packed input (cu_seqlens given) needs batch size 1, got {x.shape[0]}")
+
+    def _kv(self, proj, x):
+        B, T, _ = x.shape
+        H, dk, dv = self.num_kv_heads, self.head_dim_qk, self.head_dim_v
+        k, v = proj(x).view(B, T, H, dk + dv).split([dk, dv], -1)
+        return k, v
+
+
+class NativeSparseAttention(_AttentionBase):
+    """NSA layer: q projection, independent k/v per branch, RoPE, learned compression, gates."""
+
+    def __init__(self, hidden_size, num_heads, num_kv_heads, head_dim_qk, head_dim_v,
+                 config: NSAConfig = NSAConfig(), rope_theta: float = 10000.0, backend="auto"):
+        super().__init__(hidden_size, num_heads, num_kv_heads, head_dim_qk, head_dim_v, rope_theta)
+        if not isinstance(config, NSAConfig):
+            raise TypeError(f"config must be an NSAConfig, got {type(config).__name__}")
+        self.config, self.backend = config, backend
+        kv = num_kv_heads * (head_dim_qk + head_dim_v)
+        self.cmp_proj = nn.Linear(hidden_size, kv, bias=False)
+        self.slc_proj = nn.Linear(hidden_size, kv, bias=False)
+        self.win_proj = nn.Linear(hidden_size, kv, bias=False)
+        self.compress_k = BlockCompressor(config.cmp_block_size, head_dim_qk)
+        self.compress_v = BlockCompressor(config.cmp_block_size, head_dim_v)
+        self.gate_proj = nn.Linear(hidden_size, num_heads * 3)
+        for c in (self.compress_k, self.compress_v):
+            c.mlp[0]._keep_init = c.mlp[2]._keep_init = True
+        self._init_linears()   # gate bias 0: every branch starts at weight 0.5
+
+    def branch_inputs(self, x, cu_seqlens=None):
+        """Everything nsa_attention takes, from x: (q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates)."""
+        B, T, _ = x.shape
+        pos = positions(B, T, cu_seqlens, x.device)
+        q = rotary(self.q_proj(x).view(B, T, self.num_heads, self.head_dim_qk), pos, self.rope_theta)
+        k_c, v_c = self._kv(self.cmp_proj, x)
+        k_s, v_s = self._kv(self.slc_proj, x)
+        k_w, v_w = self._kv(self.win_proj, x)
+        rows, starts = block_starts(B, T, cu_seqlens, self.config, x.device)
+        # a compressed key sits at its block's last position: the first query that can see it
+        cpos = (starts + self.config.cmp_block_size - 1).expand(B, -1)
+        k_cmp = rotary(self.compress_k(k_c, rows), cpos, self.rope_theta)
+        v_cmp = self.compress_v(v_c, rows)
+        gates = torch.sigmoid(self.gate_proj(x)).view(B, T, self.num_heads, 3)
+        dt = q.dtype
+        return (q, k_cmp.to(dt), v_cmp.to(dt), rotary(k_s, pos, self.rope_theta), v_s,
+                rotary(k_w, pos, self.rope_theta), v_w, gates.to(dt))
+
+    def forward(self, x, cu_seqlens=None, return_block_idx=False):
+        self._check_input(x, cu_seqlens)
+        B, T, _ = x.shape
+        o, idx = nsa_attention(*self.branch_inputs(x, cu_seqlens), config=self.config,
+                               cu_seqlens=cu_seqlens, return_block_idx=True, backend=self.backend)
+        out = self.o_proj(o.reshape(B, T, -1))
+        return (out, idx) if return_block_idx else out
+
+
+class FullAttention(_AttentionBase):
+    """Causal full attention with the same constructor and projection shapes (the baseline)."""
+
+    def __init__(self, hidden_size, num_heads, num_kv_heads, head_dim_qk, head_dim_v,
+                 config: NSAConfig = NSAConfig(), rope_theta: float = 10000.0, backend="auto"):
+        super().__init__(hidden_size, num_heads, num_kv_heads, head_dim_qk, head_dim_v, rope_theta)
+        self.config = config
+        self.kv_proj = nn.Linear(hidden_size, num_kv_heads * (head_dim_qk + head_dim_v), bias=False)
+        self._init_linears()
+
+    def forward(self, x, cu_seqlens=None):
+        self._check_input(x, cu_seqlens)
+        B, T, _ = x.shape
+        pos = positions(B, T, cu_seqlens, x.device)
+        q = rotary(self.q_proj(x).view(B, T, self.num_heads, self.head_dim_qk), pos, self.rope_theta)
+        k, v = self._kv(self.kv_proj, x)
+        k = rotary(k, pos, self.rope_theta)
+        bounds = [0, T] if cu_seqlens is None else cu_seqlens.tolist()
+        outs = []
+        for t0, t1 in zip(bounds[:-1], bounds[1:]):
+            qs, ks, vs = (z[:, t0:t1].transpose(1, 2) for z in (q, k, v))
+            outs.append(F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True)
+                        .transpose(1, 2))
+        o = torch.cat(outs, 1)
+        return self.o_proj(o.reshape(B, T, -1))
