@@ -5,6 +5,10 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
+# Without a GPU the Triton kernels run in the interpreter; Triton reads this when kernels are
+# defined, so it must be set before nsa.triton is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 

@@ -1,0 +1,69 @@
+"""The Triton backend: same signatures as nsa.reference, on [B, T, heads, dim] tensors.
+
+Layout work only: batches become packed rows with device-built offsets, then nsa.triton.ops.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import ops
+from .utils import compressed_cu, varlen
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _packed(x):
+    return x.reshape(-1, x.shape[2], x.shape[3]).contiguous()
+
+
+def _setup(q, cu_seqlens, *, cmp=None, tc=None):
+    if q.dtype not in _DTYPES:
+        raise TypeError(f"backend='triton' supports float32/float16/bfloat16, got {q.dtype}")
+    B, T, HQ, DK = q.shape
+    cu, n_seq, total = varlen(cu_seqlens, B, T, q.device)
+    if cmp is None:
+        return cu, None
+    if cu_seqlens is None:
+        cu_k = torch.arange(0, (B + 1) * tc, tc if tc else 1, dtype=torch.int32, device=q.device)[:B + 1]
+        cu_k = cu_k if tc else torch.zeros(B + 1, dtype=torch.int32, device=q.device)
+    else:
+        cu_k = compressed_cu(cu, *cmp)
+    return cu, cu_k
+
+
+def _scale(scale, q):
+    return q.shape[-1] ** -0.5 if scale is None else scale
+
+
+def compressed_attention(q, k_cmp, v_cmp, *, cmp_block_size, cmp_stride, scale=None, cu_seqlens=None):
+    B, T, HQ, _ = q.shape
+    cu, cu_k = _setup(q, cu_seqlens, cmp=(cmp_block_size, cmp_stride), tc=k_cmp.shape[1])
+    o, lse = ops.banded_fwd(_packed(q), _packed(k_cmp), _packed(v_cmp), cu, cu_k, _scale(scale, q),
+                            cmp_stride, cmp_block_size - 1, 0)
+    return o.view(B, T, HQ, -1), lse.view(B, T, HQ)
+
+
+def sliding_window_attention(q, k, v, *, window_size, scale=None, cu_seqlens=None):
+    B, T, HQ, _ = q.shape
+    cu, _ = _setup(q, cu_seqlens)
+    o, _ = ops.banded_fwd(_packed(q), _packed(k), _packed(v), cu, cu, _scale(scale, q), 1, 0, window_size)
+    return o.view(B, T, HQ, -1)
+
+
+def select_blocks(q, k_cmp, lse, *, cmp_block_size, cmp_stride, sel_block_size, sel_block_count,
+                  sel_init_blocks=1, sel_local_blocks=2, scale=None, cu_seqlens=None):
+    B, T, HQ, _ = q.shape
+    cu, cu_k = _setup(q, cu_seqlens, cmp=(cmp_block_size, cmp_stride), tc=k_cmp.shape[1])
+    idx = ops.select_blocks(_packed(q.detach()), _packed(k_cmp.detach()),
+                            lse.detach().float().reshape(-1, HQ).contiguous(), cu, cu_k,
+                            _scale(scale, q), cmp_block_size, cmp_stride, sel_block_size,
+                            sel_block_count, sel_init_blocks, sel_local_blocks)
+    return idx.view(B, T, k_cmp.shape[2], sel_block_count)
+
+
+def selected_attention(q, k, v, block_idx, *, sel_block_size, scale=None, cu_seqlens=None):
+    B, T, HQ, _ = q.shape
+    cu, _ = _setup(q, cu_seqlens)
+    idx = block_idx.reshape(B * T, k.shape[2], -1).contiguous()
+    o, _ = ops.selected_fwd(_packed(q), _packed(k), _packed(v), idx, cu, _scale(scale, q), sel_block_size)
+    return o.view(B, T, HQ, -1)

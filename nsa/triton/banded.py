@@ -1,0 +1,208 @@
+"""Banded attention kernels: the compression branch and the sliding-window branch.
+
+Both are "each query sees a contiguous band of keys": key s is visible to query t iff
+    0 <= t - (s * STRIDE + OFFSET) < WIN        (WIN = 0: no upper limit)
+  sliding window:  STRIDE = 1, OFFSET = 0,     WIN = w
+  compression:     STRIDE = d, OFFSET = l - 1, WIN = 0   (token i ends at key i*d + l - 1)
+so one forward and one backward serve both (and full causal attention, 1/0/0).
+
+Group-centric tiles: a program owns BT query positions x the G query heads of one KV head, a
+tile of BM = BT * GP rows (GP = G rounded up to a power of two), so every K/V tile it loads
+serves all heads of the group, and a small group (G = 1, 2, 4) fills the MMA with more
+positions instead of padding. Sequences are packed (cu_seqlens); tile -> sequence mapping is a
+binary search over device prefix sums, so nothing syncs with the host.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .utils import find_segment
+
+
+@triton.jit
+def _tile_rows(t0, Tq, hk, G: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr, HQ: tl.constexpr):
+    """Rows of a (positions x heads) tile: local position t, row index into [N*HQ], validity."""
+    r = tl.arange(0, BT * GP)
+    t = t0 + r // GP
+    g = r % GP
+    return t, hk * G + g, (t < Tq) & (g < G)
+
+
+@triton.jit
+def _visible(t, s, Tk, STRIDE: tl.constexpr, OFFSET: tl.constexpr, WIN: tl.constexpr):
+    rel = t - (s * STRIDE + OFFSET)
+    vis = (rel >= 0) & (s < Tk)
+    if WIN > 0:
+        vis = vis & (rel < WIN)
+    return vis
+
+
+@triton.jit
+def _key_range(t_first, t_last, Tk, STRIDE: tl.constexpr, OFFSET: tl.constexpr, WIN: tl.constexpr):
+    """Keys [s_lo, s_hi) that any query in [t_first, t_last] may see (integer division in
+    Triton truncates toward zero, hence the explicit sign cases)."""
+    s_hi = tl.where(t_last >= OFFSET, (t_last - OFFSET) // STRIDE + 1, 0)
+    s_hi = tl.minimum(s_hi, Tk)
+    s_lo = 0
+    if WIN > 0:
+        x = t_first - OFFSET - WIN
+        s_lo = tl.where(x >= 0, x // STRIDE + 1, 0)
+    return s_lo, s_hi
+
+
+@triton.jit
+def nsa_banded_fwd_kernel(
+    q, k, v, o, lse,            # q [Nq,HQ,DK] k [Nk,H,DK] v [Nk,H,DV] o [Nq,HQ,DV] lse [Nq,HQ] f32
+    cu_q, cu_k, tiles_q, n_seq, scale_log2,
+    HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
+    DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    BT: tl.constexpr, BN: tl.constexpr,
+    STRIDE: tl.constexpr, OFFSET: tl.constexpr, WIN: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    hk = tl.program_id(1)
+    if pid >= tl.load(tiles_q + n_seq):
+        return
+    seq = find_segment(tiles_q, n_seq, pid)
+    q0 = tl.load(cu_q + seq)
+    Tq = tl.load(cu_q + seq + 1) - q0
+    k0 = tl.load(cu_k + seq)
+    Tk = tl.load(cu_k + seq + 1) - k0
+    t0 = (pid - tl.load(tiles_q + seq)) * BT
+    t, head, row_ok = _tile_rows(t0, Tq, hk, G, GP, BT, HQ)
+    rows = (q0 + t).to(tl.int64) * HQ + head                               # [BM]
+    dk = tl.arange(0, BK)
+    dv = tl.arange(0, BV)
+    qt = tl.load(q + rows[:, None] * DK + dk[None, :],
+                 mask=row_ok[:, None] & (dk[None, :] < DK), other=0.0)      # [BM, BK]
+
+    BM: tl.constexpr = BT * GP
+    m_i = tl.full([BM], float("-inf"), tl.float32)
+    l_i = tl.zeros([BM], tl.float32)
+    acc = tl.zeros([BM, BV], tl.float32)
+    s_lo, s_hi = _key_range(t0, tl.minimum(t0 + BT, Tq) - 1, Tk, STRIDE, OFFSET, WIN)
+    for s0 in range(s_lo, s_hi, BN):
+        s = s0 + tl.arange(0, BN)
+        krow = (k0 + s).to(tl.int64) * H + hk                               # [BN]
+        kt = tl.load(k + krow[None, :] * DK + dk[:, None],
+                     mask=(s[None, :] < s_hi) & (dk[:, None] < DK), other=0.0)   # [BK, BN]
+        qk = tl.dot(qt, kt) * scale_log2                                    # [BM, BN]
+        vis = _visible(t[:, None], s[None, :], s_hi, STRIDE, OFFSET, WIN)
+        qk = tl.where(vis, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(qk - m_use[:, None])
+        alpha = tl.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        vt = tl.load(v + krow[:, None] * DV + dv[None, :],
+                     mask=(s[:, None] < s_hi) & (dv[None, :] < DV), other=0.0)   # [BN, BV]
+        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
+        m_i = m_new
+    seen = l_i > 0
+    acc = acc / tl.where(seen, l_i, 1.0)[:, None]
+    tl.store(o + rows[:, None] * DV + dv[None, :], acc.to(o.dtype.element_ty),
+             mask=row_ok[:, None] & (dv[None, :] < DV))
+    lse_val = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453,
+                       float("-inf"))
+    tl.store(lse + rows, lse_val, mask=row_ok)
+
+
+@triton.jit
+def nsa_banded_bwd_dq_kernel(
+    q, k, v, do, lse, delta, dq,
+    cu_q, cu_k, tiles_q, n_seq, scale, scale_log2,
+    HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
+    DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    BT: tl.constexpr, BN: tl.constexpr,
+    STRIDE: tl.constexpr, OFFSET: tl.constexpr, WIN: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    hk = tl.program_id(1)
+    if pid >= tl.load(tiles_q + n_seq):
+        return
+    seq = find_segment(tiles_q, n_seq, pid)
+    q0 = tl.load(cu_q + seq)
+    Tq = tl.load(cu_q + seq + 1) - q0
+    k0 = tl.load(cu_k + seq)
+    Tk = tl.load(cu_k + seq + 1) - k0
+    t0 = (pid - tl.load(tiles_q + seq)) * BT
+    t, head, row_ok = _tile_rows(t0, Tq, hk, G, GP, BT, HQ)
+    rows = (q0 + t).to(tl.int64) * HQ + head
+    dk = tl.arange(0, BK)
+    dv = tl.arange(0, BV)
+    qt = tl.load(q + rows[:, None] * DK + dk[None, :], mask=row_ok[:, None] & (dk[None, :] < DK), other=0.0)
+    dot_ = tl.load(do + rows[:, None] * DV + dv[None, :], mask=row_ok[:, None] & (dv[None, :] < DV), other=0.0)
+    lse2 = tl.load(lse + rows, mask=row_ok, other=0.0) * 1.4426950408889634
+    dlt = tl.load(delta + rows, mask=row_ok, other=0.0)
+
+    BM: tl.constexpr = BT * GP
+    acc = tl.zeros([BM, BK], tl.float32)
+    s_lo, s_hi = _key_range(t0, tl.minimum(t0 + BT, Tq) - 1, Tk, STRIDE, OFFSET, WIN)
+    for s0 in range(s_lo, s_hi, BN):
+        s = s0 + tl.arange(0, BN)
+        krow = (k0 + s).to(tl.int64) * H + hk
+        kt = tl.load(k + krow[None, :] * DK + dk[:, None], mask=(s[None, :] < s_hi) & (dk[:, None] < DK), other=0.0)
+        vt = tl.load(v + krow[None, :] * DV + dv[:, None], mask=(s[None, :] < s_hi) & (dv[:, None] < DV), other=0.0)
+        qk = tl.dot(qt, kt) * scale_log2
+        vis = _visible(t[:, None], s[None, :], s_hi, STRIDE, OFFSET, WIN) & row_ok[:, None]
+        p = tl.where(vis, tl.exp2(qk - lse2[:, None]), 0.0)
+        dp = tl.dot(dot_, vt)                                               # [BM, BN]
+        ds = p * (dp - dlt[:, None])
+        acc += tl.dot(ds.to(kt.dtype), tl.trans(kt))
+    tl.store(dq + rows[:, None] * DK + dk[None, :], (acc * scale).to(dq.dtype.element_ty),
+             mask=row_ok[:, None] & (dk[None, :] < DK))
+
+
+@triton.jit
+def nsa_banded_bwd_dkv_kernel(
+    q, k, v, do, lse, delta, dk_out, dv_out,
+    cu_q, cu_k, tiles_k, n_seq, scale, scale_log2,
+    HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
+    DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    BT: tl.constexpr, BN: tl.constexpr,
+    STRIDE: tl.constexpr, OFFSET: tl.constexpr, WIN: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    hk = tl.program_id(1)
+    if pid >= tl.load(tiles_k + n_seq):
+        return
+    seq = find_segment(tiles_k, n_seq, pid)
+    q0 = tl.load(cu_q + seq)
+    Tq = tl.load(cu_q + seq + 1) - q0
+    k0 = tl.load(cu_k + seq)
+    Tk = tl.load(cu_k + seq + 1) - k0
+    s0 = (pid - tl.load(tiles_k + seq)) * BN
+    s = s0 + tl.arange(0, BN)
+    kmask = s < Tk
+    krow = (k0 + s).to(tl.int64) * H + hk
+    dk = tl.arange(0, BK)
+    dv = tl.arange(0, BV)
+    kk = tl.load(k + krow[:, None] * DK + dk[None, :], mask=kmask[:, None] & (dk[None, :] < DK), other=0.0)
+    vv = tl.load(v + krow[:, None] * DV + dv[None, :], mask=kmask[:, None] & (dv[None, :] < DV), other=0.0)
+
+    s_last = tl.minimum(s0 + BN, Tk) - 1
+    t_lo = s0 * STRIDE + OFFSET
+    t_hi = Tq
+    if WIN > 0:
+        t_hi = tl.minimum(Tq, s_last * STRIDE + OFFSET + WIN)
+    dk_acc = tl.zeros([BN, BK], tl.float32)
+    dv_acc = tl.zeros([BN, BV], tl.float32)
+    for tq in range(t_lo, t_hi, BT):
+        t, head, row_ok = _tile_rows(tq, t_hi, hk, G, GP, BT, HQ)
+        rows = (q0 + t).to(tl.int64) * HQ + head
+        qt = tl.load(q + rows[:, None] * DK + dk[None, :], mask=row_ok[:, None] & (dk[None, :] < DK), other=0.0)
+        dot_ = tl.load(do + rows[:, None] * DV + dv[None, :], mask=row_ok[:, None] & (dv[None, :] < DV), other=0.0)
+        lse2 = tl.load(lse + rows, mask=row_ok, other=0.0) * 1.4426950408889634
+        dlt = tl.load(delta + rows, mask=row_ok, other=0.0)
+        st = tl.dot(kk, tl.trans(qt)) * scale_log2                          # [BN, BM]
+        vis = _visible(t[None, :], s[:, None], Tk, STRIDE, OFFSET, WIN) & row_ok[None, :]
+        pt = tl.where(vis, tl.exp2(st - lse2[None, :]), 0.0)
+        dv_acc += tl.dot(pt.to(dot_.dtype), dot_)
+        dpt = tl.dot(vv, tl.trans(dot_))                                    # [BN, BM]
+        dst = pt * (dpt - dlt[None, :])
+        dk_acc += tl.dot(dst.to(qt.dtype), qt)
+    tl.store(dk_out + krow[:, None] * DK + dk[None, :], (dk_acc * scale).to(dk_out.dtype.element_ty),
+             mask=kmask[:, None] & (dk[None, :] < DK))
+    tl.store(dv_out + krow[:, None] * DV + dv[None, :], dv_acc.to(dv_out.dtype.element_ty),
+             mask=kmask[:, None] & (dv[None, :] < DV))

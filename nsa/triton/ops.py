@@ -1,0 +1,222 @@
+"""Launchers, custom ops (fake shapes for torch.compile) and registered autograd.
+
+Tensors here are packed: [N, heads, dim] rows of all sequences, with cu_seqlens offsets.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.library import custom_op
+
+from . import tuning
+from .banded import nsa_banded_bwd_dkv_kernel, nsa_banded_bwd_dq_kernel, nsa_banded_fwd_kernel
+from .select import nsa_select_kernel
+from .selected import (nsa_selected_bwd_dkv_kernel, nsa_selected_bwd_dq_kernel,
+                       nsa_selected_bwd_reduce_kernel, nsa_selected_fwd_kernel)
+from .utils import LOG2E, empty, pow2, tile_cu, tile_grid_bound
+
+
+def _dims(q, v, k=None):
+    N, HQ, DK = q.shape
+    H, DV = v.shape[1], v.shape[2]
+    G = HQ // H
+    return N, HQ, H, G, pow2(G), DK, DV, pow2(DK, 16), pow2(DV, 16)
+
+
+def _delta(o, do, dlse):
+    """rowsum(o * do) - dlse: the softmax backward's correction (lse's own gradient folded in)."""
+    d = (o.float() * do.float()).sum(-1)
+    return d if dlse is None else d - dlse.float()
+
+
+def _grad_or_zeros(g, like):
+    return torch.zeros_like(like) if g is None else g.contiguous()
+
+
+# ----------------------------------------------------------------------------- banded
+def _banded_meta(q, v, stride, offset, win):
+    N, HQ, H, G, GP, DK, DV, BK, BV = _dims(q, v)
+    BT, BN, warps, stages = tuning.banded(BK, BV, GP)
+    return dict(HQ=HQ, H=H, G=G, GP=GP, DK=DK, DV=DV, BK=BK, BV=BV, BT=BT, BN=BN,
+                STRIDE=stride, OFFSET=offset, WIN=win, num_warps=warps, num_stages=stages)
+
+
+@custom_op("nsa::banded_fwd", mutates_args=())
+def banded_fwd(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, scale: float,
+               stride: int, offset: int, win: int) -> tuple[Tensor, Tensor]:
+    meta = _banded_meta(q, v, stride, offset, win)
+    N, HQ, H, n_seq = q.shape[0], q.shape[1], v.shape[1], cu_q.numel() - 1
+    o = empty(N, HQ, v.shape[2], dtype=q.dtype, device=q.device)
+    lse = empty(N, HQ, dtype=torch.float32, device=q.device)
+    tiles = tile_cu(cu_q, meta["BT"])
+    grid = (tile_grid_bound(N, n_seq, meta["BT"]), H)
+    nsa_banded_fwd_kernel[grid](q, k, v, o, lse, cu_q, cu_k, tiles, n_seq, scale * LOG2E, **meta)
+    return o, lse
+
+
+@banded_fwd.register_fake
+def _(q, k, v, cu_q, cu_k, scale, stride, offset, win):
+    return q.new_empty(q.shape[0], q.shape[1], v.shape[2]), q.new_empty(q.shape[:2], dtype=torch.float32)
+
+
+@custom_op("nsa::banded_bwd", mutates_args=())
+def banded_bwd(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, do: Tensor, dlse: Tensor,
+               cu_q: Tensor, cu_k: Tensor, scale: float, stride: int, offset: int,
+               win: int) -> tuple[Tensor, Tensor, Tensor]:
+    meta = _banded_meta(q, v, stride, offset, win)
+    N, Nk, H, n_seq = q.shape[0], k.shape[0], k.shape[1], cu_q.numel() - 1
+    delta = _delta(o, do, dlse)
+    dq, dk, dv = (empty(*x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v))
+    args = (scale, scale * LOG2E)
+    tq = tile_cu(cu_q, meta["BT"])
+    nsa_banded_bwd_dq_kernel[(tile_grid_bound(N, n_seq, meta["BT"]), H)](
+        q, k, v, do, lse, delta, dq, cu_q, cu_k, tq, n_seq, *args, **meta)
+    tk = tile_cu(cu_k, meta["BN"])
+    nsa_banded_bwd_dkv_kernel[(tile_grid_bound(Nk, n_seq, meta["BN"]), H)](
+        q, k, v, do, lse, delta, dk, dv, cu_q, cu_k, tk, n_seq, *args, **meta)
+    return dq, dk, dv
+
+
+@banded_bwd.register_fake
+def _(q, k, v, o, lse, do, dlse, cu_q, cu_k, scale, stride, offset, win):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _banded_setup(ctx, inputs, output):
+    q, k, v, cu_q, cu_k, scale, stride, offset, win = inputs
+    ctx.save_for_backward(q, k, v, *output, cu_q, cu_k)
+    ctx.consts = (scale, stride, offset, win)
+
+
+def _banded_backward(ctx, do, dlse):
+    q, k, v, o, lse, cu_q, cu_k = ctx.saved_tensors
+    dq, dk, dv = banded_bwd(q, k, v, o, lse, _grad_or_zeros(do, o), _grad_or_zeros(dlse, lse),
+                            cu_q, cu_k, *ctx.consts)
+    return dq, dk, dv, None, None, None, None, None, None
+
+
+banded_fwd.register_autograd(_banded_backward, setup_context=_banded_setup)
+
+
+# ----------------------------------------------------------------------------- selection
+@custom_op("nsa::select_blocks", mutates_args=())
+def select_blocks(q: Tensor, k: Tensor, lse: Tensor, cu_q: Tensor, cu_k: Tensor, scale: float,
+                  cmp_block_size: int, cmp_stride: int, sel_block_size: int, sel_block_count: int,
+                  sel_init_blocks: int, sel_local_blocks: int) -> Tensor:
+    N, HQ, H, G, GP, DK, DV, BK, BV = _dims(q, k)
+    n_seq = cu_q.numel() - 1
+    BT, warps = tuning.select(BK, GP)
+    out = empty(N, H, sel_block_count, dtype=torch.int32, device=q.device)
+    tiles = tile_cu(cu_q, BT)
+    nsa_select_kernel[(tile_grid_bound(N, n_seq, BT), H)](
+        q, k, lse, out, cu_q, cu_k, tiles, n_seq, scale * LOG2E,
+        HQ=HQ, H=H, G=G, GP=GP, DK=DK, BK=BK, BT=BT, CMP_L=cmp_block_size, CMP_D=cmp_stride,
+        SEL_L=sel_block_size, N_SEL=sel_block_count, NTOP=pow2(sel_block_count, 2),
+        INIT=sel_init_blocks, LOCAL=sel_local_blocks, num_warps=warps)
+    return out
+
+
+@select_blocks.register_fake
+def _(q, k, lse, cu_q, cu_k, scale, cmp_block_size, cmp_stride, sel_block_size, sel_block_count,
+      sel_init_blocks, sel_local_blocks):
+    return q.new_empty(q.shape[0], k.shape[1], sel_block_count, dtype=torch.int32)
+
+
+# ----------------------------------------------------------------------------- selected attention
+def _selected_meta(q, v, idx, sel_block_size):
+    N, HQ, H, G, GP, DK, DV, BK, BV = _dims(q, v)
+    return dict(HQ=HQ, H=H, G=G, BM=tuning.selected(GP), DK=DK, DV=DV, BK=BK, BV=BV,
+                BS=pow2(sel_block_size, 16), SEL_L=sel_block_size, N_SEL=idx.shape[-1])
+
+
+@custom_op("nsa::selected_fwd", mutates_args=())
+def selected_fwd(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, cu_q: Tensor, scale: float,
+                 sel_block_size: int) -> tuple[Tensor, Tensor]:
+    meta = _selected_meta(q, v, idx, sel_block_size)
+    N, HQ, H = q.shape[0], q.shape[1], v.shape[1]
+    o = empty(N, HQ, v.shape[2], dtype=q.dtype, device=q.device)
+    lse = empty(N, HQ, dtype=torch.float32, device=q.device)
+    if N:
+        nsa_selected_fwd_kernel[(N, H)](q, k, v, idx, o, lse, cu_q, cu_q.numel() - 1,
+                                        scale * LOG2E, num_warps=4, **meta)
+    return o, lse
+
+
+@selected_fwd.register_fake
+def _(q, k, v, idx, cu_q, scale, sel_block_size):
+    return q.new_empty(q.shape[0], q.shape[1], v.shape[2]), q.new_empty(q.shape[:2], dtype=torch.float32)
+
+
+def inverse_index(idx, cu_q, sel_block_size, seg):
+    """For every (KV head, block) bucket, the query rows that selected it, in row order.
+    Returns (q_list, list_cu, seg_cu, part_cu, blk_cu, n_buckets, nbu, n_part) without a host
+    sync: the number of blocks is bounded by nbu = N // l' + n_seq (>= the real count)."""
+    N, H, n = idx.shape
+    n_seq = cu_q.numel() - 1
+    blk_cu = tile_cu(cu_q, sel_block_size)                                   # blocks per sequence
+    nbu = N // sel_block_size + n_seq
+    rows = torch.arange(N, device=idx.device)
+    seq = torch.searchsorted(cu_q[1:].long(), rows, right=True)
+    gb = blk_cu.long()[seq][:, None, None] + idx.long()                      # global block
+    heads = torch.arange(H, device=idx.device)[None, :, None]
+    bucket = torch.where(idx >= 0, heads * nbu + gb, H * nbu).flatten()      # H*nbu: empty slot
+    order = torch.sort(bucket, stable=True).indices
+    q_list = (order // (H * n)).to(torch.int32)
+    counts = torch.zeros(H * nbu + 1, dtype=torch.long, device=idx.device)
+    counts.scatter_add_(0, bucket, torch.ones_like(bucket))
+    list_cu = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(torch.int32)
+    nseg = ((counts[:-1] + seg - 1) // seg).clamp(min=1)
+    seg_cu = torch.cat([nseg.new_zeros(1), nseg.cumsum(0)]).to(torch.int32)
+    part_cu = torch.cat([nseg.new_zeros(1), torch.where(nseg > 1, nseg, 0).cumsum(0)]).to(torch.int32)
+    n_part = 2 * (N * H * n) // seg + 1                                     # bound on partial slots
+    return q_list, list_cu, seg_cu, part_cu, blk_cu, H * nbu, nbu, n_part
+
+
+@custom_op("nsa::selected_bwd", mutates_args=())
+def selected_bwd(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, o: Tensor, lse: Tensor, do: Tensor,
+                 cu_q: Tensor, scale: float, sel_block_size: int) -> tuple[Tensor, Tensor, Tensor]:
+    meta = _selected_meta(q, v, idx, sel_block_size)
+    N, HQ, H, G, GP, DK, DV, BK, BV = _dims(q, v)
+    n_seq = cu_q.numel() - 1
+    delta = _delta(o, do, None)
+    dq, dk, dv = (empty(*x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v))
+    if N == 0:
+        return dq, dk, dv
+    args = (scale, scale * LOG2E)
+    nsa_selected_bwd_dq_kernel[(N, H)](q, k, v, idx, do, lse, delta, dq, cu_q, n_seq, *args,
+                                       num_warps=4, **meta)
+    BQ, SEG = tuning.selected_bwd_queries(GP)
+    q_list, list_cu, seg_cu, part_cu, blk_cu, n_buckets, nbu, n_part = inverse_index(
+        idx, cu_q, sel_block_size, SEG)
+    BS = meta["BS"]
+    dk_part = torch.empty(n_part, BS, DK, dtype=torch.float32, device=q.device)
+    dv_part = torch.empty(n_part, BS, DV, dtype=torch.float32, device=q.device)
+    grid = (n_buckets + (N * H * idx.shape[-1]) // SEG + 1,)
+    common = dict(H=H, DK=DK, DV=DV, BK=BK, BV=BV, BS=BS, SEL_L=sel_block_size)
+    nsa_selected_bwd_dkv_kernel[grid](
+        q, k, v, do, lse, delta, dk, dv, dk_part, dv_part, q_list, list_cu, seg_cu, part_cu,
+        blk_cu, cu_q, n_seq, n_buckets, nbu, *args, HQ=HQ, G=G, GP=GP, BQ=BQ, SEG=SEG,
+        num_warps=4, **common)
+    nsa_selected_bwd_reduce_kernel[(n_buckets,)](
+        dk, dv, dk_part, dv_part, seg_cu, part_cu, blk_cu, cu_q, n_seq, nbu, num_warps=4, **common)
+    return dq, dk, dv
+
+
+@selected_bwd.register_fake
+def _(q, k, v, idx, o, lse, do, cu_q, scale, sel_block_size):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _selected_setup(ctx, inputs, output):
+    q, k, v, idx, cu_q, scale, sel_block_size = inputs
+    ctx.save_for_backward(q, k, v, idx, output[0], output[1], cu_q)
+    ctx.consts = (scale, sel_block_size)
+
+
+def _selected_backward(ctx, do, dlse):
+    q, k, v, idx, o, lse, cu_q = ctx.saved_tensors
+    dq, dk, dv = selected_bwd(q, k, v, idx, o, lse, _grad_or_zeros(do, o), cu_q, *ctx.consts)
+    return dq, dk, dv, None, None, None, None
+
+
+selected_fwd.register_autograd(_selected_backward, setup_context=_selected_setup)

@@ -1,0 +1,105 @@
+"""Block selection kernel: importance scores and top-n, on the fly (SPEC.md steps 2-3).
+
+A program owns BT query positions x the G heads of one KV head. It walks the selection blocks
+NTOP at a time (NTOP = n rounded up to a power of two); for each chunk it recomputes the
+compression probabilities p = exp(q.k_cmp*scale - lse) of the compressed tokens that start in
+those blocks, sums them over the group's heads, spreads them over blocks by overlap weight
+(a token overlaps its start block and, when it crosses a boundary, the next one: that part is
+carried into the next chunk), and merges the chunk into a running top-NTOP per position by
+sorting packed int64 keys (score bits << 32 | ~block): descending order puts higher scores
+first and, among equal scores, the lower block. Scores never leave registers.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .utils import find_segment
+
+
+@triton.jit
+def _overlap(i, j, CMP_L: tl.constexpr, CMP_D: tl.constexpr, SEL_L: tl.constexpr):
+    lo = tl.maximum(i * CMP_D, j * SEL_L)
+    hi = tl.minimum(i * CMP_D + CMP_L, (j + 1) * SEL_L)
+    return tl.maximum(hi - lo, 0).to(tl.float32) * (1.0 / CMP_D)
+
+
+@triton.jit
+def _merge_top(top, key, BT: tl.constexpr, NTOP: tl.constexpr):
+    """Keep the NTOP largest of two [BT, NTOP] int64 key sets."""
+    both = tl.reshape(tl.join(top, key), [BT, 2 * NTOP])
+    both = tl.sort(both, dim=1, descending=True)
+    first, _ = tl.split(tl.permute(tl.reshape(both, [BT, 2, NTOP]), (0, 2, 1)))
+    return first
+
+
+@triton.jit
+def nsa_select_kernel(
+    q, k, lse, out,             # q [Nq,HQ,DK] k [Nc,H,DK] lse [Nq,HQ] f32  out [Nq,H,N_SEL] int32
+    cu_q, cu_k, tiles_q, n_seq, scale_log2,
+    HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
+    DK: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr,
+    CMP_L: tl.constexpr, CMP_D: tl.constexpr, SEL_L: tl.constexpr,
+    N_SEL: tl.constexpr, NTOP: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    hk = tl.program_id(1)
+    if pid >= tl.load(tiles_q + n_seq):
+        return
+    seq = find_segment(tiles_q, n_seq, pid)
+    q0 = tl.load(cu_q + seq)
+    Tq = tl.load(cu_q + seq + 1) - q0
+    k0 = tl.load(cu_k + seq)
+    Tc = tl.load(cu_k + seq + 1) - k0
+    t0 = (pid - tl.load(tiles_q + seq)) * BT
+
+    BM: tl.constexpr = BT * GP
+    R: tl.constexpr = SEL_L // CMP_D          # compressed tokens starting in one block
+    BC: tl.constexpr = NTOP * R               # compressed tokens per chunk
+    r = tl.arange(0, BM)
+    t = t0 + r // GP
+    head = hk * G + r % GP
+    row_ok = (t < Tq) & (r % GP < G)
+    rows = (q0 + t).to(tl.int64) * HQ + head
+    dk = tl.arange(0, BK)
+    qt = tl.load(q + rows[:, None] * DK + dk[None, :], mask=row_ok[:, None] & (dk[None, :] < DK), other=0.0)
+    lse2 = tl.load(lse + rows, mask=row_ok, other=0.0) * 1.4426950408889634
+
+    tp = t0 + tl.arange(0, BT)                # the tile's positions
+    last = tp // SEL_L                        # last candidate block of each position
+    jj = tl.arange(0, NTOP)
+    ii = tl.arange(0, BC)
+    top = tl.full([BT, NTOP], -1, tl.int64)
+    carry = tl.zeros([BT], tl.float32)
+    n_blocks = (tl.minimum(t0 + BT, Tq) - 1) // SEL_L + 1
+    for j0 in range(0, n_blocks, NTOP):
+        i = j0 * R + ii                                                     # [BC]
+        kc = tl.load(k + ((k0 + i).to(tl.int64) * H + hk)[None, :] * DK + dk[:, None],
+                     mask=(i[None, :] < Tc) & (dk[:, None] < DK), other=0.0)    # [BK, BC]
+        qk = tl.dot(qt, kc) * scale_log2                                    # [BM, BC]
+        vis = (i[None, :] * CMP_D + CMP_L - 1 <= t[:, None]) & (i[None, :] < Tc) & row_ok[:, None]
+        p = tl.where(vis, tl.exp2(qk - lse2[:, None]), 0.0)
+        pg = tl.sum(tl.reshape(p, [BT, GP, BC]), axis=1)                    # [BT, BC]
+        w = _overlap(i[:, None], j0 + jj[None, :], CMP_L, CMP_D, SEL_L)     # [BC, NTOP]
+        w_next = _overlap(i, j0 + NTOP, CMP_L, CMP_D, SEL_L)                # [BC]
+        if BT >= 16:
+            score = tl.dot(pg, w, input_precision="ieee")
+        else:
+            score = tl.sum(pg[:, :, None] * w[None, :, :], axis=1)          # [BT, NTOP]
+        score += tl.where(jj[None, :] == 0, carry[:, None], 0.0)
+        carry = tl.sum(pg * w_next[None, :], axis=1)
+
+        j = j0 + jj[None, :]
+        cand = (j <= last[:, None]) & (tp[:, None] < Tq)
+        forced = cand & ((j < INIT) | (j > last[:, None] - LOCAL))
+        score = tl.where(forced, float("inf"), score)
+        bits = score.to(tl.int32, bitcast=True).to(tl.int64)
+        key = tl.where(cand, (bits << 32) | (2147483647 - j).to(tl.int64), -1)
+        top = _merge_top(top, key, BT, NTOP)
+
+    keep = (top >= 0) & (jj[None, :] < N_SEL)          # top is in descending order: ranks < n
+    blk = tl.where(keep, 2147483647 - (top & 0xFFFFFFFF), 2147483647).to(tl.int32)
+    blk = tl.sort(blk, dim=1)                                               # ascending, empties last
+    blk = tl.where(blk == 2147483647, -1, blk)
+    optr = out + ((q0 + tp).to(tl.int64) * H + hk)[:, None] * N_SEL + jj[None, :]
+    tl.store(optr, blk, mask=(tp[:, None] < Tq) & (jj[None, :] < N_SEL))

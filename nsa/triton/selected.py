@@ -1,0 +1,202 @@
+"""Selected-block attention: forward, dQ, and dK/dV through an inverse index.
+
+Forward and dQ are group-centric: one program per (query position, KV head) loads each selected
+K/V block once for all G query heads of the group (rows padded to the 16-row MMA minimum).
+
+dK/dV are key-centric without atomics: for every (KV head, block) the list of queries that
+selected it (built on the device by a stable sort, so deterministic). Long lists (the first
+block is selected by every query) are cut into segments of SEG queries so that no program runs
+for long; a bucket with several segments writes fp32 partial sums that a second kernel adds in
+a fixed order. Every key row belongs to exactly one bucket, so dK/dV are written whole.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .utils import find_segment
+
+
+@triton.jit
+def _group_rows(pid_t, hk, HQ: tl.constexpr, G: tl.constexpr, BM: tl.constexpr):
+    r = tl.arange(0, BM)
+    return pid_t.to(tl.int64) * HQ + hk * G + r, r < G
+
+
+@triton.jit
+def nsa_selected_fwd_kernel(
+    q, k, v, idx, o, lse,       # q [N,HQ,DK] k [N,H,DK] v [N,H,DV] idx [N,H,N_SEL] o [N,HQ,DV] lse [N,HQ]
+    cu_q, n_seq, scale_log2,
+    HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, BM: tl.constexpr,
+    DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    BS: tl.constexpr, SEL_L: tl.constexpr, N_SEL: tl.constexpr,
+):
+    pid_t = tl.program_id(0)
+    hk = tl.program_id(1)
+    seq = find_segment(cu_q, n_seq, pid_t)
+    q0 = tl.load(cu_q + seq)
+    t = pid_t - q0
+    rows, row_ok = _group_rows(pid_t, hk, HQ, G, BM)
+    dk = tl.arange(0, BK)
+    dv = tl.arange(0, BV)
+    lane = tl.arange(0, BS)
+    qt = tl.load(q + rows[:, None] * DK + dk[None, :], mask=row_ok[:, None] & (dk[None, :] < DK), other=0.0)
+    m_i = tl.full([BM], float("-inf"), tl.float32)
+    l_i = tl.zeros([BM], tl.float32)
+    acc = tl.zeros([BM, BV], tl.float32)
+    ibase = idx + (pid_t.to(tl.int64) * H + hk) * N_SEL
+    for slot in range(N_SEL):
+        j = tl.load(ibase + slot)
+        s = j * SEL_L + lane
+        kmask = (s <= t) & (lane < SEL_L) & (j >= 0)
+        krow = (q0 + s).to(tl.int64) * H + hk
+        kt = tl.load(k + krow[None, :] * DK + dk[:, None], mask=kmask[None, :] & (dk[:, None] < DK), other=0.0)
+        qk = tl.where(kmask[None, :], tl.dot(qt, kt) * scale_log2, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(qk - m_use[:, None])
+        alpha = tl.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        vt = tl.load(v + krow[:, None] * DV + dv[None, :], mask=kmask[:, None] & (dv[None, :] < DV), other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
+        m_i = m_new
+    seen = l_i > 0
+    acc = acc / tl.where(seen, l_i, 1.0)[:, None]
+    tl.store(o + rows[:, None] * DV + dv[None, :], acc.to(o.dtype.element_ty), mask=row_ok[:, None] & (dv[None, :] < DV))
+    lse_val = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+    tl.store(lse + rows, lse_val, mask=row_ok)
+
+
+@triton.jit
+def nsa_selected_bwd_dq_kernel(
+    q, k, v, idx, do, lse, delta, dq,
+    cu_q, n_seq, scale, scale_log2,
+    HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, BM: tl.constexpr,
+    DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    BS: tl.constexpr, SEL_L: tl.constexpr, N_SEL: tl.constexpr,
+):
+    pid_t = tl.program_id(0)
+    hk = tl.program_id(1)
+    seq = find_segment(cu_q, n_seq, pid_t)
+    q0 = tl.load(cu_q + seq)
+    t = pid_t - q0
+    rows, row_ok = _group_rows(pid_t, hk, HQ, G, BM)
+    dk = tl.arange(0, BK)
+    dv = tl.arange(0, BV)
+    lane = tl.arange(0, BS)
+    qt = tl.load(q + rows[:, None] * DK + dk[None, :], mask=row_ok[:, None] & (dk[None, :] < DK), other=0.0)
+    dot_ = tl.load(do + rows[:, None] * DV + dv[None, :], mask=row_ok[:, None] & (dv[None, :] < DV), other=0.0)
+    lse2 = tl.load(lse + rows, mask=row_ok, other=0.0) * 1.4426950408889634
+    dlt = tl.load(delta + rows, mask=row_ok, other=0.0)
+    acc = tl.zeros([BM, BK], tl.float32)
+    ibase = idx + (pid_t.to(tl.int64) * H + hk) * N_SEL
+    for slot in range(N_SEL):
+        j = tl.load(ibase + slot)
+        s = j * SEL_L + lane
+        kmask = (s <= t) & (lane < SEL_L) & (j >= 0)
+        krow = (q0 + s).to(tl.int64) * H + hk
+        kt = tl.load(k + krow[None, :] * DK + dk[:, None], mask=kmask[None, :] & (dk[:, None] < DK), other=0.0)
+        vt = tl.load(v + krow[None, :] * DV + dv[:, None], mask=kmask[None, :] & (dv[:, None] < DV), other=0.0)
+        qk = tl.dot(qt, kt) * scale_log2
+        p = tl.where(kmask[None, :] & row_ok[:, None], tl.exp2(qk - lse2[:, None]), 0.0)
+        ds = p * (tl.dot(dot_, vt) - dlt[:, None])
+        acc += tl.dot(ds.to(kt.dtype), tl.trans(kt))
+    tl.store(dq + rows[:, None] * DK + dk[None, :], (acc * scale).to(dq.dtype.element_ty),
+             mask=row_ok[:, None] & (dk[None, :] < DK))
+
+
+@triton.jit
+def nsa_selected_bwd_dkv_kernel(
+    q, k, v, do, lse, delta, dk_out, dv_out, dk_part, dv_part,
+    q_list, list_cu, seg_cu, part_cu, blk_cu, cu_q, n_seq, n_buckets, nbu, scale, scale_log2,
+    HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
+    DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    BS: tl.constexpr, SEL_L: tl.constexpr, BQ: tl.constexpr, SEG: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    if pid >= tl.load(seg_cu + n_buckets):
+        return
+    b = find_segment(seg_cu, n_buckets, pid)          # bucket = hk * nbu + global block
+    seg = pid - tl.load(seg_cu + b)
+    nseg = tl.load(seg_cu + b + 1) - tl.load(seg_cu + b)
+    hk = b // nbu
+    gb = b % nbu
+    if gb >= tl.load(blk_cu + n_seq):                 # beyond the last real block
+        return
+    sq = find_segment(blk_cu, n_seq, gb)
+    q0 = tl.load(cu_q + sq)
+    Tq = tl.load(cu_q + sq + 1) - q0
+    lane = tl.arange(0, BS)
+    s = (gb - tl.load(blk_cu + sq)) * SEL_L + lane     # key positions of this block
+    kmask = (lane < SEL_L) & (s < Tq)
+    krow = (q0 + s).to(tl.int64) * H + hk
+    dk = tl.arange(0, BK)
+    dv = tl.arange(0, BV)
+    kk = tl.load(k + krow[:, None] * DK + dk[None, :], mask=kmask[:, None] & (dk[None, :] < DK), other=0.0)
+    vv = tl.load(v + krow[:, None] * DV + dv[None, :], mask=kmask[:, None] & (dv[None, :] < DV), other=0.0)
+
+    lo = tl.load(list_cu + b) + seg * SEG
+    hi = tl.minimum(tl.load(list_cu + b + 1), lo + SEG)
+    BM: tl.constexpr = BQ * GP
+    r = tl.arange(0, BM)
+    dk_acc = tl.zeros([BS, BK], tl.float32)
+    dv_acc = tl.zeros([BS, BV], tl.float32)
+    for p0 in range(lo, hi, BQ):
+        pos = p0 + r // GP
+        ok = (pos < hi) & (r % GP < G)
+        qrow = tl.load(q_list + pos, mask=ok, other=0)                      # packed query row
+        rows = qrow.to(tl.int64) * HQ + hk * G + r % GP
+        qt = tl.load(q + rows[:, None] * DK + dk[None, :], mask=ok[:, None] & (dk[None, :] < DK), other=0.0)
+        dot_ = tl.load(do + rows[:, None] * DV + dv[None, :], mask=ok[:, None] & (dv[None, :] < DV), other=0.0)
+        lse2 = tl.load(lse + rows, mask=ok, other=0.0) * 1.4426950408889634
+        dlt = tl.load(delta + rows, mask=ok, other=0.0)
+        st = tl.dot(kk, tl.trans(qt)) * scale_log2                          # [BS, BM]
+        vis = (s[:, None] <= (qrow - q0)[None, :]) & kmask[:, None] & ok[None, :]
+        pt = tl.where(vis, tl.exp2(st - lse2[None, :]), 0.0)
+        dv_acc += tl.dot(pt.to(dot_.dtype), dot_)
+        dst = pt * (tl.dot(vv, tl.trans(dot_)) - dlt[None, :])
+        dk_acc += tl.dot(dst.to(qt.dtype), qt)
+    dk_acc = dk_acc * scale
+    if nseg == 1:
+        tl.store(dk_out + krow[:, None] * DK + dk[None, :], dk_acc.to(dk_out.dtype.element_ty),
+                 mask=kmask[:, None] & (dk[None, :] < DK))
+        tl.store(dv_out + krow[:, None] * DV + dv[None, :], dv_acc.to(dv_out.dtype.element_ty),
+                 mask=kmask[:, None] & (dv[None, :] < DV))
+    else:
+        slot = (tl.load(part_cu + b) + seg).to(tl.int64)
+        tl.store(dk_part + (slot * BS + lane[:, None]) * DK + dk[None, :], dk_acc, mask=dk[None, :] < DK)
+        tl.store(dv_part + (slot * BS + lane[:, None]) * DV + dv[None, :], dv_acc, mask=dv[None, :] < DV)
+
+
+@triton.jit
+def nsa_selected_bwd_reduce_kernel(
+    dk_out, dv_out, dk_part, dv_part, seg_cu, part_cu, blk_cu, cu_q, n_seq, nbu,
+    H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    BS: tl.constexpr, SEL_L: tl.constexpr,
+):
+    """Adds, in segment order, the partial dK/dV of buckets that had several segments."""
+    b = tl.program_id(0)
+    nseg = tl.load(seg_cu + b + 1) - tl.load(seg_cu + b)
+    hk = b // nbu
+    gb = b % nbu
+    if (nseg > 1) & (gb < tl.load(blk_cu + n_seq)):
+        sq = find_segment(blk_cu, n_seq, gb)
+        q0 = tl.load(cu_q + sq)
+        Tq = tl.load(cu_q + sq + 1) - q0
+        lane = tl.arange(0, BS)
+        s = (gb - tl.load(blk_cu + sq)) * SEL_L + lane
+        kmask = (lane < SEL_L) & (s < Tq)
+        krow = (q0 + s).to(tl.int64) * H + hk
+        dk = tl.arange(0, BK)
+        dv = tl.arange(0, BV)
+        dk_acc = tl.zeros([BS, BK], tl.float32)
+        dv_acc = tl.zeros([BS, BV], tl.float32)
+        first = tl.load(part_cu + b).to(tl.int64)
+        for i in range(nseg):
+            slot = first + i
+            dk_acc += tl.load(dk_part + (slot * BS + lane[:, None]) * DK + dk[None, :], mask=dk[None, :] < DK, other=0.0)
+            dv_acc += tl.load(dv_part + (slot * BS + lane[:, None]) * DV + dv[None, :], mask=dv[None, :] < DV, other=0.0)
+        tl.store(dk_out + krow[:, None] * DK + dk[None, :], dk_acc.to(dk_out.dtype.element_ty),
+                 mask=kmask[:, None] & (dk[None, :] < DK))
+        tl.store(dv_out + krow[:, None] * DV + dv[None, :], dv_acc.to(dv_out.dtype.element_ty),
+                 mask=kmask[:, None] & (dv[None, :] < DV))

@@ -1,0 +1,60 @@
+"""Shared pieces of the Triton backend: buffer allocation, varlen bookkeeping, jit helpers."""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+def empty(*shape, dtype, device):
+    """torch.empty, filled with NaN when NSA_POISON_EMPTY=1 (tests), so unwritten memory shows."""
+    x = torch.empty(*shape, dtype=dtype, device=device)
+    if os.environ.get("NSA_POISON_EMPTY") == "1":
+        x.fill_(float("nan") if x.is_floating_point() else -7)
+    return x
+
+
+def pow2(n: int, minimum: int = 1) -> int:
+    return max(minimum, triton.next_power_of_2(max(1, n)))
+
+
+def varlen(cu_seqlens, batch, seqlen, device):
+    """(cu [N+1] int32, N, total): the packed view of a batch, built on the device (no sync)."""
+    if cu_seqlens is not None:
+        return cu_seqlens, cu_seqlens.numel() - 1, seqlen
+    cu = torch.arange(0, (batch + 1) * seqlen, seqlen, dtype=torch.int32, device=device)
+    return cu, batch, batch * seqlen
+
+
+def compressed_cu(cu, cmp_block_size, cmp_stride):
+    lens = (cu[1:] - cu[:-1]).long()
+    tc = torch.where(lens < cmp_block_size, 0, (lens - cmp_block_size) // cmp_stride + 1)
+    return torch.cat([tc.new_zeros(1), tc.cumsum(0)]).to(torch.int32)
+
+
+def tile_cu(cu, tile):
+    """Prefix sums of per-sequence tile counts: tile i of the grid belongs to the sequence s
+    with out[s] <= i < out[s+1]. The grid is launched with an upper bound (no host sync)."""
+    lens = (cu[1:] - cu[:-1]).long()
+    return torch.cat([lens.new_zeros(1), ((lens + tile - 1) // tile).cumsum(0)]).to(torch.int32)
+
+
+def tile_grid_bound(total, nseq, tile):
+    return triton.cdiv(total, tile) + nseq
+
+
+@triton.jit
+def find_segment(cu_ptr, nseg, x):
+    """Largest s in [0, nseg) with cu[s] <= x (cu non-decreasing): a branch-free binary search."""
+    lo = 0
+    hi = nseg - 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        go = tl.load(cu_ptr + mid) <= x
+        lo = tl.where(go, mid, lo)
+        hi = tl.where(go, hi, mid - 1)
+    return lo

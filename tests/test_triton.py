@@ -1,0 +1,199 @@
+"""The Triton backend against the reference in float64.
+
+Runs the real kernels: on CPU through the Triton interpreter (CI; float32 and float16), on a GPU
+natively. Outputs are allocated NaN-poisoned (conftest), so unwritten elements fail.
+"""
+import pytest
+import torch
+
+import nsa
+from helpers import cfg_kwargs, make_inputs, rel_err
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+CFG = nsa.NSAConfig(cmp_block_size=8, cmp_stride=4, sel_block_size=16, sel_block_count=4,
+                    sel_init_blocks=1, sel_local_blocks=2, window_size=16)
+ODD = nsa.NSAConfig(cmp_block_size=6, cmp_stride=3, sel_block_size=12, sel_block_count=3,
+                    sel_init_blocks=0, sel_local_blocks=1, window_size=1)
+FLA = nsa.NSAConfig(cmp_block_size=16, cmp_stride=16, sel_block_size=16, sel_block_count=2,
+                    sel_init_blocks=1, sel_local_blocks=1, window_size=5)
+# Relative error allowed against float64: float32 kernels are exact up to accumulation order;
+# float16 kernels round P (and dS) to half precision before the second matmul, as FlashAttention
+# does: a few units of fp16's 4.9e-4 roundoff.
+TOL = {torch.float32: 2e-5, torch.float16: 4e-3}
+
+SHAPES = [  # T, HQ, H, dk, dv, cfg
+    pytest.param(1, 2, 1, 8, 8, CFG, id="T1-G2"),
+    pytest.param(63, 4, 4, 16, 8, CFG, id="T63-G1-dk!=dv"),
+    pytest.param(111, 6, 2, 8, 12, CFG, id="T111-G3"),
+    pytest.param(70, 16, 1, 8, 8, CFG, id="T70-G16"),
+    pytest.param(50, 4, 2, 24, 16, ODD, id="T50-odd-sizes-nonpow2-dk"),
+    pytest.param(64, 2, 1, 8, 8, FLA, id="T64-l=d=l'"),
+]
+
+
+def _branches(t, cfg, backend):
+    q = t["q"]
+    o_cmp, lse = nsa.compressed_attention(q, t["k_cmp"], t["v_cmp"], cmp_block_size=cfg.cmp_block_size,
+                                          cmp_stride=cfg.cmp_stride, backend=backend)
+    o_win = nsa.sliding_window_attention(q, t["k_win"], t["v_win"], window_size=cfg.window_size, backend=backend)
+    return o_cmp, lse, o_win
+
+
+def _as(t, dtype):
+    return {k: v.detach().to(dtype).requires_grad_() for k, v in t.items()}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("T,HQ,H,dk,dv,cfg", SHAPES)
+def test_branches_forward_and_backward(T, HQ, H, dk, dv, cfg, dtype):
+    t64, _ = make_inputs(T, HQ, H, dk, dv, cfg, device=DEV, seed=T + HQ)
+    tk, tr = _as(t64, dtype), _as(t64, torch.float64)
+    ok_, lk, wk = _branches(tk, cfg, "triton")
+    orf, lr, wr = _branches(tr, cfg, "torch")
+    assert rel_err(ok_, orf) < TOL[dtype] and rel_err(wk, wr) < TOL[dtype]
+    finite = torch.isfinite(lr)
+    assert torch.equal(torch.isfinite(lk), finite)            # -inf exactly where nothing is visible
+    assert rel_err(lk[finite], lr[finite]) < TOL[dtype]
+    # selected attention on the reference's selection (selection is tested on its own below)
+    idx = nsa.select_blocks(tr["q"], tr["k_cmp"], lr, **cfg_kwargs(cfg), backend="torch")
+    sk = nsa.selected_attention(tk["q"], tk["k_slc"], tk["v_slc"], idx, sel_block_size=cfg.sel_block_size, backend="triton")
+    sr = nsa.selected_attention(tr["q"], tr["k_slc"], tr["v_slc"], idx, sel_block_size=cfg.sel_block_size, backend="torch")
+    assert rel_err(sk, sr) < TOL[dtype]
+    # backward: one random cotangent per output, lse's included
+    g = [torch.randn(x.shape, dtype=torch.float64, device=DEV) for x in (orf, lr, wr, sr)]
+    gl = torch.where(finite, g[1], 0)
+    loss_k = sum((x.double() * y).sum() for x, y in zip((ok_, lk, wk, sk), (g[0], gl, g[2], g[3])))
+    loss_r = sum((x * y).sum() for x, y in zip((orf, lr, wr, sr), (g[0], gl, g[2], g[3])))
+    names = ["q", "k_cmp", "v_cmp", "k_win", "v_win", "k_slc", "v_slc"]
+    grads_k = torch.autograd.grad(loss_k, [tk[n] for n in names])
+    grads_r = torch.autograd.grad(loss_r, [tr[n] for n in names])
+    for n, a, b in zip(names, grads_k, grads_r):
+        if b.numel():
+            assert rel_err(a, b) < TOL[dtype], n
+
+
+def _check_selection(t, lse, cfg, idx_k, cu=None):
+    """Selections must agree; where rounding could flip a near-tie, the kernel's choice must
+    score (in float64) within 1e-5 of the reference's best."""
+    idx_r = nsa.select_blocks(t["q"], t["k_cmp"], lse, **cfg_kwargs(cfg), cu_seqlens=cu, backend="torch")
+    assert idx_k.shape == idx_r.shape and idx_k.dtype == torch.int32
+    diff = (idx_k != idx_r).any(-1)
+    assert diff.float().mean() < 0.02, f"{int(diff.sum())} of {diff.numel()} selections differ"
+    if diff.any():
+        from naive import naive_nsa
+        assert cu is None
+        c = cfg
+        ref = naive_nsa(*(t[k][0].cpu() for k in ("q", "k_cmp", "v_cmp", "k_slc", "v_slc", "k_win", "v_win", "gates")),
+                        l=c.cmp_block_size, d=c.cmp_stride, lp=c.sel_block_size, n=c.sel_block_count,
+                        init=c.sel_init_blocks, local=c.sel_local_blocks, w=c.window_size)
+        for tt, hk in diff[0].nonzero().tolist():
+            s = ref["score"][tt, hk]
+            pick = lambda ix: float(s[ix[ix >= 0].long()].sum())
+            assert abs(pick(idx_k[0, tt, hk].cpu()) - pick(idx_r[0, tt, hk].cpu())) < 1e-5 * float(s.sum())
+
+
+@pytest.mark.parametrize("T,HQ,H,dk,dv,cfg", SHAPES)
+def test_select_blocks(T, HQ, H, dk, dv, cfg):
+    t, _ = make_inputs(T, HQ, H, dk, dv, cfg, device=DEV, dtype=torch.float32, seed=7 * T)
+    _, lse = nsa.compressed_attention(t["q"], t["k_cmp"], t["v_cmp"], cmp_block_size=cfg.cmp_block_size,
+                                      cmp_stride=cfg.cmp_stride, backend="torch")
+    idx = nsa.select_blocks(t["q"], t["k_cmp"], lse, **cfg_kwargs(cfg), backend="triton")
+    _check_selection({k: v.double() for k, v in t.items()}, lse.double(), cfg, idx)
+
+
+def test_select_many_blocks_merges_chunks():
+    """More candidate blocks than n, over several chunks of the running top-n merge."""
+    cfg = nsa.NSAConfig(cmp_block_size=4, cmp_stride=2, sel_block_size=4, sel_block_count=3,
+                        sel_init_blocks=1, sel_local_blocks=1, window_size=4)
+    t, _ = make_inputs(150, 2, 1, 8, 8, cfg, device=DEV, dtype=torch.float32, seed=3)
+    t["q"] = t["q"] * 3   # sharper probabilities: well-separated scores
+    _, lse = nsa.compressed_attention(t["q"], t["k_cmp"], t["v_cmp"], cmp_block_size=4, cmp_stride=2, backend="torch")
+    idx = nsa.select_blocks(t["q"], t["k_cmp"], lse, **cfg_kwargs(cfg), backend="triton")
+    _check_selection({k: v.double() for k, v in t.items()}, lse.double(), cfg, idx)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_nsa_attention_all_gradients_packed(dtype):
+    lens = [1, 37, 16, 70]
+    t64, cu = make_inputs(0, 4, 2, 16, 8, CFG, seqlens=lens, device=DEV, seed=11)
+    tk, tr = _as(t64, dtype), _as(t64, torch.float64)
+    ok_, ik = nsa.nsa_attention(**tk, config=CFG, cu_seqlens=cu, return_block_idx=True, backend="triton")
+    orf, ir = nsa.nsa_attention(**tr, config=CFG, cu_seqlens=cu, return_block_idx=True, backend="torch")
+    if dtype == torch.float32:
+        assert (ik != ir).any(-1).float().mean() < 0.02
+    # compare gradients on the kernel's own selection (a flipped near-tie changes the function)
+    orf = nsa.api.gated_nsa(nsa.reference, *(tr[k] for k in ("q", "k_cmp", "v_cmp", "k_slc", "v_slc", "k_win", "v_win", "gates")),
+                            config=CFG, scale=None, cu_seqlens=cu)[0] if not torch.equal(ik, ir) else orf
+    assert rel_err(ok_, orf) < TOL[dtype]
+    g = torch.randn(orf.shape, dtype=torch.float64, device=DEV)
+    ga = torch.autograd.grad((ok_.double() * g).sum(), list(tk.values()))
+    gr = torch.autograd.grad((orf * g).sum(), list(tr.values()))
+    for n, a, b in zip(tk, ga, gr):
+        assert rel_err(a, b) < TOL[dtype], n
+
+
+def test_packed_equals_separate():
+    lens = [5, 40, 33]
+    t, cu = make_inputs(0, 4, 2, 8, 8, CFG, seqlens=lens, device=DEV, dtype=torch.float32, seed=5)
+    o = nsa.nsa_attention(**t, config=CFG, cu_seqlens=cu, backend="triton")
+    cc = nsa.compressed_cu_seqlens(cu, 8, 4).tolist()
+    b = cu.tolist()
+    for i in range(len(lens)):
+        one = {k: (v[:, cc[i]:cc[i + 1]] if k in ("k_cmp", "v_cmp") else v[:, b[i]:b[i + 1]]) for k, v in t.items()}
+        torch.testing.assert_close(o[:, b[i]:b[i + 1]], nsa.nsa_attention(**one, config=CFG, backend="triton"),
+                                   rtol=1e-6, atol=1e-6)
+
+
+def test_batch_and_noncontiguous():
+    t, _ = make_inputs(40, 4, 2, 8, 8, CFG, B=3, device=DEV, dtype=torch.float32, seed=9)
+    t["q"] = t["q"].transpose(0, 1).contiguous().transpose(0, 1)          # non-contiguous view
+    assert not t["q"].is_contiguous()
+    a = nsa.nsa_attention(**t, config=CFG, backend="triton")
+    r = nsa.nsa_attention(**{k: v.double() for k, v in t.items()}, config=CFG, backend="torch")
+    assert rel_err(a, r) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("segment", ["2", "1000000"], ids=["many-segments", "one-segment"])
+def test_selected_dkv_segments_and_determinism(segment, monkeypatch):
+    """dK/dV of the selected branch: split into partial sums or not, the same result; and the
+    same bits on a second run (no atomics)."""
+    monkeypatch.setenv("NSA_SEL_SEGMENT", segment)
+    t, _ = make_inputs(80, 4, 2, 8, 8, CFG, device=DEV, dtype=torch.float32, seed=13, requires_grad=True)
+    idx = torch.stack([torch.randperm(5)[:4] for _ in range(80 * 2)]).view(1, 80, 2, 4).int().sort(-1).values
+    idx = torch.minimum(idx, (torch.arange(80) // 16).view(1, 80, 1, 1).int())   # causal candidates
+    idx = torch.where(idx.diff(dim=-1, prepend=idx[..., :1] - 1) == 0, -1, idx).sort(-1).values
+    idx = torch.where(idx < 0, 99, idx).sort(-1).values
+    idx = torch.where(idx == 99, -1, idx).to(DEV)
+    g = torch.randn(1, 80, 4, 8, device=DEV)
+
+    def grads():
+        o = nsa.selected_attention(t["q"], t["k_slc"], t["v_slc"], idx, sel_block_size=16, backend="triton")
+        return torch.autograd.grad((o * g).sum(), [t["q"], t["k_slc"], t["v_slc"]])
+    a, b = grads(), grads()
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+    o = nsa.selected_attention(*(t[k].double() for k in ("q", "k_slc", "v_slc")), idx, sel_block_size=16, backend="torch")
+    r = torch.autograd.grad((o * g.double()).sum(), [t["q"], t["k_slc"], t["v_slc"]])
+    for x, y in zip(a, r):
+        assert rel_err(x, y) < TOL[torch.float32]
+
+
+def test_torch_compile_fullgraph():
+    """The kernels are custom ops with fake implementations: torch.compile traces the whole
+    NSA call (forward and backward) without a graph break."""
+    t, _ = make_inputs(40, 4, 2, 8, 8, CFG, device=DEV, dtype=torch.float32, seed=17, requires_grad=True)
+    f = lambda *xs: nsa.nsa_attention(*xs, config=CFG, backend="triton")
+    cf = torch.compile(f, fullgraph=True, backend="aot_eager")
+    xs = list(t.values())
+    a, b = f(*xs), cf(*xs)
+    torch.testing.assert_close(a, b)
+    ga = torch.autograd.grad(a.sum(), xs)
+    gb = torch.autograd.grad(b.sum(), xs)
+    for x, y in zip(ga, gb):
+        torch.testing.assert_close(x, y)
+
+
+def test_float64_is_refused():
+    t, _ = make_inputs(20, 2, 1, 8, 8, CFG, device=DEV)
+    with pytest.raises(TypeError, match="backend='triton' supports float32/float16/bfloat16"):
+        nsa.nsa_attention(**t, config=CFG, backend="triton")
