@@ -59,6 +59,7 @@ def nsa_banded_fwd_kernel(
     DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     BT: tl.constexpr, BN: tl.constexpr,
     STRIDE: tl.constexpr, OFFSET: tl.constexpr, WIN: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     pid = tl.program_id(0)
     hk = tl.program_id(1)
@@ -75,7 +76,7 @@ def nsa_banded_fwd_kernel(
     dk = tl.arange(0, BK)
     dv = tl.arange(0, BV)
     qt = tl.load(q + rows[:, None] * DK + dk[None, :],
-                 mask=row_ok[:, None] & (dk[None, :] < DK), other=0.0)      # [BM, BK]
+                 mask=row_ok[:, None] & (dk[None, :] < DK), other=0.0)  # [BM, BK]
 
     BM: tl.constexpr = BT * GP
     m_i = tl.full([BM], float("-inf"), tl.float32)
@@ -86,8 +87,8 @@ def nsa_banded_fwd_kernel(
         s = s0 + tl.arange(0, BN)
         krow = (k0 + s).to(tl.int64) * H + hk                               # [BN]
         kt = tl.load(k + krow[None, :] * DK + dk[:, None],
-                     mask=(s[None, :] < s_hi) & (dk[:, None] < DK), other=0.0)   # [BK, BN]
-        qk = tl.dot(qt, kt) * scale_log2                                    # [BM, BN]
+                     mask=(s[None, :] < s_hi) & (dk[:, None] < DK), other=0.0)  # [BK, BN]
+        qk = tl.dot(qt, kt, input_precision=PREC) * scale_log2                                    # [BM, BN]
         vis = _visible(t[:, None], s[None, :], s_hi, STRIDE, OFFSET, WIN)
         qk = tl.where(vis, qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
@@ -96,8 +97,8 @@ def nsa_banded_fwd_kernel(
         alpha = tl.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
         vt = tl.load(v + krow[:, None] * DV + dv[None, :],
-                     mask=(s[:, None] < s_hi) & (dv[None, :] < DV), other=0.0)   # [BN, BV]
-        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
+                     mask=(s[:, None] < s_hi) & (dv[None, :] < DV), other=0.0)  # [BN, BV]
+        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PREC)
         m_i = m_new
     seen = l_i > 0
     acc = acc / tl.where(seen, l_i, 1.0)[:, None]
@@ -116,6 +117,7 @@ def nsa_banded_bwd_dq_kernel(
     DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     BT: tl.constexpr, BN: tl.constexpr,
     STRIDE: tl.constexpr, OFFSET: tl.constexpr, WIN: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     pid = tl.program_id(0)
     hk = tl.program_id(1)
@@ -144,12 +146,12 @@ def nsa_banded_bwd_dq_kernel(
         krow = (k0 + s).to(tl.int64) * H + hk
         kt = tl.load(k + krow[None, :] * DK + dk[:, None], mask=(s[None, :] < s_hi) & (dk[:, None] < DK), other=0.0)
         vt = tl.load(v + krow[None, :] * DV + dv[:, None], mask=(s[None, :] < s_hi) & (dv[:, None] < DV), other=0.0)
-        qk = tl.dot(qt, kt) * scale_log2
+        qk = tl.dot(qt, kt, input_precision=PREC) * scale_log2
         vis = _visible(t[:, None], s[None, :], s_hi, STRIDE, OFFSET, WIN) & row_ok[:, None]
         p = tl.where(vis, tl.exp2(qk - lse2[:, None]), 0.0)
-        dp = tl.dot(dot_, vt)                                               # [BM, BN]
+        dp = tl.dot(dot_, vt, input_precision=PREC)  # [BM, BN]
         ds = p * (dp - dlt[:, None])
-        acc += tl.dot(ds.to(kt.dtype), tl.trans(kt))
+        acc += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=PREC)
     tl.store(dq + rows[:, None] * DK + dk[None, :], (acc * scale).to(dq.dtype.element_ty),
              mask=row_ok[:, None] & (dk[None, :] < DK))
 
@@ -162,6 +164,7 @@ def nsa_banded_bwd_dkv_kernel(
     DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     BT: tl.constexpr, BN: tl.constexpr,
     STRIDE: tl.constexpr, OFFSET: tl.constexpr, WIN: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     pid = tl.program_id(0)
     hk = tl.program_id(1)
@@ -195,13 +198,13 @@ def nsa_banded_bwd_dkv_kernel(
         dot_ = tl.load(do + rows[:, None] * DV + dv[None, :], mask=row_ok[:, None] & (dv[None, :] < DV), other=0.0)
         lse2 = tl.load(lse + rows, mask=row_ok, other=0.0) * 1.4426950408889634
         dlt = tl.load(delta + rows, mask=row_ok, other=0.0)
-        st = tl.dot(kk, tl.trans(qt)) * scale_log2                          # [BN, BM]
+        st = tl.dot(kk, tl.trans(qt), input_precision=PREC) * scale_log2                          # [BN, BM]
         vis = _visible(t[None, :], s[:, None], Tk, STRIDE, OFFSET, WIN) & row_ok[None, :]
         pt = tl.where(vis, tl.exp2(st - lse2[None, :]), 0.0)
-        dv_acc += tl.dot(pt.to(dot_.dtype), dot_)
-        dpt = tl.dot(vv, tl.trans(dot_))                                    # [BN, BM]
+        dv_acc += tl.dot(pt.to(dot_.dtype), dot_, input_precision=PREC)
+        dpt = tl.dot(vv, tl.trans(dot_), input_precision=PREC)  # [BN, BM]
         dst = pt * (dpt - dlt[None, :])
-        dk_acc += tl.dot(dst.to(qt.dtype), qt)
+        dk_acc += tl.dot(dst.to(qt.dtype), qt, input_precision=PREC)
     tl.store(dk_out + krow[:, None] * DK + dk[None, :], (dk_acc * scale).to(dk_out.dtype.element_ty),
              mask=kmask[:, None] & (dk[None, :] < DK))
     tl.store(dv_out + krow[:, None] * DV + dv[None, :], dv_acc.to(dv_out.dtype.element_ty),

@@ -23,6 +23,11 @@ def _dims(q, v, k=None):
     return N, HQ, H, G, pow2(G), DK, DV, pow2(DK, 16), pow2(DV, 16)
 
 
+def _prec(q):
+    """fp32 inputs get true fp32 products (not TF32): asking for fp32 means fp32 accuracy."""
+    return "ieee" if q.dtype == torch.float32 else "tf32"
+
+
 def _delta(o, do, dlse):
     """rowsum(o * do) - dlse: the softmax backward's correction (lse's own gradient folded in)."""
     d = (o.float() * do.float()).sum(-1)
@@ -38,7 +43,8 @@ def _banded_meta(q, v, stride, offset, win):
     N, HQ, H, G, GP, DK, DV, BK, BV = _dims(q, v)
     BT, BN, warps, stages = tuning.banded(BK, BV, GP)
     return dict(HQ=HQ, H=H, G=G, GP=GP, DK=DK, DV=DV, BK=BK, BV=BV, BT=BT, BN=BN,
-                STRIDE=stride, OFFSET=offset, WIN=win, num_warps=warps, num_stages=stages)
+                STRIDE=stride, OFFSET=offset, WIN=win, PREC=_prec(q), num_warps=warps,
+                num_stages=stages)
 
 
 @custom_op("nsa::banded_fwd", mutates_args=())
@@ -99,6 +105,12 @@ banded_fwd.register_autograd(_banded_backward, setup_context=_banded_setup)
 
 
 # ----------------------------------------------------------------------------- selection
+def _ntop(n, tokens_per_block):
+    """Running top-list width: n rounded up to a power of two, and wide enough that a chunk of
+    NTOP blocks holds >= 16 compressed tokens (the smallest tl.dot)."""
+    return max(pow2(n, 2), pow2(-(-16 // tokens_per_block)))
+
+
 @custom_op("nsa::select_blocks", mutates_args=())
 def select_blocks(q: Tensor, k: Tensor, lse: Tensor, cu_q: Tensor, cu_k: Tensor, scale: float,
                   cmp_block_size: int, cmp_stride: int, sel_block_size: int, sel_block_count: int,
@@ -111,8 +123,8 @@ def select_blocks(q: Tensor, k: Tensor, lse: Tensor, cu_q: Tensor, cu_k: Tensor,
     nsa_select_kernel[(tile_grid_bound(N, n_seq, BT), H)](
         q, k, lse, out, cu_q, cu_k, tiles, n_seq, scale * LOG2E,
         HQ=HQ, H=H, G=G, GP=GP, DK=DK, BK=BK, BT=BT, CMP_L=cmp_block_size, CMP_D=cmp_stride,
-        SEL_L=sel_block_size, N_SEL=sel_block_count, NTOP=pow2(sel_block_count, 2),
-        INIT=sel_init_blocks, LOCAL=sel_local_blocks, num_warps=warps)
+        SEL_L=sel_block_size, N_SEL=sel_block_count, INIT=sel_init_blocks, LOCAL=sel_local_blocks,
+        NTOP=_ntop(sel_block_count, sel_block_size // cmp_stride), PREC=_prec(q), num_warps=warps)
     return out
 
 
@@ -126,7 +138,7 @@ def _(q, k, lse, cu_q, cu_k, scale, cmp_block_size, cmp_stride, sel_block_size, 
 def _selected_meta(q, v, idx, sel_block_size):
     N, HQ, H, G, GP, DK, DV, BK, BV = _dims(q, v)
     return dict(HQ=HQ, H=H, G=G, BM=tuning.selected(GP), DK=DK, DV=DV, BK=BK, BV=BV,
-                BS=pow2(sel_block_size, 16), SEL_L=sel_block_size, N_SEL=idx.shape[-1])
+                BS=pow2(sel_block_size, 16), SEL_L=sel_block_size, N_SEL=idx.shape[-1], PREC=_prec(q))
 
 
 @custom_op("nsa::selected_fwd", mutates_args=())
@@ -196,7 +208,7 @@ def selected_bwd(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, o: Tensor, lse: T
     nsa_selected_bwd_dkv_kernel[grid](
         q, k, v, do, lse, delta, dk, dv, dk_part, dv_part, q_list, list_cu, seg_cu, part_cu,
         blk_cu, cu_q, n_seq, n_buckets, nbu, *args, HQ=HQ, G=G, GP=GP, BQ=BQ, SEG=SEG,
-        num_warps=4, **common)
+        PREC=meta["PREC"], num_warps=4, **common)
     nsa_selected_bwd_reduce_kernel[(n_buckets,)](
         dk, dv, dk_part, dv_part, seg_cu, part_cu, blk_cu, cu_q, n_seq, nbu, num_warps=4, **common)
     return dq, dk, dv

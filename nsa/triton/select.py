@@ -41,6 +41,7 @@ def nsa_select_kernel(
     DK: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr,
     CMP_L: tl.constexpr, CMP_D: tl.constexpr, SEL_L: tl.constexpr,
     N_SEL: tl.constexpr, NTOP: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     pid = tl.program_id(0)
     hk = tl.program_id(1)
@@ -65,7 +66,7 @@ def nsa_select_kernel(
     qt = tl.load(q + rows[:, None] * DK + dk[None, :], mask=row_ok[:, None] & (dk[None, :] < DK), other=0.0)
     lse2 = tl.load(lse + rows, mask=row_ok, other=0.0) * 1.4426950408889634
 
-    tp = t0 + tl.arange(0, BT)                # the tile's positions
+    tp = t0 + tl.arange(0, BT)  # the tile's positions
     last = tp // SEL_L                        # last candidate block of each position
     jj = tl.arange(0, NTOP)
     ii = tl.arange(0, BC)
@@ -75,17 +76,17 @@ def nsa_select_kernel(
     for j0 in range(0, n_blocks, NTOP):
         i = j0 * R + ii                                                     # [BC]
         kc = tl.load(k + ((k0 + i).to(tl.int64) * H + hk)[None, :] * DK + dk[:, None],
-                     mask=(i[None, :] < Tc) & (dk[:, None] < DK), other=0.0)    # [BK, BC]
-        qk = tl.dot(qt, kc) * scale_log2                                    # [BM, BC]
+                     mask=(i[None, :] < Tc) & (dk[:, None] < DK), other=0.0)  # [BK, BC]
+        qk = tl.dot(qt, kc, input_precision=PREC) * scale_log2                                    # [BM, BC]
         vis = (i[None, :] * CMP_D + CMP_L - 1 <= t[:, None]) & (i[None, :] < Tc) & row_ok[:, None]
         p = tl.where(vis, tl.exp2(qk - lse2[:, None]), 0.0)
-        pg = tl.sum(tl.reshape(p, [BT, GP, BC]), axis=1)                    # [BT, BC]
-        w = _overlap(i[:, None], j0 + jj[None, :], CMP_L, CMP_D, SEL_L)     # [BC, NTOP]
-        w_next = _overlap(i, j0 + NTOP, CMP_L, CMP_D, SEL_L)                # [BC]
+        pg = tl.sum(tl.reshape(p, [BT, GP, BC]), axis=1)  # [BT, BC]
+        w = _overlap(i[:, None], j0 + jj[None, :], CMP_L, CMP_D, SEL_L)  # [BC, NTOP]
+        w_next = _overlap(i, j0 + NTOP, CMP_L, CMP_D, SEL_L)  # [BC]
         if BT >= 16:
             score = tl.dot(pg, w, input_precision="ieee")
         else:
-            score = tl.sum(pg[:, :, None] * w[None, :, :], axis=1)          # [BT, NTOP]
+            score = tl.sum(pg[:, :, None] * w[None, :, :], axis=1)  # [BT, NTOP]
         score += tl.where(jj[None, :] == 0, carry[:, None], 0.0)
         carry = tl.sum(pg * w_next[None, :], axis=1)
 
@@ -97,9 +98,9 @@ def nsa_select_kernel(
         key = tl.where(cand, (bits << 32) | (2147483647 - j).to(tl.int64), -1)
         top = _merge_top(top, key, BT, NTOP)
 
-    keep = (top >= 0) & (jj[None, :] < N_SEL)          # top is in descending order: ranks < n
+    keep = (top >= 0) & (jj[None, :] < N_SEL)  # top is in descending order: ranks < n
     blk = tl.where(keep, 2147483647 - (top & 0xFFFFFFFF), 2147483647).to(tl.int32)
-    blk = tl.sort(blk, dim=1)                                               # ascending, empties last
+    blk = tl.sort(blk, dim=1)  # ascending, empties last
     blk = tl.where(blk == 2147483647, -1, blk)
     optr = out + ((q0 + tp).to(tl.int64) * H + hk)[:, None] * N_SEL + jj[None, :]
     tl.store(optr, blk, mask=(tp[:, None] < Tq) & (jj[None, :] < N_SEL))

@@ -30,6 +30,7 @@ def nsa_selected_fwd_kernel(
     HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, BM: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     BS: tl.constexpr, SEL_L: tl.constexpr, N_SEL: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     hk = tl.program_id(1)
@@ -51,14 +52,14 @@ def nsa_selected_fwd_kernel(
         kmask = (s <= t) & (lane < SEL_L) & (j >= 0)
         krow = (q0 + s).to(tl.int64) * H + hk
         kt = tl.load(k + krow[None, :] * DK + dk[:, None], mask=kmask[None, :] & (dk[:, None] < DK), other=0.0)
-        qk = tl.where(kmask[None, :], tl.dot(qt, kt) * scale_log2, float("-inf"))
+        qk = tl.where(kmask[None, :], tl.dot(qt, kt, input_precision=PREC) * scale_log2, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.exp2(qk - m_use[:, None])
         alpha = tl.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
         vt = tl.load(v + krow[:, None] * DV + dv[None, :], mask=kmask[:, None] & (dv[None, :] < DV), other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
+        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PREC)
         m_i = m_new
     seen = l_i > 0
     acc = acc / tl.where(seen, l_i, 1.0)[:, None]
@@ -74,6 +75,7 @@ def nsa_selected_bwd_dq_kernel(
     HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, BM: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     BS: tl.constexpr, SEL_L: tl.constexpr, N_SEL: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     hk = tl.program_id(1)
@@ -97,10 +99,10 @@ def nsa_selected_bwd_dq_kernel(
         krow = (q0 + s).to(tl.int64) * H + hk
         kt = tl.load(k + krow[None, :] * DK + dk[:, None], mask=kmask[None, :] & (dk[:, None] < DK), other=0.0)
         vt = tl.load(v + krow[None, :] * DV + dv[:, None], mask=kmask[None, :] & (dv[:, None] < DV), other=0.0)
-        qk = tl.dot(qt, kt) * scale_log2
+        qk = tl.dot(qt, kt, input_precision=PREC) * scale_log2
         p = tl.where(kmask[None, :] & row_ok[:, None], tl.exp2(qk - lse2[:, None]), 0.0)
-        ds = p * (tl.dot(dot_, vt) - dlt[:, None])
-        acc += tl.dot(ds.to(kt.dtype), tl.trans(kt))
+        ds = p * (tl.dot(dot_, vt, input_precision=PREC) - dlt[:, None])
+        acc += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=PREC)
     tl.store(dq + rows[:, None] * DK + dk[None, :], (acc * scale).to(dq.dtype.element_ty),
              mask=row_ok[:, None] & (dk[None, :] < DK))
 
@@ -112,11 +114,12 @@ def nsa_selected_bwd_dkv_kernel(
     HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     BS: tl.constexpr, SEL_L: tl.constexpr, BQ: tl.constexpr, SEG: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     pid = tl.program_id(0)
     if pid >= tl.load(seg_cu + n_buckets):
         return
-    b = find_segment(seg_cu, n_buckets, pid)          # bucket = hk * nbu + global block
+    b = find_segment(seg_cu, n_buckets, pid)  # bucket = hk * nbu + global block
     seg = pid - tl.load(seg_cu + b)
     nseg = tl.load(seg_cu + b + 1) - tl.load(seg_cu + b)
     hk = b // nbu
@@ -144,18 +147,18 @@ def nsa_selected_bwd_dkv_kernel(
     for p0 in range(lo, hi, BQ):
         pos = p0 + r // GP
         ok = (pos < hi) & (r % GP < G)
-        qrow = tl.load(q_list + pos, mask=ok, other=0)                      # packed query row
+        qrow = tl.load(q_list + pos, mask=ok, other=0)  # packed query row
         rows = qrow.to(tl.int64) * HQ + hk * G + r % GP
         qt = tl.load(q + rows[:, None] * DK + dk[None, :], mask=ok[:, None] & (dk[None, :] < DK), other=0.0)
         dot_ = tl.load(do + rows[:, None] * DV + dv[None, :], mask=ok[:, None] & (dv[None, :] < DV), other=0.0)
         lse2 = tl.load(lse + rows, mask=ok, other=0.0) * 1.4426950408889634
         dlt = tl.load(delta + rows, mask=ok, other=0.0)
-        st = tl.dot(kk, tl.trans(qt)) * scale_log2                          # [BS, BM]
+        st = tl.dot(kk, tl.trans(qt), input_precision=PREC) * scale_log2                          # [BS, BM]
         vis = (s[:, None] <= (qrow - q0)[None, :]) & kmask[:, None] & ok[None, :]
         pt = tl.where(vis, tl.exp2(st - lse2[None, :]), 0.0)
-        dv_acc += tl.dot(pt.to(dot_.dtype), dot_)
-        dst = pt * (tl.dot(vv, tl.trans(dot_)) - dlt[None, :])
-        dk_acc += tl.dot(dst.to(qt.dtype), qt)
+        dv_acc += tl.dot(pt.to(dot_.dtype), dot_, input_precision=PREC)
+        dst = pt * (tl.dot(vv, tl.trans(dot_), input_precision=PREC) - dlt[None, :])
+        dk_acc += tl.dot(dst.to(qt.dtype), qt, input_precision=PREC)
     dk_acc = dk_acc * scale
     if nseg == 1:
         tl.store(dk_out + krow[:, None] * DK + dk[None, :], dk_acc.to(dk_out.dtype.element_ty),

@@ -50,8 +50,8 @@ def tile_grid_bound(total, nseq, tile):
 @triton.jit
 def find_segment(cu_ptr, nseg, x):
     """Largest s in [0, nseg) with cu[s] <= x (cu non-decreasing): a branch-free binary search."""
-    lo = 0
-    hi = nseg - 1
+    lo = tl.full([], 0, tl.int32)            # tensors, not constants: loop-carried values
+    hi = tl.full([], 0, tl.int32) + nseg - 1
     while lo < hi:
         mid = (lo + hi + 1) // 2
         go = tl.load(cu_ptr + mid) <= x

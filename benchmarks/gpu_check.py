@@ -1,0 +1,98 @@
+"""GPU correctness in bf16: the Triton backend against the float64 reference, judged against a
+bf16 eager run of the same reference (its matmuls and softmax in bf16).
+
+Pass rule, for the output and every gradient: err(kernel) <= 2 * err(bf16 eager) + 1e-3, with
+err = ||x - x_f64|| / ||x_f64||. The selection is compared with the float64 reference's and
+the fraction of (token, head) rows that differ (near ties under rounding) is reported; outputs
+and gradients are then compared on the kernel's own selection, so both compute one function.
+
+  python benchmarks/gpu_check.py --lengths 4096 16384 65536
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+import nsa  # noqa: E402
+from nsa import reference  # noqa: E402
+from nsa.api import _sel_kwargs  # noqa: E402
+from shapes import PAPER, environment, nsa_inputs, save  # noqa: E402
+
+NAMES = ["q", "k_cmp", "v_cmp", "k_slc", "v_slc", "k_win", "v_win", "gates"]
+
+
+def run_reference(t, cfg, idx, cu=None):
+    o_cmp, _ = reference.compressed_attention(t["q"], t["k_cmp"], t["v_cmp"], cmp_block_size=cfg.cmp_block_size,
+                                              cmp_stride=cfg.cmp_stride, cu_seqlens=cu)
+    o_slc = reference.selected_attention(t["q"], t["k_slc"], t["v_slc"], idx, sel_block_size=cfg.sel_block_size, cu_seqlens=cu)
+    o_win = reference.sliding_window_attention(t["q"], t["k_win"], t["v_win"], window_size=cfg.window_size, cu_seqlens=cu)
+    g = t["gates"].unsqueeze(-1)
+    return g[..., 0, :] * o_cmp + g[..., 1, :] * o_slc + g[..., 2, :] * o_win
+
+
+def fwd_bwd(fn, t, do):
+    o = fn(t)
+    grads = torch.autograd.grad(o, [t[n] for n in NAMES], do)
+    return [o] + list(grads)
+
+
+def err(x, ref):
+    return float((x.double() - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def check(T, HQ, H, dk, dv, cfg):
+    base = nsa_inputs(T, HQ, H, dk, dv, cfg, seed=T)
+    mk = lambda dt: {k: v.detach().to(dt).requires_grad_() for k, v in base.items()}
+    tk, t64, tbf = mk(torch.bfloat16), mk(torch.float64), mk(torch.bfloat16)
+    do = torch.randn(1, T, HQ, dv, device="cuda", dtype=torch.bfloat16)
+    t0 = time.time()
+    o_k, idx_k = nsa.nsa_attention(**tk, config=cfg, return_block_idx=True, backend="triton")
+    with torch.no_grad():
+        _, lse64 = reference.compressed_attention(t64["q"], t64["k_cmp"], t64["v_cmp"],
+                                                  cmp_block_size=cfg.cmp_block_size, cmp_stride=cfg.cmp_stride)
+        idx64 = reference.select_blocks(t64["q"], t64["k_cmp"], lse64, **_sel_kwargs(cfg))
+    sel_diff = float((idx_k != idx64).any(-1).float().mean())
+    kern = fwd_bwd(lambda t: nsa.nsa_attention(**t, config=cfg, backend="triton"), tk, do)
+    ref = fwd_bwd(lambda t: run_reference(t, cfg, idx_k), t64, do.double())
+    orig = reference.compute_dtype
+    reference.compute_dtype = lambda dt: dt                 # bf16 eager: compute in the input dtype
+    try:
+        eager = fwd_bwd(lambda t: run_reference(t, cfg, idx_k), tbf, do)
+    finally:
+        reference.compute_dtype = orig
+    rows = []
+    for name, a, r, e in zip(["o"] + ["d" + n for n in NAMES], kern, ref, eager):
+        ek, ee = err(a, r), err(e, r)
+        rows.append(dict(tensor=name, err_kernel=ek, err_bf16_eager=ee, ok=ek <= 2 * ee + 1e-3,
+                         nan=bool(torch.isnan(a).any())))
+    return dict(T=T, HQ=HQ, H=H, dk=dk, dv=dv, config=vars(cfg), selection_rows_differing=sel_diff,
+                seconds=time.time() - t0, tensors=rows, ok=all(r["ok"] and not r["nan"] for r in rows))
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384, 65536])
+    p.add_argument("--small-groups-at", type=int, default=8192)
+    a = p.parse_args()
+    cases = [(T, 64, 4, 192, 128) for T in a.lengths]
+    cases += [(a.small_groups_at, 16, 4, 128, 128), (a.small_groups_at, 8, 8, 64, 64),
+              (a.small_groups_at + 77, 12, 4, 256, 64)]
+    results = []
+    for c in cases:
+        r = check(*c, PAPER)
+        results.append(r)
+        worst = max(r["tensors"], key=lambda x: x["err_kernel"] / (2 * x["err_bf16_eager"] + 1e-3))
+        print(f"T={c[0]:6d} HQ={c[1]:2d} H={c[2]} dk/dv={c[3]}/{c[4]}  ok={r['ok']}  sel-diff={r['selection_rows_differing']:.4f}  "
+              f"worst {worst['tensor']}: kernel {worst['err_kernel']:.2e} vs eager {worst['err_bf16_eager']:.2e}  ({r['seconds']:.0f}s)",
+              flush=True)
+        torch.cuda.empty_cache()
+    save("gpu_check", dict(env=environment(), results=results))
+    print("ALL OK" if all(r["ok"] for r in results) else "FAILURES")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,44 @@
+"""Shared shape registry and timing helpers of the benchmark scripts."""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+
+import torch
+
+import nsa
+
+PAPER = nsa.NSAConfig()                                   # l=32, d=16, l'=64, n=16, w=512
+FLA_COMPARABLE = nsa.NSAConfig(cmp_block_size=64, cmp_stride=64, sel_block_size=64,
+                               sel_block_count=16, window_size=1)   # fla: no window branch
+LENGTHS = [4096, 8192, 16384, 32768, 65536]
+HEADS = {"paper": (64, 4), "G4": (16, 4), "G1": (8, 8)}   # (HQ, H)
+DIMS = {"192/128": (192, 128), "128/128": (128, 128)}
+
+
+def nsa_inputs(T, HQ, H, dk, dv, cfg, dtype=torch.bfloat16, device="cuda", requires_grad=False, seed=0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    Tc = cfg.num_compressed(T)
+
+    def r(*s):
+        return torch.randn(*s, generator=g, device=device, dtype=dtype).requires_grad_(requires_grad)
+    t = dict(q=r(1, T, HQ, dk), k_cmp=r(1, Tc, H, dk), v_cmp=r(1, Tc, H, dv), k_slc=r(1, T, H, dk),
+             v_slc=r(1, T, H, dv), k_win=r(1, T, H, dk), v_win=r(1, T, H, dv))
+    t["gates"] = torch.rand(1, T, HQ, 3, generator=g, device=device, dtype=dtype).requires_grad_(requires_grad)
+    return t
+
+
+def environment():
+    import triton
+    return dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                python=platform.python_version(), date=datetime.datetime.now().isoformat(timespec="seconds"))
+
+
+def save(name, payload, out_dirs=("benchmarks/results",)):
+    gpu = torch.cuda.get_device_name().replace(" ", "_")
+    for d in list(out_dirs) + ([os.environ["OUT"]] if os.environ.get("OUT") else []):
+        os.makedirs(d, exist_ok=True)
+        with open(os.path.join(d, f"{name}_{gpu}.json"), "w") as f:
+            json.dump(payload, f, indent=1)
