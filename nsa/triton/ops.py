@@ -39,10 +39,10 @@ def _grad_or_zeros(g, like):
 
 
 # ----------------------------------------------------------------------------- banded
-def _banded_meta(q, v, stride, offset, win):
+def _banded_meta(kind, q, v, stride, offset, win):
     N, HQ, H, G, GP, DK, DV, BK, BV = _dims(q, v)
-    BT, BN, warps, stages = tuning.banded(BK, BV, GP)
-    return dict(HQ=HQ, H=H, G=G, GP=GP, DK=DK, DV=DV, BK=BK, BV=BV, BT=BT, BN=BN,
+    rows, BN, warps, stages = tuning.banded(kind, BK, BV, GP)
+    return dict(HQ=HQ, H=H, G=G, GP=GP, DK=DK, DV=DV, BK=BK, BV=BV, BT=max(1, rows // GP), BN=BN,
                 STRIDE=stride, OFFSET=offset, WIN=win, PREC=_prec(q), num_warps=warps,
                 num_stages=stages)
 
@@ -50,7 +50,7 @@ def _banded_meta(q, v, stride, offset, win):
 @custom_op("nsa::banded_fwd", mutates_args=())
 def banded_fwd(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, scale: float,
                stride: int, offset: int, win: int) -> tuple[Tensor, Tensor]:
-    meta = _banded_meta(q, v, stride, offset, win)
+    meta = _banded_meta("fwd", q, v, stride, offset, win)
     N, HQ, H, n_seq = q.shape[0], q.shape[1], v.shape[1], cu_q.numel() - 1
     o = empty(N, HQ, v.shape[2], dtype=q.dtype, device=q.device)
     lse = empty(N, HQ, dtype=torch.float32, device=q.device)
@@ -69,14 +69,15 @@ def _(q, k, v, cu_q, cu_k, scale, stride, offset, win):
 def banded_bwd(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, do: Tensor, dlse: Tensor,
                cu_q: Tensor, cu_k: Tensor, scale: float, stride: int, offset: int,
                win: int) -> tuple[Tensor, Tensor, Tensor]:
-    meta = _banded_meta(q, v, stride, offset, win)
     N, Nk, H, n_seq = q.shape[0], k.shape[0], k.shape[1], cu_q.numel() - 1
     delta = _delta(o, do, dlse)
     dq, dk, dv = (empty(*x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v))
     args = (scale, scale * LOG2E)
+    meta = _banded_meta("dq", q, v, stride, offset, win)
     tq = tile_cu(cu_q, meta["BT"])
     nsa_banded_bwd_dq_kernel[(tile_grid_bound(N, n_seq, meta["BT"]), H)](
         q, k, v, do, lse, delta, dq, cu_q, cu_k, tq, n_seq, *args, **meta)
+    meta = _banded_meta("dkv", q, v, stride, offset, win)
     tk = tile_cu(cu_k, meta["BN"])
     nsa_banded_bwd_dkv_kernel[(tile_grid_bound(Nk, n_seq, meta["BN"]), H)](
         q, k, v, do, lse, delta, dk, dv, cu_q, cu_k, tk, n_seq, *args, **meta)
@@ -117,14 +118,16 @@ def select_blocks(q: Tensor, k: Tensor, lse: Tensor, cu_q: Tensor, cu_k: Tensor,
                   sel_init_blocks: int, sel_local_blocks: int) -> Tensor:
     N, HQ, H, G, GP, DK, DV, BK, BV = _dims(q, k)
     n_seq = cu_q.numel() - 1
-    BT, warps = tuning.select(BK, GP)
+    rows, warps, stages = tuning.select(BK, GP)
+    BT = max(1, rows // GP)
     out = empty(N, H, sel_block_count, dtype=torch.int32, device=q.device)
     tiles = tile_cu(cu_q, BT)
     nsa_select_kernel[(tile_grid_bound(N, n_seq, BT), H)](
         q, k, lse, out, cu_q, cu_k, tiles, n_seq, scale * LOG2E,
         HQ=HQ, H=H, G=G, GP=GP, DK=DK, BK=BK, BT=BT, CMP_L=cmp_block_size, CMP_D=cmp_stride,
         SEL_L=sel_block_size, N_SEL=sel_block_count, INIT=sel_init_blocks, LOCAL=sel_local_blocks,
-        NTOP=_ntop(sel_block_count, sel_block_size // cmp_stride), PREC=_prec(q), num_warps=warps)
+        NTOP=_ntop(sel_block_count, sel_block_size // cmp_stride), PREC=_prec(q), num_warps=warps,
+        num_stages=stages)
     return out
 
 
@@ -135,22 +138,24 @@ def _(q, k, lse, cu_q, cu_k, scale, cmp_block_size, cmp_stride, sel_block_size, 
 
 
 # ----------------------------------------------------------------------------- selected attention
-def _selected_meta(q, v, idx, sel_block_size):
+def _selected_meta(kind, q, v, idx, sel_block_size):
     N, HQ, H, G, GP, DK, DV, BK, BV = _dims(q, v)
-    return dict(HQ=HQ, H=H, G=G, BM=tuning.selected(GP), DK=DK, DV=DV, BK=BK, BV=BV,
+    warps, stages = tuning.selected(kind, GP)
+    return dict(HQ=HQ, H=H, G=G, BM=max(16, GP), DK=DK, DV=DV, BK=BK, BV=BV,
+                num_warps=warps, num_stages=stages,
                 BS=pow2(sel_block_size, 16), SEL_L=sel_block_size, N_SEL=idx.shape[-1], PREC=_prec(q))
 
 
 @custom_op("nsa::selected_fwd", mutates_args=())
 def selected_fwd(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, cu_q: Tensor, scale: float,
                  sel_block_size: int) -> tuple[Tensor, Tensor]:
-    meta = _selected_meta(q, v, idx, sel_block_size)
+    meta = _selected_meta("fwd", q, v, idx, sel_block_size)
     N, HQ, H = q.shape[0], q.shape[1], v.shape[1]
     o = empty(N, HQ, v.shape[2], dtype=q.dtype, device=q.device)
     lse = empty(N, HQ, dtype=torch.float32, device=q.device)
     if N:
         nsa_selected_fwd_kernel[(N, H)](q, k, v, idx, o, lse, cu_q, cu_q.numel() - 1,
-                                        scale * LOG2E, num_warps=4, **meta)
+                                        scale * LOG2E, **meta)
     return o, lse
 
 
@@ -187,7 +192,7 @@ def inverse_index(idx, cu_q, sel_block_size, seg):
 @custom_op("nsa::selected_bwd", mutates_args=())
 def selected_bwd(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, o: Tensor, lse: Tensor, do: Tensor,
                  cu_q: Tensor, scale: float, sel_block_size: int) -> tuple[Tensor, Tensor, Tensor]:
-    meta = _selected_meta(q, v, idx, sel_block_size)
+    meta = _selected_meta("dq", q, v, idx, sel_block_size)
     N, HQ, H, G, GP, DK, DV, BK, BV = _dims(q, v)
     n_seq = cu_q.numel() - 1
     delta = _delta(o, do, None)
@@ -195,9 +200,9 @@ def selected_bwd(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, o: Tensor, lse: T
     if N == 0:
         return dq, dk, dv
     args = (scale, scale * LOG2E)
-    nsa_selected_bwd_dq_kernel[(N, H)](q, k, v, idx, do, lse, delta, dq, cu_q, n_seq, *args,
-                                       num_warps=4, **meta)
-    BQ, SEG = tuning.selected_bwd_queries(GP)
+    nsa_selected_bwd_dq_kernel[(N, H)](q, k, v, idx, do, lse, delta, dq, cu_q, n_seq, *args, **meta)
+    rows, SEG, warps, stages = tuning.selected_bwd_queries(GP)
+    BQ = max(1, rows // GP)
     q_list, list_cu, seg_cu, part_cu, blk_cu, n_buckets, nbu, n_part = inverse_index(
         idx, cu_q, sel_block_size, SEG)
     BS = meta["BS"]
@@ -208,7 +213,7 @@ def selected_bwd(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, o: Tensor, lse: T
     nsa_selected_bwd_dkv_kernel[grid](
         q, k, v, do, lse, delta, dk, dv, dk_part, dv_part, q_list, list_cu, seg_cu, part_cu,
         blk_cu, cu_q, n_seq, n_buckets, nbu, *args, HQ=HQ, G=G, GP=GP, BQ=BQ, SEG=SEG,
-        PREC=meta["PREC"], num_warps=4, **common)
+        PREC=meta["PREC"], num_warps=warps, num_stages=stages, **common)
     nsa_selected_bwd_reduce_kernel[(n_buckets,)](
         dk, dv, dk_part, dv_part, seg_cu, part_cu, blk_cu, cu_q, n_seq, nbu, num_warps=4, **common)
     return dq, dk, dv

@@ -1,10 +1,13 @@
-"""Every tile-size choice of the Triton backend, each with the reason for it.
+"""Every launch-shape choice of the Triton backend, each with the reason for it.
 
 The interpreter (TRITON_INTERPRET=1, CI) runs tiles as numpy arrays: small tiles keep it fast.
-GPU choices are first guesses sized from register pressure; see benchmarks/ for measurements.
+GPU choices come from benchmarks/profile_parts.py sweeps on an H100 (notes in that script's
+output JSON); NSA_TUNE='{"kernel": [..]}' overrides one for such sweeps.
 """
 from __future__ import annotations
 
+import functools
+import json
 import os
 
 from .utils import pow2
@@ -14,35 +17,50 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def banded(bk: int, bv: int, gp: int):
-    """(BT positions, BN keys, num_warps, num_stages) for the banded kernels. A tile of
-    BT*gp rows: 64 rows when head dims pad to 256 (q tile + accumulator must stay in
-    registers), else 128."""
+@functools.lru_cache(maxsize=None)
+def _overrides(env: str):
+    return json.loads(env) if env else {}
+
+
+def _pick(name, default):
+    v = _overrides(os.environ.get("NSA_TUNE", "")).get(name)
+    return tuple(v) if v else default
+
+
+def banded(kind: str, bk: int, bv: int, gp: int):
+    """(rows, BN keys, num_warps, num_stages) for kind in fwd / dq / dkv; BT = rows // gp
+    positions. Head dims padded to 256 need the smaller 64-row tile (q tile + accumulator
+    live in registers)."""
     if interpreting():
-        return max(1, 16 // gp), 16, 4, 1
-    rows = 64 if max(bk, bv) >= 256 else 128
-    return max(1, rows // gp), 64, 4 if rows == 64 else 8, 2
+        return max(1, 16 // gp) * gp, 16, 4, 1
+    big = max(bk, bv) >= 256
+    default = {"fwd": (64, 64, 4, 2) if big else (128, 64, 8, 2),
+               "dq": (64, 64, 4, 2) if big else (128, 64, 8, 2),
+               "dkv": (64, 64, 4, 2) if big else (64, 64, 4, 2)}[kind]
+    return _pick(f"banded_{kind}", default)
 
 
 def select(bk: int, gp: int):
-    """(BT positions, num_warps): 64 rows per tile, as in the banded forward."""
+    """(rows, num_warps, num_stages) of the selection kernel."""
     if interpreting():
-        return max(1, 16 // gp), 4
-    return max(1, 64 // gp), 4
+        return max(1, 16 // gp) * gp, 4, 1
+    return _pick("select", (64, 4, 2))
 
 
-def selected(gp: int):
-    """Rows of the group-centric tile: the group's heads, padded to the 16-row MMA minimum."""
-    return max(16, gp)
+def selected(kind: str, gp: int):
+    """(num_warps, num_stages) of the group-centric selected-attention kernels (fwd, dq)."""
+    if interpreting():
+        return 4, 1
+    return _pick(f"selected_{kind}", (4, 2))
 
 
 def selected_bwd_queries(gp: int):
-    """(BQ queries per step, SEG queries per segment) of the dK/dV kernel. SEG bounds how long
-    one program runs (the first block is selected by every query); the fp32 partial buffer it
-    implies is at most 2 * T*H*n / SEG blocks."""
+    """(rows per step, SEG queries per segment, num_warps, num_stages) of the dK/dV kernel. SEG
+    bounds how long one program runs (the first block is selected by every query); the fp32
+    partial buffer it implies is at most 2 * T*H*n / SEG blocks."""
     if interpreting():
-        return max(1, 16 // gp), int(os.environ.get("NSA_SEL_SEGMENT", "8"))
-    return max(1, 64 // gp), 2048
+        return max(1, 16 // gp) * gp, int(os.environ.get("NSA_SEL_SEGMENT", "8")), 4, 1
+    return _pick("selected_dkv", (64, 2048, 4, 2))
 
 
 __all__ = ["banded", "select", "selected", "selected_bwd_queries", "interpreting", "pow2"]

@@ -1,0 +1,118 @@
+"""Where NSA's time goes at one shape, and which launch shapes win: times every kernel op
+alone (paper shape, bf16), then sweeps NSA_TUNE overrides per kernel.
+
+  python benchmarks/profile_parts.py --T 65536 [--sweep] [--budget 500]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+import triton
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+import nsa  # noqa: E402
+from nsa.triton import ops  # noqa: E402
+from shapes import PAPER, environment, nsa_inputs, save  # noqa: E402
+
+SWEEPS = {
+    "banded_fwd": [(64, 64, 4, 2), (64, 64, 4, 3), (64, 128, 4, 2), (64, 32, 4, 3), (128, 64, 8, 2),
+                   (128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 8, 2)],
+    "banded_dq": [(64, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 3), (128, 64, 8, 2), (128, 32, 8, 2), (64, 64, 8, 2)],
+    "banded_dkv": [(64, 64, 4, 2), (64, 64, 4, 3), (32, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2), (128, 32, 4, 2)],
+    "select": [(64, 4, 2), (64, 4, 3), (32, 4, 2), (128, 8, 2), (64, 8, 2), (16, 4, 2)],
+    "selected_fwd": [(4, 2), (4, 1), (4, 3), (2, 2), (8, 2), (2, 3)],
+    "selected_dq": [(4, 2), (4, 1), (4, 3), (2, 2), (8, 2)],
+    "selected_dkv": [(64, 2048, 4, 2), (64, 2048, 4, 3), (128, 2048, 8, 2), (32, 2048, 4, 2), (64, 1024, 4, 2)],
+}
+
+
+def ms(fn):
+    torch.cuda.synchronize()
+    return triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median")
+
+
+def parts(T, HQ, H, dk, dv, cfg):
+    t = nsa_inputs(T, HQ, H, dk, dv, cfg)
+    P = lambda x: x.reshape(-1, x.shape[2], x.shape[3]).contiguous()
+    q, kc, vc, ks, vs, kw, vw = (P(t[n]) for n in ("q", "k_cmp", "v_cmp", "k_slc", "v_slc", "k_win", "v_win"))
+    cu = torch.tensor([0, T], dtype=torch.int32, device="cuda")
+    cuk = torch.tensor([0, kc.shape[0]], dtype=torch.int32, device="cuda")
+    sc = dk ** -0.5
+    l, d = cfg.cmp_block_size, cfg.cmp_stride
+    o_c, lse_c = ops.banded_fwd(q, kc, vc, cu, cuk, sc, d, l - 1, 0)
+    idx = ops.select_blocks(q, kc, lse_c, cu, cuk, sc, l, d, cfg.sel_block_size, cfg.sel_block_count,
+                            cfg.sel_init_blocks, cfg.sel_local_blocks)
+    o_s, lse_s = ops.selected_fwd(q, ks, vs, idx, cu, sc, cfg.sel_block_size)
+    o_w, lse_w = ops.banded_fwd(q, kw, vw, cu, cu, sc, 1, 0, cfg.window_size)
+    do = torch.randn_like(o_c)
+    zl = torch.zeros_like(lse_c)
+    fns = {
+        "cmp_fwd": lambda: ops.banded_fwd(q, kc, vc, cu, cuk, sc, d, l - 1, 0),
+        "select": lambda: ops.select_blocks(q, kc, lse_c, cu, cuk, sc, l, d, cfg.sel_block_size,
+                                            cfg.sel_block_count, cfg.sel_init_blocks, cfg.sel_local_blocks),
+        "slc_fwd": lambda: ops.selected_fwd(q, ks, vs, idx, cu, sc, cfg.sel_block_size),
+        "win_fwd": lambda: ops.banded_fwd(q, kw, vw, cu, cu, sc, 1, 0, cfg.window_size),
+        "cmp_bwd": lambda: ops.banded_bwd(q, kc, vc, o_c, lse_c, do, zl, cu, cuk, sc, d, l - 1, 0),
+        "slc_bwd": lambda: ops.selected_bwd(q, ks, vs, idx, o_s, lse_s, do, cu, sc, cfg.sel_block_size),
+        "win_bwd": lambda: ops.banded_bwd(q, kw, vw, o_w, lse_w, do, zl, cu, cu, sc, 1, 0, cfg.window_size),
+        "delta_only": lambda: ops._delta(o_c, do, zl),
+    }
+    tt = nsa_inputs(T, HQ, H, dk, dv, cfg, requires_grad=True)
+    dO = torch.randn(1, T, HQ, dv, device="cuda", dtype=torch.bfloat16)
+    fns["api_fwd"] = lambda: nsa.nsa_attention(**tt, config=cfg)
+    fns["api_fwd_bwd"] = lambda: torch.autograd.backward(nsa.nsa_attention(**tt, config=cfg), dO)
+    return fns
+
+
+# which ops a kernel's override affects
+AFFECTS = {"banded_fwd": ["cmp_fwd", "win_fwd"], "banded_dq": ["cmp_bwd", "win_bwd"], "banded_dkv": ["cmp_bwd", "win_bwd"],
+           "select": ["select"], "selected_fwd": ["slc_fwd"], "selected_dq": ["slc_bwd"], "selected_dkv": ["slc_bwd"]}
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--T", type=int, default=65536)
+    p.add_argument("--HQ", type=int, default=64)
+    p.add_argument("--H", type=int, default=4)
+    p.add_argument("--dk", type=int, default=192)
+    p.add_argument("--dv", type=int, default=128)
+    p.add_argument("--sweep", nargs="*", default=None, help="kernels to sweep (none given: all)")
+    p.add_argument("--budget", type=float, default=480, help="seconds before sweeps stop")
+    a = p.parse_args()
+    start = time.time()
+    fns = parts(a.T, a.HQ, a.H, a.dk, a.dv, PAPER)
+    base = {}
+    for name, fn in fns.items():
+        with torch.no_grad() if "bwd" not in name else torch.enable_grad():
+            base[name] = ms(fn)
+        print(f"{name:>12}: {base[name]:8.2f} ms", flush=True)
+    print(f"sum of fwd kernels {sum(base[k] for k in ('cmp_fwd', 'select', 'slc_fwd', 'win_fwd')):.2f} ms; "
+          f"bwd kernels {sum(base[k] for k in ('cmp_bwd', 'slc_bwd', 'win_bwd')):.2f} ms", flush=True)
+    sweeps = {}
+    if a.sweep is not None:
+        for kern in (a.sweep or SWEEPS):
+            for cfg in SWEEPS[kern]:
+                if time.time() - start > a.budget:
+                    print("budget reached; sweep stopped")
+                    break
+                os.environ["NSA_TUNE"] = json.dumps({kern: list(cfg)})
+                res = {}
+                for op in AFFECTS[kern]:
+                    try:
+                        res[op] = ms(fns[op])
+                    except Exception as e:  # noqa: BLE001 - a config may not compile (resources)
+                        res[op] = f"error: {str(e)[:80]}"
+                sweeps.setdefault(kern, []).append(dict(config=cfg, **res))
+                print(f"  {kern:>13} {str(cfg):>20}: " + "  ".join(
+                    f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in res.items()), flush=True)
+            os.environ.pop("NSA_TUNE", None)
+    save(f"profile_T{a.T}", dict(env=environment(), shape=vars(a), base=base, sweeps=sweeps))
+
+
+if __name__ == "__main__":
+    main()
