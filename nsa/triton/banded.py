@@ -30,6 +30,15 @@ def _tile_rows(t0, Tq, hk, G: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr, 
 
 
 @triton.jit
+def _delta_rows(o, dlse, do_tile, rows, row_ok, dv, DV: tl.constexpr):
+    """delta = rowsum(o * dO) - dlse: the softmax backward's correction, with lse's own
+    gradient folded in. Computed by the dQ kernel (it runs first) and stored for dK/dV."""
+    ot = tl.load(o + rows[:, None] * DV + dv[None, :], mask=row_ok[:, None] & (dv[None, :] < DV), other=0.0)
+    d = tl.sum(ot.to(tl.float32) * do_tile.to(tl.float32), 1)
+    return d - tl.load(dlse + rows, mask=row_ok, other=0.0)
+
+
+@triton.jit
 def _visible(t, s, Tk, STRIDE: tl.constexpr, OFFSET: tl.constexpr, WIN: tl.constexpr):
     rel = t - (s * STRIDE + OFFSET)
     vis = (rel >= 0) & (s < Tk)
@@ -111,7 +120,7 @@ def nsa_banded_fwd_kernel(
 
 @triton.jit
 def nsa_banded_bwd_dq_kernel(
-    q, k, v, do, lse, delta, dq,
+    q, k, v, o, do, lse, dlse, delta, dq,
     cu_q, cu_k, tiles_q, n_seq, scale, scale_log2,
     HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
@@ -136,7 +145,8 @@ def nsa_banded_bwd_dq_kernel(
     qt = tl.load(q + rows[:, None] * DK + dk[None, :], mask=row_ok[:, None] & (dk[None, :] < DK), other=0.0)
     dot_ = tl.load(do + rows[:, None] * DV + dv[None, :], mask=row_ok[:, None] & (dv[None, :] < DV), other=0.0)
     lse2 = tl.load(lse + rows, mask=row_ok, other=0.0) * 1.4426950408889634
-    dlt = tl.load(delta + rows, mask=row_ok, other=0.0)
+    dlt = _delta_rows(o, dlse, dot_, rows, row_ok, dv, DV)
+    tl.store(delta + rows, dlt, mask=row_ok)
 
     BM: tl.constexpr = BT * GP
     acc = tl.zeros([BM, BK], tl.float32)
@@ -158,16 +168,17 @@ def nsa_banded_bwd_dq_kernel(
 
 @triton.jit
 def nsa_banded_bwd_dkv_kernel(
-    q, k, v, do, lse, delta, dk_out, dv_out,
+    q, k, v, do, lse, delta, dk_out, dv_out,   # with NSPLIT > 1, dk_out/dv_out are fp32 [NSPLIT, Nk, H, D]
     cu_q, cu_k, tiles_k, n_seq, scale, scale_log2,
     HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     BT: tl.constexpr, BN: tl.constexpr,
-    STRIDE: tl.constexpr, OFFSET: tl.constexpr, WIN: tl.constexpr,
+    STRIDE: tl.constexpr, OFFSET: tl.constexpr, WIN: tl.constexpr, NSPLIT: tl.constexpr,
     PREC: tl.constexpr,
 ):
     pid = tl.program_id(0)
     hk = tl.program_id(1)
+    split = tl.program_id(2)
     if pid >= tl.load(tiles_k + n_seq):
         return
     seq = find_segment(tiles_k, n_seq, pid)
@@ -189,6 +200,11 @@ def nsa_banded_bwd_dkv_kernel(
     t_hi = Tq
     if WIN > 0:
         t_hi = tl.minimum(Tq, s_last * STRIDE + OFFSET + WIN)
+    if NSPLIT > 1:   # few keys, many queries (compression): split the queries, sum partials later
+        part = tl.cdiv(tl.cdiv(t_hi - t_lo, BT), NSPLIT) * BT
+        t_lo = t_lo + split * part
+        t_hi = tl.minimum(t_hi, t_lo + part)
+        krow = krow + split.to(tl.int64) * tl.load(cu_k + n_seq) * H
     dk_acc = tl.zeros([BN, BK], tl.float32)
     dv_acc = tl.zeros([BN, BV], tl.float32)
     for tq in range(t_lo, t_hi, BT):

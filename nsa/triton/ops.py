@@ -28,12 +28,6 @@ def _prec(q):
     return "ieee" if q.dtype == torch.float32 else "tf32"
 
 
-def _delta(o, do, dlse):
-    """rowsum(o * do) - dlse: the softmax backward's correction (lse's own gradient folded in)."""
-    d = (o.float() * do.float()).sum(-1)
-    return d if dlse is None else d - dlse.float()
-
-
 def _grad_or_zeros(g, like):
     return torch.zeros_like(like) if g is None else g.contiguous()
 
@@ -70,17 +64,24 @@ def banded_bwd(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, do: Tens
                cu_q: Tensor, cu_k: Tensor, scale: float, stride: int, offset: int,
                win: int) -> tuple[Tensor, Tensor, Tensor]:
     N, Nk, H, n_seq = q.shape[0], k.shape[0], k.shape[1], cu_q.numel() - 1
-    delta = _delta(o, do, dlse)
-    dq, dk, dv = (empty(*x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v))
+    delta = empty(N, q.shape[1], dtype=torch.float32, device=q.device)
+    dq = empty(*q.shape, dtype=q.dtype, device=q.device)
     args = (scale, scale * LOG2E)
     meta = _banded_meta("dq", q, v, stride, offset, win)
     tq = tile_cu(cu_q, meta["BT"])
     nsa_banded_bwd_dq_kernel[(tile_grid_bound(N, n_seq, meta["BT"]), H)](
-        q, k, v, do, lse, delta, dq, cu_q, cu_k, tq, n_seq, *args, **meta)
+        q, k, v, o, do, lse, dlse, delta, dq, cu_q, cu_k, tq, n_seq, *args, **meta)
     meta = _banded_meta("dkv", q, v, stride, offset, win)
+    nsplit = tuning.banded_query_splits(N, Nk, win)
+    if nsplit == 1:
+        dk, dv = (empty(*x.shape, dtype=x.dtype, device=x.device) for x in (k, v))
+    else:
+        dk, dv = (empty(nsplit, *x.shape, dtype=torch.float32, device=x.device) for x in (k, v))
     tk = tile_cu(cu_k, meta["BN"])
-    nsa_banded_bwd_dkv_kernel[(tile_grid_bound(Nk, n_seq, meta["BN"]), H)](
-        q, k, v, do, lse, delta, dk, dv, cu_q, cu_k, tk, n_seq, *args, **meta)
+    nsa_banded_bwd_dkv_kernel[(tile_grid_bound(Nk, n_seq, meta["BN"]), H, nsplit)](
+        q, k, v, do, lse, delta, dk, dv, cu_q, cu_k, tk, n_seq, *args, NSPLIT=nsplit, **meta)
+    if nsplit > 1:   # fixed-order sum over the splits: deterministic
+        dk, dv = dk.sum(0).to(k.dtype), dv.sum(0).to(v.dtype)
     return dq, dk, dv
 
 
@@ -107,9 +108,10 @@ banded_fwd.register_autograd(_banded_backward, setup_context=_banded_setup)
 
 # ----------------------------------------------------------------------------- selection
 def _ntop(n, tokens_per_block):
-    """Running top-list width: n rounded up to a power of two, and wide enough that a chunk of
-    NTOP blocks holds >= 16 compressed tokens (the smallest tl.dot)."""
-    return max(pow2(n, 2), pow2(-(-16 // tokens_per_block)))
+    """Running top-list width: n rounded up to a power of two, and >= 16 (it is an MMA
+    dimension of the score product) and wide enough that a chunk of NTOP blocks holds >= 16
+    compressed tokens (the smallest tl.dot). Ranks >= n are dropped at the end."""
+    return max(pow2(n, 16), pow2(-(-16 // tokens_per_block)))
 
 
 @custom_op("nsa::select_blocks", mutates_args=())
@@ -126,7 +128,8 @@ def select_blocks(q: Tensor, k: Tensor, lse: Tensor, cu_q: Tensor, cu_k: Tensor,
         q, k, lse, out, cu_q, cu_k, tiles, n_seq, scale * LOG2E,
         HQ=HQ, H=H, G=G, GP=GP, DK=DK, BK=BK, BT=BT, CMP_L=cmp_block_size, CMP_D=cmp_stride,
         SEL_L=sel_block_size, N_SEL=sel_block_count, INIT=sel_init_blocks, LOCAL=sel_local_blocks,
-        NTOP=_ntop(sel_block_count, sel_block_size // cmp_stride), PREC=_prec(q), num_warps=warps,
+        NTOP=_ntop(sel_block_count, sel_block_size // cmp_stride), PREC=_prec(q),
+        SCORE_PREC="ieee" if tuning.interpreting() else "tf32x3", num_warps=warps,
         num_stages=stages)
     return out
 
@@ -143,7 +146,8 @@ def _selected_meta(kind, q, v, idx, sel_block_size):
     warps, stages = tuning.selected(kind, GP)
     return dict(HQ=HQ, H=H, G=G, BM=max(16, GP), DK=DK, DV=DV, BK=BK, BV=BV,
                 num_warps=warps, num_stages=stages,
-                BS=pow2(sel_block_size, 16), SEL_L=sel_block_size, N_SEL=idx.shape[-1], PREC=_prec(q))
+                BS=pow2(sel_block_size, 16), SEL_L=sel_block_size, N_SEL=idx.shape[-1], NP=pow2(idx.shape[-1]),
+                PREC=_prec(q))
 
 
 @custom_op("nsa::selected_fwd", mutates_args=())
@@ -195,12 +199,12 @@ def selected_bwd(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, o: Tensor, lse: T
     meta = _selected_meta("dq", q, v, idx, sel_block_size)
     N, HQ, H, G, GP, DK, DV, BK, BV = _dims(q, v)
     n_seq = cu_q.numel() - 1
-    delta = _delta(o, do, None)
+    delta = empty(N, HQ, dtype=torch.float32, device=q.device)
     dq, dk, dv = (empty(*x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v))
     if N == 0:
         return dq, dk, dv
     args = (scale, scale * LOG2E)
-    nsa_selected_bwd_dq_kernel[(N, H)](q, k, v, idx, do, lse, delta, dq, cu_q, n_seq, *args, **meta)
+    nsa_selected_bwd_dq_kernel[(N, H)](q, k, v, idx, o, do, lse, delta, dq, cu_q, n_seq, *args, **meta)
     rows, SEG, warps, stages = tuning.selected_bwd_queries(GP)
     BQ = max(1, rows // GP)
     q_list, list_cu, seg_cu, part_cu, blk_cu, n_buckets, nbu, n_part = inverse_index(

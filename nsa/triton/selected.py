@@ -29,7 +29,7 @@ def nsa_selected_fwd_kernel(
     cu_q, n_seq, scale_log2,
     HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, BM: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    BS: tl.constexpr, SEL_L: tl.constexpr, N_SEL: tl.constexpr,
+    BS: tl.constexpr, SEL_L: tl.constexpr, N_SEL: tl.constexpr, NP: tl.constexpr,
     PREC: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
@@ -45,9 +45,10 @@ def nsa_selected_fwd_kernel(
     m_i = tl.full([BM], float("-inf"), tl.float32)
     l_i = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, BV], tl.float32)
-    ibase = idx + (pid_t.to(tl.int64) * H + hk) * N_SEL
+    slots = tl.arange(0, NP)
+    blocks = tl.load(idx + (pid_t.to(tl.int64) * H + hk) * N_SEL + slots, mask=slots < N_SEL, other=-1)
     for slot in range(N_SEL):
-        j = tl.load(ibase + slot)
+        j = tl.sum(tl.where(slots == slot, blocks, 0))   # this slot's block, no dependent load
         s = j * SEL_L + lane
         kmask = (s <= t) & (lane < SEL_L) & (j >= 0)
         krow = (q0 + s).to(tl.int64) * H + hk
@@ -70,11 +71,11 @@ def nsa_selected_fwd_kernel(
 
 @triton.jit
 def nsa_selected_bwd_dq_kernel(
-    q, k, v, idx, do, lse, delta, dq,
+    q, k, v, idx, o, do, lse, delta, dq,
     cu_q, n_seq, scale, scale_log2,
     HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, BM: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    BS: tl.constexpr, SEL_L: tl.constexpr, N_SEL: tl.constexpr,
+    BS: tl.constexpr, SEL_L: tl.constexpr, N_SEL: tl.constexpr, NP: tl.constexpr,
     PREC: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
@@ -89,11 +90,14 @@ def nsa_selected_bwd_dq_kernel(
     qt = tl.load(q + rows[:, None] * DK + dk[None, :], mask=row_ok[:, None] & (dk[None, :] < DK), other=0.0)
     dot_ = tl.load(do + rows[:, None] * DV + dv[None, :], mask=row_ok[:, None] & (dv[None, :] < DV), other=0.0)
     lse2 = tl.load(lse + rows, mask=row_ok, other=0.0) * 1.4426950408889634
-    dlt = tl.load(delta + rows, mask=row_ok, other=0.0)
+    ot = tl.load(o + rows[:, None] * DV + dv[None, :], mask=row_ok[:, None] & (dv[None, :] < DV), other=0.0)
+    dlt = tl.sum(ot.to(tl.float32) * dot_.to(tl.float32), 1)     # rowsum(o * dO), stored for dK/dV
+    tl.store(delta + rows, dlt, mask=row_ok)
     acc = tl.zeros([BM, BK], tl.float32)
-    ibase = idx + (pid_t.to(tl.int64) * H + hk) * N_SEL
+    slots = tl.arange(0, NP)
+    blocks = tl.load(idx + (pid_t.to(tl.int64) * H + hk) * N_SEL + slots, mask=slots < N_SEL, other=-1)
     for slot in range(N_SEL):
-        j = tl.load(ibase + slot)
+        j = tl.sum(tl.where(slots == slot, blocks, 0))   # this slot's block, no dependent load
         s = j * SEL_L + lane
         kmask = (s <= t) & (lane < SEL_L) & (j >= 0)
         krow = (q0 + s).to(tl.int64) * H + hk

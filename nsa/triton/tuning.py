@@ -29,15 +29,25 @@ def _pick(name, default):
 
 def banded(kind: str, bk: int, bv: int, gp: int):
     """(rows, BN keys, num_warps, num_stages) for kind in fwd / dq / dkv; BT = rows // gp
-    positions. Head dims padded to 256 need the smaller 64-row tile (q tile + accumulator
-    live in registers)."""
+    positions."""
     if interpreting():
         return max(1, 16 // gp) * gp, 16, 4, 1
-    big = max(bk, bv) >= 256
-    default = {"fwd": (64, 64, 4, 2) if big else (128, 64, 8, 2),
-               "dq": (64, 64, 4, 2) if big else (128, 64, 8, 2),
-               "dkv": (64, 64, 4, 2) if big else (64, 64, 4, 2)}[kind]
+    # measured at 64k, HQ=64, H=4, 192/128 (profile_T65536_before): fwd 25 -> 15 ms with
+    # 128 rows, 8 warps, 3 stages; dq best at 128/64/8/2; dkv best with 32-key tiles
+    default = {"fwd": (128, 64, 8, 3), "dq": (128, 64, 8, 2), "dkv": (64, 32, 4, 2)}[kind]
     return _pick(f"banded_{kind}", default)
+
+
+def banded_query_splits(n_queries: int, n_keys: int, win: int) -> int:
+    """Programs that share one key tile's query range in the dK/dV kernel. The compression
+    branch has 16x fewer keys than queries: one program per key tile left 256 programs at 64k,
+    the first walking all 64k queries (147 ms for its backward on an H100). Splitting into
+    cdiv(N, 8192) (at most 8) evens it out. The window's ranges are short: no split."""
+    if win > 0:
+        return 1
+    if interpreting():
+        return 2   # CI exercises the split path
+    return max(1, min(8, -(-n_queries // 8192)))
 
 
 def select(bk: int, gp: int):
@@ -60,7 +70,7 @@ def selected_bwd_queries(gp: int):
     partial buffer it implies is at most 2 * T*H*n / SEG blocks."""
     if interpreting():
         return max(1, 16 // gp) * gp, int(os.environ.get("NSA_SEL_SEGMENT", "8")), 4, 1
-    return _pick("selected_dkv", (64, 2048, 4, 2))
+    return _pick("selected_dkv", (32, 2048, 4, 2))   # 87 -> 69 ms for slc_bwd at 64k vs 64 rows
 
 
 __all__ = ["banded", "select", "selected", "selected_bwd_queries", "interpreting", "pow2"]
