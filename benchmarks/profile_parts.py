@@ -51,6 +51,7 @@ def parts(T, HQ, H, dk, dv, cfg):
     o_w, lse_w = ops.banded_fwd(q, kw, vw, cu, cu, sc, 1, 0, cfg.window_size)
     do = torch.randn_like(o_c)
     zl = torch.zeros_like(lse_c)
+    zw = torch.zeros_like(lse_w)
     fns = {
         "cmp_fwd": lambda: ops.banded_fwd(q, kc, vc, cu, cuk, sc, d, l - 1, 0),
         "select": lambda: ops.select_blocks(q, kc, lse_c, cu, cuk, sc, l, d, cfg.sel_block_size,
@@ -59,8 +60,7 @@ def parts(T, HQ, H, dk, dv, cfg):
         "win_fwd": lambda: ops.banded_fwd(q, kw, vw, cu, cu, sc, 1, 0, cfg.window_size),
         "cmp_bwd": lambda: ops.banded_bwd(q, kc, vc, o_c, lse_c, do, zl, cu, cuk, sc, d, l - 1, 0),
         "slc_bwd": lambda: ops.selected_bwd(q, ks, vs, idx, o_s, lse_s, do, cu, sc, cfg.sel_block_size),
-        "win_bwd": lambda: ops.banded_bwd(q, kw, vw, o_w, lse_w, do, zl, cu, cu, sc, 1, 0, cfg.window_size),
-        "delta_only": lambda: ops._delta(o_c, do, zl),
+        "win_bwd": lambda: ops.banded_bwd(q, kw, vw, o_w, lse_w, do, zw, cu, cu, sc, 1, 0, cfg.window_size),
     }
     tt = nsa_inputs(T, HQ, H, dk, dv, cfg, requires_grad=True)
     dO = torch.randn(1, T, HQ, dv, device="cuda", dtype=torch.bfloat16)

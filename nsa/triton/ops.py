@@ -108,9 +108,9 @@ banded_fwd.register_autograd(_banded_backward, setup_context=_banded_setup)
 
 # ----------------------------------------------------------------------------- selection
 def _ntop(n, tokens_per_block):
-    """Running top-list width: n rounded up to a power of two, and >= 16 (it is an MMA
-    dimension of the score product) and wide enough that a chunk of NTOP blocks holds >= 16
-    compressed tokens (the smallest tl.dot). Ranks >= n are dropped at the end."""
+    """Running top-list width: n rounded up to a power of two, >= 16 (an MMA dimension of the
+    score product when 16+ positions share a tile), and wide enough that a chunk of NTOP blocks
+    holds >= 16 compressed tokens (the smallest tl.dot). Ranks >= n are dropped at the end."""
     return max(pow2(n, 16), pow2(-(-16 // tokens_per_block)))
 
 
@@ -128,8 +128,7 @@ def select_blocks(q: Tensor, k: Tensor, lse: Tensor, cu_q: Tensor, cu_k: Tensor,
         q, k, lse, out, cu_q, cu_k, tiles, n_seq, scale * LOG2E,
         HQ=HQ, H=H, G=G, GP=GP, DK=DK, BK=BK, BT=BT, CMP_L=cmp_block_size, CMP_D=cmp_stride,
         SEL_L=sel_block_size, N_SEL=sel_block_count, INIT=sel_init_blocks, LOCAL=sel_local_blocks,
-        NTOP=_ntop(sel_block_count, sel_block_size // cmp_stride), PREC=_prec(q),
-        SCORE_PREC="ieee" if tuning.interpreting() else "tf32x3", num_warps=warps,
+        NTOP=_ntop(sel_block_count, sel_block_size // cmp_stride), PREC=_prec(q), num_warps=warps,
         num_stages=stages)
     return out
 

@@ -41,7 +41,7 @@ def nsa_select_kernel(
     DK: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr,
     CMP_L: tl.constexpr, CMP_D: tl.constexpr, SEL_L: tl.constexpr,
     N_SEL: tl.constexpr, NTOP: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr,
-    PREC: tl.constexpr, SCORE_PREC: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     pid = tl.program_id(0)
     hk = tl.program_id(1)
@@ -80,13 +80,15 @@ def nsa_select_kernel(
         qk = tl.dot(qt, kc, input_precision=PREC) * scale_log2                                    # [BM, BC]
         vis = (i[None, :] * CMP_D + CMP_L - 1 <= t[:, None]) & (i[None, :] < Tc) & row_ok[:, None]
         p = tl.where(vis, tl.exp2(qk - lse2[:, None]), 0.0)
+        pg = tl.sum(tl.reshape(p, [BT, GP, BC]), axis=1)                    # [BT, BC] group sum
         w = _overlap(i[:, None], j0 + jj[None, :], CMP_L, CMP_D, SEL_L)     # [BC, NTOP]
         w_next = _overlap(i, j0 + NTOP, CMP_L, CMP_D, SEL_L)                # [BC]
-        # spread over blocks per head (tf32x3: fp32-accurate on tensor cores), then sum the group
-        pw = tl.dot(p, w, input_precision=SCORE_PREC)                      # [BM, NTOP]
-        score = tl.sum(tl.reshape(pw, [BT, GP, NTOP]), axis=1)              # [BT, NTOP]
+        if BT >= 16:
+            score = tl.dot(pg, w, input_precision="ieee")                   # [BT, NTOP]
+        else:   # tl.dot needs 16 rows; a sum of products is exact and cheap at this size
+            score = tl.sum(pg[:, :, None] * w[None, :, :], axis=1)
         score += tl.where(jj[None, :] == 0, carry[:, None], 0.0)
-        carry = tl.sum(tl.reshape(tl.sum(p * w_next[None, :], axis=1), [BT, GP]), axis=1)
+        carry = tl.sum(pg * w_next[None, :], axis=1)
 
         j = j0 + jj[None, :]
         cand = (j <= last[:, None]) & (tp[:, None] < Tq)
