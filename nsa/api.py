@@ -250,9 +250,13 @@ def gated_nsa(impl, q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, confi
                                     scale=scale, cu_seqlens=cu_seqlens)
     o_win = impl.sliding_window_attention(q, k_win, v_win, window_size=c.window_size,
                                           scale=scale, cu_seqlens=cu_seqlens)
+    return getattr(impl, "combine", combine)(o_cmp, o_slc, o_win, gates), idx
+
+
+def combine(o_cmp, o_slc, o_win, gates):
+    """SPEC.md step 6: o = g_cmp*o_cmp + g_slc*o_slc + g_win*o_win (a backend may fuse it)."""
     g = gates.unsqueeze(-1)
-    o = g[..., 0, :] * o_cmp + g[..., 1, :] * o_slc + g[..., 2, :] * o_win
-    return o, idx
+    return g[..., 0, :] * o_cmp + g[..., 1, :] * o_slc + g[..., 2, :] * o_win
 
 
 __all__ = ["compressed_attention", "select_blocks", "selected_attention",

@@ -67,3 +67,8 @@ def selected_attention(q, k, v, block_idx, *, sel_block_size, scale=None, cu_seq
     idx = block_idx.reshape(B * T, k.shape[2], -1).contiguous()
     o, _ = ops.selected_fwd(_packed(q), _packed(k), _packed(v), idx, cu, _scale(scale, q), sel_block_size)
     return o.view(B, T, HQ, -1)
+
+
+def combine(o_cmp, o_slc, o_win, gates):
+    """SPEC.md step 6 in one fused pass (forward and backward)."""
+    return ops.gate_fwd(o_cmp.contiguous(), o_slc.contiguous(), o_win.contiguous(), gates.contiguous())

@@ -1,0 +1,51 @@
+"""Gated merge of the three branches (SPEC.md step 6) in one pass each way.
+
+Forward:  o = g0*o_cmp + g1*o_slc + g2*o_win.
+Backward: dO_i = g_i * dO and dg_i = rowsum(dO * o_i), reading dO and each o_i once. Rows are
+(token, query head) pairs; gates are [rows, 3].
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rows(pid, n_rows, BR: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr):
+    r = pid * BR + tl.arange(0, BR)
+    c = tl.arange(0, BV)
+    ok = r < n_rows
+    return r, ok, r.to(tl.int64)[:, None] * DV + c[None, :], ok[:, None] & (c[None, :] < DV)
+
+
+@triton.jit
+def nsa_gate_fwd_kernel(oc, osl, ow, g, o, n_rows, DV: tl.constexpr, BV: tl.constexpr, BR: tl.constexpr):
+    r, ok, off, m = _rows(tl.program_id(0), n_rows, BR, DV, BV)
+    gp = g + r.to(tl.int64) * 3
+    g0 = tl.load(gp, mask=ok, other=0.0).to(tl.float32)[:, None]
+    g1 = tl.load(gp + 1, mask=ok, other=0.0).to(tl.float32)[:, None]
+    g2 = tl.load(gp + 2, mask=ok, other=0.0).to(tl.float32)[:, None]
+    acc = g0 * tl.load(oc + off, mask=m, other=0.0).to(tl.float32)
+    acc += g1 * tl.load(osl + off, mask=m, other=0.0).to(tl.float32)
+    acc += g2 * tl.load(ow + off, mask=m, other=0.0).to(tl.float32)
+    tl.store(o + off, acc.to(o.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def nsa_gate_bwd_kernel(oc, osl, ow, g, do, doc, dosl, dow, dg, n_rows,
+                        DV: tl.constexpr, BV: tl.constexpr, BR: tl.constexpr):
+    r, ok, off, m = _rows(tl.program_id(0), n_rows, BR, DV, BV)
+    gp = g + r.to(tl.int64) * 3
+    dgp = dg + r.to(tl.int64) * 3
+    d = tl.load(do + off, mask=m, other=0.0).to(tl.float32)
+    _gate_branch_bwd(oc, doc, gp, dgp, 0, d, ok, off, m)
+    _gate_branch_bwd(osl, dosl, gp, dgp, 1, d, ok, off, m)
+    _gate_branch_bwd(ow, dow, gp, dgp, 2, d, ok, off, m)
+
+
+@triton.jit
+def _gate_branch_bwd(o_i, do_i, gp, dgp, i: tl.constexpr, d, ok, off, m):
+    gi = tl.load(gp + i, mask=ok, other=0.0).to(tl.float32)
+    oi = tl.load(o_i + off, mask=m, other=0.0).to(tl.float32)
+    tl.store(dgp + i, tl.sum(d * oi, 1).to(dgp.dtype.element_ty), mask=ok)
+    tl.store(do_i + off, (gi[:, None] * d).to(do_i.dtype.element_ty), mask=m)
