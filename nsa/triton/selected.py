@@ -50,7 +50,7 @@ def nsa_selected_fwd_kernel(
     for slot in range(N_SEL):
         j = tl.sum(tl.where(slots == slot, blocks, 0))   # this slot's block, no dependent load
         s = j * SEL_L + lane
-        kmask = (s <= t) & (lane < SEL_L) & (j >= 0)
+        kmask = (s <= t) & (s >= 0) & (lane < SEL_L)   # empty slot: j = -1, s < 0
         krow = (q0 + s).to(tl.int64) * H + hk
         kt = tl.load(k + krow[None, :] * DK + dk[:, None], mask=kmask[None, :] & (dk[:, None] < DK), other=0.0)
         qk = tl.where(kmask[None, :], tl.dot(qt, kt, input_precision=PREC) * scale_log2, float("-inf"))
@@ -99,7 +99,7 @@ def nsa_selected_bwd_dq_kernel(
     for slot in range(N_SEL):
         j = tl.sum(tl.where(slots == slot, blocks, 0))   # this slot's block, no dependent load
         s = j * SEL_L + lane
-        kmask = (s <= t) & (lane < SEL_L) & (j >= 0)
+        kmask = (s <= t) & (s >= 0) & (lane < SEL_L)   # empty slot: j = -1, s < 0
         krow = (q0 + s).to(tl.int64) * H + hk
         kt = tl.load(k + krow[None, :] * DK + dk[:, None], mask=kmask[None, :] & (dk[:, None] < DK), other=0.0)
         vt = tl.load(v + krow[None, :] * DV + dv[:, None], mask=kmask[None, :] & (dv[:, None] < DV), other=0.0)
