@@ -1,9 +1,10 @@
-"""Command line: `nsa demo` (the README's main job)."""
+"""Command line: `nsa demo`, `nsa train`, `nsa eval`, `nsa compare` (the README's main job)."""
 from __future__ import annotations
 
 import argparse
 import sys
 import time
+from pathlib import Path
 
 
 def _keys_read(cfg, T):
@@ -43,6 +44,70 @@ def demo(args) -> int:
     return 0
 
 
+def _train_args(p):
+    p.add_argument("--preset", default="tiny", choices=["tiny", "small"])
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--corpus", nargs="*", default=None, help="text files (default: Python's stdlib sources)")
+
+
+def _train_cfg(a, out_dir):
+    from nsa.train import TrainConfig
+    return TrainConfig(steps=a.steps, batch_size=a.batch_size, seq_len=a.seq_len, lr=a.lr,
+                       warmup=max(1, a.steps // 10), eval_every=a.eval_every, seed=a.seed,
+                       device=a.device, out_dir=out_dir)
+
+
+def train(a) -> int:
+    from nsa.data import load_corpus
+    from nsa.model import PRESETS
+    from nsa.train import Trainer
+    tr = Trainer(PRESETS[a.preset].replace(attention=a.attention), _train_cfg(a, a.out),
+                 corpus=load_corpus(a.corpus))
+    ckpt = Path(a.out) / "checkpoint.pt"
+    if a.resume and ckpt.exists():
+        tr.load(ckpt)
+        print(f"resumed from {ckpt} at step {tr.step}")
+    print(f"{a.attention} model, {tr.model.num_params() / 1e6:.2f}M parameters, on {tr.device}")
+    tr.fit()
+    print(f"saved {tr.save()}; held-out loss {tr.val_loss():.4f}")
+    return 0
+
+
+def evaluate(a) -> int:
+    import torch
+
+    from nsa.data import load_corpus
+    from nsa.eval import mqar_accuracy, needle_grid
+    from nsa.train import TrainConfig, Trainer, model_config_from
+    s = torch.load(a.checkpoint, map_location="cpu", weights_only=False)
+    tr = Trainer(model_config_from(s["model_cfg"]), TrainConfig(**{**s["train_cfg"], "device": a.device}),
+                 corpus=load_corpus(a.corpus))
+    tr.load(a.checkpoint)
+    L = tr.cfg.seq_len
+    lengths = a.lengths or [L // 2, L, 2 * L]
+    depths = [0.1, 0.3, 0.5, 0.7, 0.9]
+    grid = needle_grid(tr.model, tr.val_data, lengths, depths, device=tr.device)
+    print(f"held-out loss {tr.val_loss():.4f}; MQAR accuracy {mqar_accuracy(tr.model, device=tr.device):.2f}")
+    print("passkey accuracy (rows: length; columns: depth " + ", ".join(f"{d:.0%}" for d in depths) + ")")
+    for L_, row in zip(lengths, grid):
+        print(f"  {L_:6d}: " + "  ".join(f"{v:.2f}" for v in row))
+    return 0
+
+
+def compare_cmd(a) -> int:
+    from nsa.eval import compare, verdict_table
+    summary = compare(a.preset, _train_cfg(a, a.out), out_dir=a.out)
+    print(verdict_table(summary))
+    print(f"plots and summary.json in {a.out}/")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="nsa", description="Native Sparse Attention tools")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -53,6 +118,22 @@ def main(argv=None) -> int:
     d.add_argument("--kv-heads", type=int, default=2)
     d.add_argument("--head-dim", type=int, default=32)
     d.set_defaults(func=demo)
+    t = sub.add_parser("train", help="train the tiny/small LM with one attention kind")
+    _train_args(t)
+    t.add_argument("--attention", default="nsa", choices=["nsa", "full", "window"])
+    t.add_argument("--out", default="runs/train")
+    t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    t.set_defaults(func=train)
+    e = sub.add_parser("eval", help="held-out loss, passkey grid and MQAR of a checkpoint")
+    e.add_argument("checkpoint")
+    e.add_argument("--lengths", type=int, nargs="*", default=None)
+    e.add_argument("--device", default="auto")
+    e.add_argument("--corpus", nargs="*", default=None)
+    e.set_defaults(func=evaluate)
+    c = sub.add_parser("compare", help="train NSA, full and window-only twins; plots + verdict")
+    _train_args(c)
+    c.add_argument("--out", default="runs/compare")
+    c.set_defaults(func=compare_cmd)
     args = p.parse_args(argv)
     return args.func(args)
 

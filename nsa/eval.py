@@ -1,0 +1,131 @@
+"""Evaluations of a trained LanguageModel, and `compare`: NSA, full and window-only twins
+trained on identical data and steps, with plots and a verdict table."""
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .data import mqar_batch, passkey_batch
+from .model import ATTENTIONS, PRESETS
+from .train import TrainConfig, Trainer
+
+
+@torch.no_grad()
+def passkey_accuracy(model, filler, length, depth, n, seed=0, device="cpu"):
+    """Share of examples whose every answer digit is the model's argmax (teacher forced)."""
+    model.eval()
+    rng = np.random.default_rng(seed)
+    x, y = passkey_batch(filler, n, length, rng, depth=depth)
+    pred = model(x.to(device)).argmax(-1).cpu()
+    mask = y >= 0
+    return float(((pred == y) | ~mask).all(-1).float().mean())
+
+
+def needle_grid(model, filler, lengths, depths, n=8, device="cpu"):
+    return [[passkey_accuracy(model, filler, L, d, n, seed=i * 100 + j, device=device)
+             for j, d in enumerate(depths)] for i, L in enumerate(lengths)]
+
+
+@torch.no_grad()
+def mqar_accuracy(model, n_pairs=16, n_queries=8, n=16, device="cpu"):
+    model.eval()
+    x, y = mqar_batch(n, n_pairs, n_queries, np.random.default_rng(7))
+    pred = model(x.to(device)).argmax(-1).cpu()
+    m = y >= 0
+    return float((pred[m] == y[m]).float().mean())
+
+
+def _plt():
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        return plt
+    except ImportError:
+        print("matplotlib not installed: plots skipped (pip install matplotlib)", file=sys.stderr)
+        return None
+
+
+def plot_heatmaps(grids, lengths, depths, path):
+    plt = _plt()
+    if plt is None:
+        return
+    fig, axes = plt.subplots(1, len(grids), figsize=(4 * len(grids), 3.2), squeeze=False)
+    for ax, (name, g) in zip(axes[0], grids.items()):
+        im = ax.imshow(np.array(g).T, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto", origin="lower")
+        ax.set_xticks(range(len(lengths)), [str(L) for L in lengths])
+        ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
+        ax.set_xlabel("context length (bytes)")
+        ax.set_ylabel("needle depth")
+        ax.set_title(f"passkey retrieval: {name}")
+    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+
+
+def plot_curves(histories, path):
+    plt = _plt()
+    if plt is None:
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, h in histories.items():
+        ax.plot([r["step"] for r in h], [r["loss"] for r in h], label=f"{name} (train)", alpha=0.6)
+        v = [(r["step"], r["val_loss"]) for r in h if "val_loss" in r]
+        if v:
+            ax.plot(*zip(*v), marker="o", label=f"{name} (held-out)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats / byte)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+
+
+def compare(preset="tiny", train_cfg: TrainConfig | None = None, out_dir="runs/compare",
+            attentions=ATTENTIONS, grid_n=8, log=sys.stderr):
+    """Train one twin per attention kind (same seed: identical initial data order and steps),
+    evaluate, plot, and return the summary."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    base = train_cfg or TrainConfig()
+    mcfg = PRESETS[preset]
+    corpus = None
+    summary, histories, grids = {}, {}, {}
+    L = base.seq_len
+    lengths, depths = [L // 2, L, 2 * L], [0.1, 0.3, 0.5, 0.7, 0.9]
+    for kind in attentions:
+        if log is not None:
+            log.write(f"== training {kind} ({preset}) ==\n")
+        tr = Trainer(mcfg.replace(attention=kind), replace(base, out_dir=str(out / kind)), corpus=corpus, log=log)
+        corpus = (tr.train_data, tr.val_data)
+        hist = tr.fit()
+        tr.save()
+        dev = tr.device
+        grids[kind] = needle_grid(tr.model, tr.val_data, lengths, depths, n=grid_n, device=dev)
+        g = np.array(grids[kind])
+        summary[kind] = dict(params=tr.model.num_params(), val_loss=tr.val_loss(batches=2 * base.eval_batches),
+                             passkey_at_trained=float(g[1].mean()), passkey_at_2x=float(g[2].mean()),
+                             mqar=mqar_accuracy(tr.model, device=dev),
+                             tokens_per_s=float(np.median([r["tokens_per_s"] for r in hist])))
+        histories[kind] = hist
+    plot_curves(histories, out / "loss_curves.png")
+    plot_heatmaps(grids, lengths, depths, out / "needle_heatmap.png")
+    json.dump(dict(preset=preset, train=vars(base), summary=summary, grids=grids, lengths=lengths,
+                   depths=depths), open(out / "summary.json", "w"), indent=1)
+    return summary
+
+
+def verdict_table(summary):
+    rows = [f"{'attention':>9} | {'params':>8} | {'held-out loss':>13} | {'passkey@T':>9} | {'passkey@2T':>10} | {'MQAR':>5} | {'tok/s':>7}"]
+    rows.append("-" * len(rows[0]))
+    for k, s in summary.items():
+        rows.append(f"{k:>9} | {s['params'] / 1e6:7.2f}M | {s['val_loss']:13.4f} | {s['passkey_at_trained']:9.2f} | "
+                    f"{s['passkey_at_2x']:10.2f} | {s['mqar']:5.2f} | {s['tokens_per_s']:7.0f}")
+    if {"nsa", "full", "window"} <= set(summary):
+        n, f, w = (summary[k]["val_loss"] for k in ("nsa", "full", "window"))
+        rows.append(f"NSA - full = {n - f:+.4f} nats ({'within' if n <= f + 0.02 else 'outside'} +0.02); "
+                    f"NSA - window-only = {n - w:+.4f} nats ({'below' if n < w else 'not below'})")
+    return "\n".join(rows)

@@ -1,0 +1,135 @@
+"""A small decoder-only language model (RMSNorm, SwiGLU, RoPE, GQA) whose attention is NSA,
+full causal attention, or sliding-window-only attention (NSA's window alone: the baseline that
+shows the compressed and selected branches earn their keep). Byte-level vocabulary."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .api import sliding_window_attention
+from .config import NSAConfig
+from .layer import FullAttention, NativeSparseAttention, _AttentionBase, positions, rotary
+
+ATTENTIONS = ("nsa", "full", "window")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = 256
+    n_layer: int = 4
+    hidden: int = 256
+    n_head: int = 8
+    n_kv_head: int = 2
+    head_dim: int = 32
+    attention: str = "nsa"
+    nsa: NSAConfig = field(default_factory=NSAConfig)
+    rope_theta: float = 10000.0
+
+    def __post_init__(self):
+        if self.attention not in ATTENTIONS:
+            raise ValueError(f"attention must be one of {ATTENTIONS}, got {self.attention!r}")
+
+    def replace(self, **kw) -> "ModelConfig":
+        d = {**asdict(self), "nsa": self.nsa, **kw}
+        return ModelConfig(**d)
+
+
+# tiny: trains on a 2-core CPU in minutes (NSA sizes scaled down so that T=512 is sparse);
+# small: ~100M parameters for one GPU, paper NSA sizes.
+PRESETS = {
+    "tiny": ModelConfig(n_layer=2, hidden=128, n_head=4, n_kv_head=2, head_dim=32,
+                        nsa=NSAConfig(cmp_block_size=16, cmp_stride=8, sel_block_size=32,
+                                      sel_block_count=4, window_size=64)),
+    "small": ModelConfig(n_layer=14, hidden=768, n_head=16, n_kv_head=1, head_dim=64,
+                         nsa=NSAConfig()),
+}
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        inner = 64 * ((8 * dim // 3 + 63) // 64)
+        self.gate_up = nn.Linear(dim, 2 * inner, bias=False)
+        self.down = nn.Linear(inner, dim, bias=False)
+
+    def forward(self, x):
+        g, u = self.gate_up(x).chunk(2, -1)
+        return self.down(F.silu(g) * u)
+
+
+class WindowAttention(_AttentionBase):
+    """Sliding-window-only attention (window = NSA's window_size), FullAttention's projections."""
+
+    def __init__(self, hidden_size, num_heads, num_kv_heads, head_dim_qk, head_dim_v,
+                 config: NSAConfig = NSAConfig(), rope_theta: float = 10000.0, backend="auto"):
+        super().__init__(hidden_size, num_heads, num_kv_heads, head_dim_qk, head_dim_v, rope_theta)
+        self.config, self.backend = config, backend
+        self.kv_proj = nn.Linear(hidden_size, num_kv_heads * (head_dim_qk + head_dim_v), bias=False)
+        self._init_linears()
+
+    def forward(self, x, cu_seqlens=None):
+        self._check_input(x, cu_seqlens)
+        B, T, _ = x.shape
+        pos = positions(B, T, cu_seqlens, x.device)
+        q = rotary(self.q_proj(x).view(B, T, self.num_heads, self.head_dim_qk), pos, self.rope_theta)
+        k, v = self._kv(self.kv_proj, x)
+        o = sliding_window_attention(q, rotary(k, pos, self.rope_theta), v, window_size=self.config.window_size,
+                                     cu_seqlens=cu_seqlens, backend=self.backend)
+        return self.o_proj(o.reshape(B, T, -1))
+
+
+_ATTN = {"nsa": NativeSparseAttention, "full": FullAttention, "window": WindowAttention}
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm1, self.norm2 = RMSNorm(cfg.hidden), RMSNorm(cfg.hidden)
+        self.attn = _ATTN[cfg.attention](cfg.hidden, cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.head_dim,
+                                         config=cfg.nsa, rope_theta=cfg.rope_theta)
+        self.mlp = SwiGLU(cfg.hidden)
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class LanguageModel(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm = RMSNorm(cfg.hidden)
+        nn.init.normal_(self.embed.weight, std=0.02)
+        for b in self.blocks:   # residual branches start small (GPT-2 style): stable from scratch
+            for lin in (b.attn.o_proj, b.mlp.down):
+                nn.init.normal_(lin.weight, std=0.02 / (2 * cfg.n_layer) ** 0.5)
+            nn.init.normal_(b.mlp.gate_up.weight, std=0.02)
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, idx, targets=None):
+        """idx [B, T] int64 -> logits [B, T, V] (targets given: (logits, mean cross-entropy))."""
+        x = self.embed(idx)
+        for b in self.blocks:
+            x = b(x)
+        logits = F.linear(self.norm(x), self.embed.weight)   # tied embeddings
+        if targets is None:
+            return logits
+        return logits, F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())

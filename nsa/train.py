@@ -1,0 +1,177 @@
+"""Trainer for nsa.model.LanguageModel: reads top to bottom.
+
+AdamW, linear warmup + cosine decay, gradient clipping, bf16 autocast on GPU, checkpoints that
+resume exactly (model, optimizer, step, data and RNG states), a progress line with loss and
+tokens/s, metrics as JSONL. Each batch mixes corpus text with passkey examples, so that
+retrieval from long context is part of what the model learns.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .data import Batches, load_corpus, passkey_batch
+from .model import LanguageModel, ModelConfig
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 300
+    batch_size: int = 8
+    seq_len: int = 512
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup: int = 30
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    passkey_rows: int = 2          # rows of each batch that are passkey examples
+    eval_every: int = 100
+    eval_batches: int = 8
+    seed: int = 0
+    device: str = "auto"
+    out_dir: str = "runs/run"
+
+
+def lr_at(step: int, c: TrainConfig) -> float:
+    if step < c.warmup:
+        return c.lr * (step + 1) / c.warmup
+    frac = (step - c.warmup) / max(1, c.steps - c.warmup)
+    return c.lr * (c.min_lr_ratio + (1 - c.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
+
+
+def pick_device(name: str) -> torch.device:
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+
+
+class Trainer:
+    def __init__(self, model_cfg: ModelConfig, cfg: TrainConfig, corpus=None, log=sys.stderr):
+        self.model_cfg, self.cfg, self.log = model_cfg, cfg, log
+        self.device = pick_device(cfg.device)
+        torch.manual_seed(cfg.seed)
+        self.model = LanguageModel(model_cfg).to(self.device)
+        decay = [p for p in self.model.parameters() if p.dim() >= 2]
+        rest = [p for p in self.model.parameters() if p.dim() < 2]
+        self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                      {"params": rest, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+        self.train_data, self.val_data = corpus if corpus is not None else load_corpus()
+        text_rows = cfg.batch_size - cfg.passkey_rows
+        if text_rows < 1:
+            raise ValueError(f"batch_size ({cfg.batch_size}) must exceed passkey_rows ({cfg.passkey_rows})")
+        self.batches = Batches(self.train_data, text_rows, cfg.seq_len, seed=cfg.seed)
+        self.pk_rng = np.random.default_rng(cfg.seed + 1)
+        self.step = 0
+        self.history = []
+        self.out = Path(cfg.out_dir)
+
+    # ------------------------------------------------------------------ one step
+    def _autocast(self):
+        return torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+    def losses(self, x, y, px, py):
+        with self._autocast():
+            lm = self.model(x.to(self.device), y.to(self.device))[1]
+            pk = None
+            if px is not None:
+                logits = self.model(px.to(self.device))
+                pk = F.cross_entropy(logits.float().flatten(0, 1), py.to(self.device).flatten(), ignore_index=-100)
+        return lm, pk
+
+    def train_step(self):
+        c = self.cfg
+        for g in self.opt.param_groups:
+            g["lr"] = lr_at(self.step, c)
+        x, y = self.batches.next()
+        px, py = passkey_batch(self.train_data, c.passkey_rows, c.seq_len, self.pk_rng) if c.passkey_rows else (None, None)
+        self.model.train()
+        lm, pk = self.losses(x, y, px, py)
+        loss = lm + (pk if pk is not None else 0.0)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
+        self.opt.step()
+        self.step += 1
+        return dict(step=self.step, loss=float(lm), passkey_loss=float(pk) if pk is not None else None,
+                    grad_norm=float(gnorm), lr=self.opt.param_groups[0]["lr"])
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def val_loss(self, batches=None, seq_len=None):
+        self.model.eval()
+        b = Batches(self.val_data, self.cfg.batch_size, seq_len or self.cfg.seq_len, seed=12345)
+        tot = 0.0
+        n = batches or self.cfg.eval_batches
+        for _ in range(n):
+            x, y = b.next()
+            with self._autocast():
+                tot += float(self.model(x.to(self.device), y.to(self.device))[1])
+        return tot / n
+
+    # ------------------------------------------------------------------ loop
+    def fit(self):
+        c = self.cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        metrics = open(self.out / "metrics.jsonl", "a")
+        tokens = c.batch_size * c.seq_len
+        t0, last = time.time(), self.step
+        while self.step < c.steps:
+            rec = self.train_step()
+            if self.step % c.eval_every == 0 or self.step == c.steps:
+                rec["val_loss"] = self.val_loss()
+            dt = time.time() - t0
+            rec["tokens_per_s"] = (self.step - last) * tokens / max(dt, 1e-9)
+            self.history.append(rec)
+            metrics.write(json.dumps(rec) + "\n")
+            self._progress(rec)
+        metrics.close()
+        if self.log is not None:
+            self.log.write("\n")
+        return self.history
+
+    def _progress(self, r):
+        if self.log is None:
+            return
+        width = 24
+        done = int(width * self.step / self.cfg.steps)
+        extra = f" val {r['val_loss']:.3f}" if "val_loss" in r else ""
+        line = (f"[{'#' * done}{'.' * (width - done)}] {self.step}/{self.cfg.steps} "
+                f"loss {r['loss']:.3f}{extra} | {r['tokens_per_s']:.0f} tok/s")
+        end = "\r" if self.log.isatty() and "val_loss" not in r else "\n"
+        if end == "\n" and self.step % max(1, self.cfg.steps // 20) and "val_loss" not in r:
+            return   # not a terminal: print about 20 lines per run
+        self.log.write(line + end)
+        self.log.flush()
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self, path=None):
+        path = Path(path or self.out / "checkpoint.pt")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(dict(model=self.model.state_dict(), opt=self.opt.state_dict(), step=self.step,
+                        batches=self.batches.state_dict(), pk_rng=self.pk_rng.bit_generator.state,
+                        torch_rng=torch.get_rng_state(), history=self.history,
+                        model_cfg=asdict(self.model_cfg), nsa_cfg=asdict(self.model_cfg.nsa),
+                        train_cfg=asdict(self.cfg)), path)
+        return path
+
+    def load(self, path):
+        s = torch.load(path, map_location=self.device, weights_only=False)
+        self.model.load_state_dict(s["model"])
+        self.opt.load_state_dict(s["opt"])
+        self.step = s["step"]
+        self.batches.load_state_dict(s["batches"])
+        self.pk_rng.bit_generator.state = s["pk_rng"]
+        torch.set_rng_state(s["torch_rng"])
+        self.history = s["history"]
+        return self
+
+
+def model_config_from(d):
+    from .config import NSAConfig
+    return ModelConfig(**{**d, "nsa": NSAConfig(**d["nsa"])})

@@ -1,0 +1,127 @@
+"""The tiny LM, the trainer (schedule, exact resume, learning), data tasks and `compare`."""
+import io
+
+import numpy as np
+import pytest
+import torch
+
+from nsa.data import Batches, mqar_batch, passkey_batch, passkey_example
+from nsa.eval import compare, passkey_accuracy, verdict_table
+from nsa.model import ATTENTIONS, PRESETS, LanguageModel
+from nsa.train import TrainConfig, Trainer, lr_at
+
+TINY = PRESETS["tiny"].replace(n_layer=1)
+
+
+def _corpus(n=20000, seed=0):
+    rng = np.random.default_rng(seed)
+    words = [w.encode() for w in "def class return import self None True False for while in if else".split()]
+    text = b" ".join(words[i] for i in rng.integers(0, len(words), n // 5))
+    data = np.frombuffer(text, dtype=np.uint8).copy()
+    return data[: len(data) * 9 // 10], data[len(data) * 9 // 10:]
+
+
+@pytest.mark.parametrize("attention", ATTENTIONS)
+def test_model_forward_backward(attention):
+    m = LanguageModel(TINY.replace(attention=attention))
+    x = torch.randint(0, 256, (2, 70))
+    logits, loss = m(x, x)
+    assert logits.shape == (2, 70, 256) and torch.isfinite(loss)
+    loss.backward()
+    assert all(p.grad is not None for p in m.parameters())
+
+
+def test_lr_schedule():
+    c = TrainConfig(steps=100, warmup=10, lr=1.0, min_lr_ratio=0.1)
+    assert lr_at(0, c) == pytest.approx(0.1) and lr_at(9, c) == pytest.approx(1.0)
+    assert lr_at(100, c) == pytest.approx(0.1) and lr_at(55, c) == pytest.approx(0.55)
+
+
+def _cfg(tmp_path, **kw):
+    return TrainConfig(**{**dict(steps=4, batch_size=3, seq_len=128, passkey_rows=1, eval_every=2,
+                                 eval_batches=1, warmup=2, device="cpu", out_dir=str(tmp_path)), **kw})
+
+
+def test_resume_is_exact(tmp_path):
+    corpus = _corpus()
+    a = Trainer(TINY, _cfg(tmp_path / "a"), corpus=corpus, log=None)
+    a.fit()
+    b = Trainer(TINY, _cfg(tmp_path / "b", steps=2), corpus=corpus, log=None)
+    b.fit()
+    path = b.save()
+    c = Trainer(TINY, _cfg(tmp_path / "b"), corpus=corpus, log=None).load(path)
+    c.fit()
+    for (n, p), q in zip(a.model.named_parameters(), c.model.parameters()):
+        assert torch.equal(p, q), n
+    assert [r["loss"] for r in a.history] == [r["loss"] for r in c.history]
+
+
+def test_training_lowers_the_loss(tmp_path):
+    tr = Trainer(TINY, _cfg(tmp_path, steps=40, batch_size=8, seq_len=128, lr=3e-3, eval_every=40), corpus=_corpus(), log=None)
+    h = tr.fit()
+    first, last = np.mean([r["loss"] for r in h[:5]]), np.mean([r["loss"] for r in h[-5:]])
+    assert last < first - 0.5, (first, last)
+    assert h[-1]["val_loss"] < h[0]["loss"]
+
+
+def test_progress_and_metrics(tmp_path):
+    log = io.StringIO()
+    tr = Trainer(TINY, _cfg(tmp_path), corpus=_corpus(), log=log)
+    tr.fit()
+    assert "4/4" in log.getvalue() and "tok/s" in log.getvalue()
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 4 and '"val_loss"' in lines[1]
+
+
+def test_passkey_and_mqar_data():
+    filler, _ = _corpus()
+    rng = np.random.default_rng(0)
+    prompt, key = passkey_example(filler, 300, 0.5, rng)
+    assert len(prompt) == 300 and key in prompt and prompt.endswith(b"The pass key is ")
+    x, y = passkey_batch(filler, 3, 128, rng)
+    assert x.shape == y.shape == (3, 128) and ((y >= 0).sum(1) == 5).all()
+    for i in range(3):   # the answer tokens are the key digits, the last 5 targets
+        assert bytes(y[i, -5:].tolist()).isdigit()
+    x, y = mqar_batch(2, 6, 3, rng)
+    assert ((y >= 0).sum(1) == 3).all()
+    for i in range(2):   # each target value follows its query key in the context part
+        for pos in (y[i] >= 0).nonzero().flatten().tolist():
+            key_tok, val = x[i, pos].item(), y[i, pos].item()
+            ctx = x[i, :12].tolist()
+            assert ctx[ctx.index(key_tok) + 1] == val
+    b = Batches(filler, 2, 16, seed=3)
+    s = b.state_dict()
+    x1, _ = b.next()
+    b.load_state_dict(s)
+    assert torch.equal(b.next()[0], x1)
+
+
+def test_passkey_accuracy_of_an_oracle():
+    """A 'model' that copies the digits from the context gets 1.0: the metric can succeed."""
+    filler, _ = _corpus()
+
+    class Oracle(torch.nn.Module):
+        def forward(self, x):
+            out = torch.zeros(*x.shape, 256)
+            for i, row in enumerate(x.tolist()):
+                s = bytes(row)
+                k = s.index(b"The pass key is ") + len(b"The pass key is ")
+                key = s[k:k + 5]
+                for j in range(5):
+                    out[i, len(row) - 5 + j, key[j]] = 1.0
+            return out
+    assert passkey_accuracy(Oracle(), filler, 200, 0.5, 4) == 1.0
+
+    class Zero(torch.nn.Module):
+        def forward(self, x):
+            return torch.zeros(*x.shape, 256)
+    assert passkey_accuracy(Zero(), filler, 200, 0.5, 4) == 0.0
+
+
+def test_compare_end_to_end(tmp_path):
+    cfg = _cfg(tmp_path, steps=3, seq_len=256)
+    s = compare("tiny", cfg, out_dir=str(tmp_path), grid_n=2, log=None)
+    assert set(s) == set(ATTENTIONS)
+    assert (tmp_path / "summary.json").exists()
+    table = verdict_table(s)
+    assert "NSA - full" in table and "held-out loss" in table
