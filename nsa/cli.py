@@ -46,27 +46,43 @@ def demo(args) -> int:
 
 def _train_args(p):
     p.add_argument("--preset", default="tiny", choices=["tiny", "small"])
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--steps", type=int, default=None, help="default: the preset's (tiny 150, small 2000)")
+    p.add_argument("--batch-size", type=int, default=None, help="global batch (default: 8)")
+    p.add_argument("--seq-len", type=int, default=None, help="default: tiny 256, small 8192")
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--corpus", nargs="*", default=None, help="text files (default: Python's stdlib sources)")
 
 
+# tiny: the three twins train on a 2-core CPU in a few minutes; small: one GPU, long context
+PRESET_TRAINING = {"tiny": dict(steps=150, batch_size=8, seq_len=256, lr=3e-3),
+                   "small": dict(steps=2000, batch_size=8, seq_len=8192, lr=1e-3)}
+
+
 def _train_cfg(a, out_dir):
     from nsa.train import TrainConfig
-    return TrainConfig(steps=a.steps, batch_size=a.batch_size, seq_len=a.seq_len, lr=a.lr,
-                       warmup=max(1, a.steps // 10), eval_every=a.eval_every, seed=a.seed,
-                       device=a.device, out_dir=out_dir)
+    d = {k: getattr(a, k) if getattr(a, k) is not None else v for k, v in PRESET_TRAINING[a.preset].items()}
+    return TrainConfig(**d, warmup=max(1, d["steps"] // 10), eval_every=min(a.eval_every, d["steps"]),
+                       seed=a.seed, device=a.device, out_dir=out_dir)
+
+
+def _init_distributed():
+    """Under torchrun (WORLD_SIZE > 1): one process group, NCCL on GPUs, gloo on CPUs."""
+    import os
+
+    import torch
+    import torch.distributed as dist
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
 
 
 def train(a) -> int:
     from nsa.data import load_corpus
     from nsa.model import PRESETS
     from nsa.train import Trainer
+    _init_distributed()
     tr = Trainer(PRESETS[a.preset].replace(attention=a.attention), _train_cfg(a, a.out),
                  corpus=load_corpus(a.corpus))
     ckpt = Path(a.out) / "checkpoint.pt"

@@ -4,6 +4,10 @@ AdamW, linear warmup + cosine decay, gradient clipping, bf16 autocast on GPU, ch
 resume exactly (model, optimizer, step, data and RNG states), a progress line with loss and
 tokens/s, metrics as JSONL. Each batch mixes corpus text with passkey examples, so that
 retrieval from long context is part of what the model learns.
+
+Several processes (`torchrun --nproc_per_node N -m nsa.cli train ...`): DistributedDataParallel
+(gloo on CPU, NCCL on GPU). batch_size is the global batch; every rank draws the same global
+batch and trains on its own slice, so N processes compute what one process would.
 """
 from __future__ import annotations
 
@@ -16,7 +20,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 
 from .data import Batches, load_corpus, passkey_batch
 from .model import LanguageModel, ModelConfig
@@ -54,9 +60,19 @@ def pick_device(name: str) -> torch.device:
 class Trainer:
     def __init__(self, model_cfg: ModelConfig, cfg: TrainConfig, corpus=None, log=sys.stderr):
         self.model_cfg, self.cfg, self.log = model_cfg, cfg, log
+        self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         self.device = pick_device(cfg.device)
+        if self.device.type == "cuda" and self.world > 1:
+            self.device = torch.device("cuda", self.rank % torch.cuda.device_count())
+        for name in ("batch_size", "passkey_rows"):
+            if getattr(cfg, name) % self.world:
+                raise ValueError(f"{name} ({getattr(cfg, name)}) must be divisible by the number of "
+                                 f"processes ({self.world})")
         torch.manual_seed(cfg.seed)
         self.model = LanguageModel(model_cfg).to(self.device)
+        self.net = DistributedDataParallel(self.model) if self.world > 1 else self.model
+        if self.rank:
+            self.log = None
         decay = [p for p in self.model.parameters() if p.dim() >= 2]
         rest = [p for p in self.model.parameters() if p.dim() < 2]
         self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -75,13 +91,19 @@ class Trainer:
     def _autocast(self):
         return torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else torch.autocast("cpu", enabled=False)
 
+    def _mine(self, t):
+        """This rank's slice of a global batch."""
+        n = t.shape[0] // self.world
+        return t[self.rank * n:(self.rank + 1) * n]
+
     def losses(self, x, y, px, py):
         with self._autocast():
-            lm = self.model(x.to(self.device), y.to(self.device))[1]
+            lm = self.net(self._mine(x).to(self.device), self._mine(y).to(self.device))[1]
             pk = None
             if px is not None:
-                logits = self.model(px.to(self.device))
-                pk = F.cross_entropy(logits.float().flatten(0, 1), py.to(self.device).flatten(), ignore_index=-100)
+                logits = self.net(self._mine(px).to(self.device))
+                pk = F.cross_entropy(logits.float().flatten(0, 1), self._mine(py).to(self.device).flatten(),
+                                     ignore_index=-100)
         return lm, pk
 
     def train_step(self):
@@ -98,7 +120,11 @@ class Trainer:
         gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
         self.opt.step()
         self.step += 1
-        return dict(step=self.step, loss=float(lm), passkey_loss=float(pk) if pk is not None else None,
+        if self.world > 1:   # report the global mean, as one process would
+            vals = torch.stack([lm.detach(), pk.detach() if pk is not None else lm.detach() * 0]).float()
+            dist.all_reduce(vals)
+            lm, pk = vals[0] / self.world, (vals[1] / self.world if pk is not None else None)
+        return dict(step=self.step, loss=lm.item(), passkey_loss=pk.item() if pk is not None else None,
                     grad_norm=float(gnorm), lr=self.opt.param_groups[0]["lr"])
 
     # ------------------------------------------------------------------ evaluation
@@ -118,7 +144,7 @@ class Trainer:
     def fit(self):
         c = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
-        metrics = open(self.out / "metrics.jsonl", "a")
+        metrics = open(self.out / "metrics.jsonl", "a") if self.rank == 0 else None
         tokens = c.batch_size * c.seq_len
         t0, last = time.time(), self.step
         while self.step < c.steps:
@@ -128,9 +154,11 @@ class Trainer:
             dt = time.time() - t0
             rec["tokens_per_s"] = (self.step - last) * tokens / max(dt, 1e-9)
             self.history.append(rec)
-            metrics.write(json.dumps(rec) + "\n")
+            if metrics:
+                metrics.write(json.dumps(rec) + "\n")
             self._progress(rec)
-        metrics.close()
+        if metrics:
+            metrics.close()
         if self.log is not None:
             self.log.write("\n")
         return self.history
@@ -151,13 +179,19 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, path=None):
+        """Rank 0 writes; every rank gets the path back."""
         path = Path(path or self.out / "checkpoint.pt")
+        if self.rank:
+            dist.barrier()
+            return path
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(dict(model=self.model.state_dict(), opt=self.opt.state_dict(), step=self.step,
                         batches=self.batches.state_dict(), pk_rng=self.pk_rng.bit_generator.state,
                         torch_rng=torch.get_rng_state(), history=self.history,
                         model_cfg=asdict(self.model_cfg), nsa_cfg=asdict(self.model_cfg.nsa),
                         train_cfg=asdict(self.cfg)), path)
+        if self.world > 1:
+            dist.barrier()
         return path
 
     def load(self, path):
