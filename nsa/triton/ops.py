@@ -74,7 +74,7 @@ def banded_bwd(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, do: Tens
     nsa_banded_bwd_dq_kernel[(tile_grid_bound(N, n_seq, meta["BT"]), H)](
         q, k, v, o, do, lse, dlse, delta, dq, cu_q, cu_k, tq, n_seq, *args, **meta)
     meta = _banded_meta("dkv", q, v, stride, offset, win)
-    nsplit = tuning.banded_query_splits(N, Nk, win)
+    nsplit = tuning.banded_query_splits(N, triton.cdiv(Nk, meta["BN"]) * H, win, q.device)
     if nsplit == 1:
         dk, dv = (empty(*x.shape, dtype=x.dtype, device=x.device) for x in (k, v))
     else:
