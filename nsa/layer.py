@@ -102,6 +102,14 @@ class _AttentionBase(nn.Module):
         if cu_seqlens is not None and x.shape[0] != 1:
             raise ValueError(f"packed input (cu_seqlens given) needs batch size 1, got {x.shape[0]}")
 
+    def _qkv(self, x, cu_seqlens):
+        """q and k with rotary embeddings, v: one k/v projection (FullAttention, WindowAttention)."""
+        B, T, _ = x.shape
+        pos = positions(B, T, cu_seqlens, x.device)
+        q = rotary(self.q_proj(x).view(B, T, self.num_heads, self.head_dim_qk), pos, self.rope_theta)
+        k, v = self._kv(self.kv_proj, x)
+        return q, rotary(k, pos, self.rope_theta), v
+
     def _kv(self, proj, x):
         B, T, _ = x.shape
         H, dk, dv = self.num_kv_heads, self.head_dim_qk, self.head_dim_v
@@ -169,10 +177,7 @@ class FullAttention(_AttentionBase):
     def forward(self, x, cu_seqlens=None):
         self._check_input(x, cu_seqlens)
         B, T, _ = x.shape
-        pos = positions(B, T, cu_seqlens, x.device)
-        q = rotary(self.q_proj(x).view(B, T, self.num_heads, self.head_dim_qk), pos, self.rope_theta)
-        k, v = self._kv(self.kv_proj, x)
-        k = rotary(k, pos, self.rope_theta)
+        q, k, v = self._qkv(x, cu_seqlens)
         bounds = [0, T] if cu_seqlens is None else cu_seqlens.tolist()
         outs = []
         for t0, t1 in zip(bounds[:-1], bounds[1:]):

@@ -11,7 +11,7 @@ from torch import nn
 
 from .api import sliding_window_attention
 from .config import NSAConfig
-from .layer import FullAttention, NativeSparseAttention, _AttentionBase, positions, rotary
+from .layer import FullAttention, NativeSparseAttention
 
 ATTENTIONS = ("nsa", "full", "window")
 
@@ -71,23 +71,18 @@ class SwiGLU(nn.Module):
         return self.down(F.silu(g) * u)
 
 
-class WindowAttention(_AttentionBase):
+class WindowAttention(FullAttention):
     """Sliding-window-only attention (window = NSA's window_size), FullAttention's projections."""
 
-    def __init__(self, hidden_size, num_heads, num_kv_heads, head_dim_qk, head_dim_v,
-                 config: NSAConfig = NSAConfig(), rope_theta: float = 10000.0, backend="auto"):
-        super().__init__(hidden_size, num_heads, num_kv_heads, head_dim_qk, head_dim_v, rope_theta)
-        self.config, self.backend = config, backend
-        self.kv_proj = nn.Linear(hidden_size, num_kv_heads * (head_dim_qk + head_dim_v), bias=False)
-        self._init_linears()
+    def __init__(self, *args, backend="auto", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.backend = backend
 
     def forward(self, x, cu_seqlens=None):
         self._check_input(x, cu_seqlens)
         B, T, _ = x.shape
-        pos = positions(B, T, cu_seqlens, x.device)
-        q = rotary(self.q_proj(x).view(B, T, self.num_heads, self.head_dim_qk), pos, self.rope_theta)
-        k, v = self._kv(self.kv_proj, x)
-        o = sliding_window_attention(q, rotary(k, pos, self.rope_theta), v, window_size=self.config.window_size,
+        q, k, v = self._qkv(x, cu_seqlens)
+        o = sliding_window_attention(q, k, v, window_size=self.config.window_size,
                                      cu_seqlens=cu_seqlens, backend=self.backend)
         return self.o_proj(o.reshape(B, T, -1))
 

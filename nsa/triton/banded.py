@@ -17,7 +17,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .utils import find_segment
+from .utils import load_rows, seq_tile, store_rows
 
 
 @triton.jit
@@ -33,7 +33,7 @@ def _tile_rows(t0, Tq, hk, G: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr, 
 def _delta_rows(o, dlse, do_tile, rows, row_ok, dv, DV: tl.constexpr):
     """delta = rowsum(o * dO) - dlse: the softmax backward's correction, with lse's own
     gradient folded in. Computed by the dQ kernel (it runs first) and stored for dK/dV."""
-    ot = tl.load(o + rows[:, None] * DV + dv[None, :], mask=row_ok[:, None] & (dv[None, :] < DV), other=0.0)
+    ot = load_rows(o, rows, row_ok, dv, DV)
     d = tl.sum(ot.to(tl.float32) * do_tile.to(tl.float32), 1)
     return d - tl.load(dlse + rows, mask=row_ok, other=0.0)
 
@@ -74,18 +74,12 @@ def nsa_banded_fwd_kernel(
     hk = tl.program_id(1)
     if pid >= tl.load(tiles_q + n_seq):
         return
-    seq = find_segment(tiles_q, n_seq, pid)
-    q0 = tl.load(cu_q + seq)
-    Tq = tl.load(cu_q + seq + 1) - q0
-    k0 = tl.load(cu_k + seq)
-    Tk = tl.load(cu_k + seq + 1) - k0
-    t0 = (pid - tl.load(tiles_q + seq)) * BT
+    q0, Tq, k0, Tk, t0 = seq_tile(pid, tiles_q, cu_q, cu_k, n_seq, BT)
     t, head, row_ok = _tile_rows(t0, Tq, hk, G, GP, BT, HQ)
     rows = (q0 + t).to(tl.int64) * HQ + head                               # [BM]
     dk = tl.arange(0, BK)
     dv = tl.arange(0, BV)
-    qt = tl.load(q + rows[:, None] * DK + dk[None, :],
-                 mask=row_ok[:, None] & (dk[None, :] < DK), other=0.0)  # [BM, BK]
+    qt = load_rows(q, rows, row_ok, dk, DK)  # [BM, BK]
 
     BM: tl.constexpr = BT * GP
     m_i = tl.full([BM], float("-inf"), tl.float32)
@@ -111,8 +105,7 @@ def nsa_banded_fwd_kernel(
         m_i = m_new
     seen = l_i > 0
     acc = acc / tl.where(seen, l_i, 1.0)[:, None]
-    tl.store(o + rows[:, None] * DV + dv[None, :], acc.to(o.dtype.element_ty),
-             mask=row_ok[:, None] & (dv[None, :] < DV))
+    store_rows(o, rows, row_ok, dv, DV, acc)
     lse_val = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453,
                        float("-inf"))
     tl.store(lse + rows, lse_val, mask=row_ok)
@@ -132,18 +125,13 @@ def nsa_banded_bwd_dq_kernel(
     hk = tl.program_id(1)
     if pid >= tl.load(tiles_q + n_seq):
         return
-    seq = find_segment(tiles_q, n_seq, pid)
-    q0 = tl.load(cu_q + seq)
-    Tq = tl.load(cu_q + seq + 1) - q0
-    k0 = tl.load(cu_k + seq)
-    Tk = tl.load(cu_k + seq + 1) - k0
-    t0 = (pid - tl.load(tiles_q + seq)) * BT
+    q0, Tq, k0, Tk, t0 = seq_tile(pid, tiles_q, cu_q, cu_k, n_seq, BT)
     t, head, row_ok = _tile_rows(t0, Tq, hk, G, GP, BT, HQ)
     rows = (q0 + t).to(tl.int64) * HQ + head
     dk = tl.arange(0, BK)
     dv = tl.arange(0, BV)
-    qt = tl.load(q + rows[:, None] * DK + dk[None, :], mask=row_ok[:, None] & (dk[None, :] < DK), other=0.0)
-    dot_ = tl.load(do + rows[:, None] * DV + dv[None, :], mask=row_ok[:, None] & (dv[None, :] < DV), other=0.0)
+    qt = load_rows(q, rows, row_ok, dk, DK)
+    dot_ = load_rows(do, rows, row_ok, dv, DV)
     lse2 = tl.load(lse + rows, mask=row_ok, other=0.0) * 1.4426950408889634
     dlt = _delta_rows(o, dlse, dot_, rows, row_ok, dv, DV)
     tl.store(delta + rows, dlt, mask=row_ok)
@@ -162,8 +150,7 @@ def nsa_banded_bwd_dq_kernel(
         dp = tl.dot(dot_, vt, input_precision=PREC)  # [BM, BN]
         ds = p * (dp - dlt[:, None])
         acc += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=PREC)
-    tl.store(dq + rows[:, None] * DK + dk[None, :], (acc * scale).to(dq.dtype.element_ty),
-             mask=row_ok[:, None] & (dk[None, :] < DK))
+    store_rows(dq, rows, row_ok, dk, DK, (acc * scale))
 
 
 @triton.jit
@@ -181,19 +168,14 @@ def nsa_banded_bwd_dkv_kernel(
     split = tl.program_id(2)
     if pid >= tl.load(tiles_k + n_seq):
         return
-    seq = find_segment(tiles_k, n_seq, pid)
-    q0 = tl.load(cu_q + seq)
-    Tq = tl.load(cu_q + seq + 1) - q0
-    k0 = tl.load(cu_k + seq)
-    Tk = tl.load(cu_k + seq + 1) - k0
-    s0 = (pid - tl.load(tiles_k + seq)) * BN
+    q0, Tq, k0, Tk, s0 = seq_tile(pid, tiles_k, cu_q, cu_k, n_seq, BN)
     s = s0 + tl.arange(0, BN)
     kmask = s < Tk
     krow = (k0 + s).to(tl.int64) * H + hk
     dk = tl.arange(0, BK)
     dv = tl.arange(0, BV)
-    kk = tl.load(k + krow[:, None] * DK + dk[None, :], mask=kmask[:, None] & (dk[None, :] < DK), other=0.0)
-    vv = tl.load(v + krow[:, None] * DV + dv[None, :], mask=kmask[:, None] & (dv[None, :] < DV), other=0.0)
+    kk = load_rows(k, krow, kmask, dk, DK)
+    vv = load_rows(v, krow, kmask, dv, DV)
 
     s_last = tl.minimum(s0 + BN, Tk) - 1
     t_lo = s0 * STRIDE + OFFSET
@@ -210,8 +192,8 @@ def nsa_banded_bwd_dkv_kernel(
     for tq in range(t_lo, t_hi, BT):
         t, head, row_ok = _tile_rows(tq, t_hi, hk, G, GP, BT, HQ)
         rows = (q0 + t).to(tl.int64) * HQ + head
-        qt = tl.load(q + rows[:, None] * DK + dk[None, :], mask=row_ok[:, None] & (dk[None, :] < DK), other=0.0)
-        dot_ = tl.load(do + rows[:, None] * DV + dv[None, :], mask=row_ok[:, None] & (dv[None, :] < DV), other=0.0)
+        qt = load_rows(q, rows, row_ok, dk, DK)
+        dot_ = load_rows(do, rows, row_ok, dv, DV)
         lse2 = tl.load(lse + rows, mask=row_ok, other=0.0) * 1.4426950408889634
         dlt = tl.load(delta + rows, mask=row_ok, other=0.0)
         st = tl.dot(kk, tl.trans(qt), input_precision=PREC) * scale_log2                          # [BN, BM]
@@ -221,7 +203,5 @@ def nsa_banded_bwd_dkv_kernel(
         dpt = tl.dot(vv, tl.trans(dot_), input_precision=PREC)  # [BN, BM]
         dst = pt * (dpt - dlt[None, :])
         dk_acc += tl.dot(dst.to(qt.dtype), qt, input_precision=PREC)
-    tl.store(dk_out + krow[:, None] * DK + dk[None, :], (dk_acc * scale).to(dk_out.dtype.element_ty),
-             mask=kmask[:, None] & (dk[None, :] < DK))
-    tl.store(dv_out + krow[:, None] * DV + dv[None, :], dv_acc.to(dv_out.dtype.element_ty),
-             mask=kmask[:, None] & (dv[None, :] < DV))
+    store_rows(dk_out, krow, kmask, dk, DK, (dk_acc * scale))
+    store_rows(dv_out, krow, kmask, dv, DV, dv_acc)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .utils import find_segment
+from .utils import load_rows, seq_tile
 
 
 @triton.jit
@@ -47,12 +47,7 @@ def nsa_select_kernel(
     hk = tl.program_id(1)
     if pid >= tl.load(tiles_q + n_seq):
         return
-    seq = find_segment(tiles_q, n_seq, pid)
-    q0 = tl.load(cu_q + seq)
-    Tq = tl.load(cu_q + seq + 1) - q0
-    k0 = tl.load(cu_k + seq)
-    Tc = tl.load(cu_k + seq + 1) - k0
-    t0 = (pid - tl.load(tiles_q + seq)) * BT
+    q0, Tq, k0, Tc, t0 = seq_tile(pid, tiles_q, cu_q, cu_k, n_seq, BT)
 
     BM: tl.constexpr = BT * GP
     R: tl.constexpr = SEL_L // CMP_D          # compressed tokens starting in one block
@@ -63,7 +58,7 @@ def nsa_select_kernel(
     row_ok = (t < Tq) & (r % GP < G)
     rows = (q0 + t).to(tl.int64) * HQ + head
     dk = tl.arange(0, BK)
-    qt = tl.load(q + rows[:, None] * DK + dk[None, :], mask=row_ok[:, None] & (dk[None, :] < DK), other=0.0)
+    qt = load_rows(q, rows, row_ok, dk, DK)
     lse2 = tl.load(lse + rows, mask=row_ok, other=0.0) * 1.4426950408889634
 
     tp = t0 + tl.arange(0, BT)  # the tile's positions

@@ -14,13 +14,24 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .utils import find_segment
+from .utils import find_segment, load_rows, store_rows
 
 
 @triton.jit
-def _group_rows(pid_t, hk, HQ: tl.constexpr, G: tl.constexpr, BM: tl.constexpr):
+def _query_group(pid_t, hk, cu_q, n_seq, HQ: tl.constexpr, G: tl.constexpr, BM: tl.constexpr):
+    """Packed query row pid_t, KV head hk -> (first row of its sequence, its position, the
+    rows of the group's G heads padded to BM, their validity)."""
+    q0 = tl.load(cu_q + find_segment(cu_q, n_seq, pid_t))
     r = tl.arange(0, BM)
-    return pid_t.to(tl.int64) * HQ + hk * G + r, r < G
+    return q0, pid_t - q0, pid_t.to(tl.int64) * HQ + hk * G + r, r < G
+
+
+@triton.jit
+def _slot_keys(blocks, slots, slot, t, q0, lane, hk, H: tl.constexpr, SEL_L: tl.constexpr):
+    """Key rows and mask of one selected block (its keys <= t); an empty slot (-1) masks all."""
+    j = tl.sum(tl.where(slots == slot, blocks, 0))   # the slot's block, with no dependent load
+    s = j * SEL_L + lane
+    return (q0 + s).to(tl.int64) * H + hk, (s <= t) & (s >= 0) & (lane < SEL_L)
 
 
 @triton.jit
@@ -34,24 +45,18 @@ def nsa_selected_fwd_kernel(
 ):
     pid_t = tl.program_id(0)
     hk = tl.program_id(1)
-    seq = find_segment(cu_q, n_seq, pid_t)
-    q0 = tl.load(cu_q + seq)
-    t = pid_t - q0
-    rows, row_ok = _group_rows(pid_t, hk, HQ, G, BM)
+    q0, t, rows, row_ok = _query_group(pid_t, hk, cu_q, n_seq, HQ, G, BM)
     dk = tl.arange(0, BK)
     dv = tl.arange(0, BV)
     lane = tl.arange(0, BS)
-    qt = tl.load(q + rows[:, None] * DK + dk[None, :], mask=row_ok[:, None] & (dk[None, :] < DK), other=0.0)
+    qt = load_rows(q, rows, row_ok, dk, DK)
     m_i = tl.full([BM], float("-inf"), tl.float32)
     l_i = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, BV], tl.float32)
     slots = tl.arange(0, NP)
     blocks = tl.load(idx + (pid_t.to(tl.int64) * H + hk) * N_SEL + slots, mask=slots < N_SEL, other=-1)
     for slot in range(N_SEL):
-        j = tl.sum(tl.where(slots == slot, blocks, 0))   # this slot's block, no dependent load
-        s = j * SEL_L + lane
-        kmask = (s <= t) & (s >= 0) & (lane < SEL_L)   # empty slot: j = -1, s < 0
-        krow = (q0 + s).to(tl.int64) * H + hk
+        krow, kmask = _slot_keys(blocks, slots, slot, t, q0, lane, hk, H, SEL_L)
         kt = tl.load(k + krow[None, :] * DK + dk[:, None], mask=kmask[None, :] & (dk[:, None] < DK), other=0.0)
         qk = tl.where(kmask[None, :], tl.dot(qt, kt, input_precision=PREC) * scale_log2, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
@@ -59,12 +64,12 @@ def nsa_selected_fwd_kernel(
         p = tl.exp2(qk - m_use[:, None])
         alpha = tl.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
-        vt = tl.load(v + krow[:, None] * DV + dv[None, :], mask=kmask[:, None] & (dv[None, :] < DV), other=0.0)
+        vt = load_rows(v, krow, kmask, dv, DV)
         acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PREC)
         m_i = m_new
     seen = l_i > 0
     acc = acc / tl.where(seen, l_i, 1.0)[:, None]
-    tl.store(o + rows[:, None] * DV + dv[None, :], acc.to(o.dtype.element_ty), mask=row_ok[:, None] & (dv[None, :] < DV))
+    store_rows(o, rows, row_ok, dv, DV, acc)
     lse_val = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
     tl.store(lse + rows, lse_val, mask=row_ok)
 
@@ -80,35 +85,28 @@ def nsa_selected_bwd_dq_kernel(
 ):
     pid_t = tl.program_id(0)
     hk = tl.program_id(1)
-    seq = find_segment(cu_q, n_seq, pid_t)
-    q0 = tl.load(cu_q + seq)
-    t = pid_t - q0
-    rows, row_ok = _group_rows(pid_t, hk, HQ, G, BM)
+    q0, t, rows, row_ok = _query_group(pid_t, hk, cu_q, n_seq, HQ, G, BM)
     dk = tl.arange(0, BK)
     dv = tl.arange(0, BV)
     lane = tl.arange(0, BS)
-    qt = tl.load(q + rows[:, None] * DK + dk[None, :], mask=row_ok[:, None] & (dk[None, :] < DK), other=0.0)
-    dot_ = tl.load(do + rows[:, None] * DV + dv[None, :], mask=row_ok[:, None] & (dv[None, :] < DV), other=0.0)
+    qt = load_rows(q, rows, row_ok, dk, DK)
+    dot_ = load_rows(do, rows, row_ok, dv, DV)
     lse2 = tl.load(lse + rows, mask=row_ok, other=0.0) * 1.4426950408889634
-    ot = tl.load(o + rows[:, None] * DV + dv[None, :], mask=row_ok[:, None] & (dv[None, :] < DV), other=0.0)
+    ot = load_rows(o, rows, row_ok, dv, DV)
     dlt = tl.sum(ot.to(tl.float32) * dot_.to(tl.float32), 1)     # rowsum(o * dO), stored for dK/dV
     tl.store(delta + rows, dlt, mask=row_ok)
     acc = tl.zeros([BM, BK], tl.float32)
     slots = tl.arange(0, NP)
     blocks = tl.load(idx + (pid_t.to(tl.int64) * H + hk) * N_SEL + slots, mask=slots < N_SEL, other=-1)
     for slot in range(N_SEL):
-        j = tl.sum(tl.where(slots == slot, blocks, 0))   # this slot's block, no dependent load
-        s = j * SEL_L + lane
-        kmask = (s <= t) & (s >= 0) & (lane < SEL_L)   # empty slot: j = -1, s < 0
-        krow = (q0 + s).to(tl.int64) * H + hk
+        krow, kmask = _slot_keys(blocks, slots, slot, t, q0, lane, hk, H, SEL_L)
         kt = tl.load(k + krow[None, :] * DK + dk[:, None], mask=kmask[None, :] & (dk[:, None] < DK), other=0.0)
         vt = tl.load(v + krow[None, :] * DV + dv[:, None], mask=kmask[None, :] & (dv[:, None] < DV), other=0.0)
         qk = tl.dot(qt, kt, input_precision=PREC) * scale_log2
         p = tl.where(kmask[None, :] & row_ok[:, None], tl.exp2(qk - lse2[:, None]), 0.0)
         ds = p * (tl.dot(dot_, vt, input_precision=PREC) - dlt[:, None])
         acc += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=PREC)
-    tl.store(dq + rows[:, None] * DK + dk[None, :], (acc * scale).to(dq.dtype.element_ty),
-             mask=row_ok[:, None] & (dk[None, :] < DK))
+    store_rows(dq, rows, row_ok, dk, DK, (acc * scale))
 
 
 @triton.jit
@@ -139,8 +137,8 @@ def nsa_selected_bwd_dkv_kernel(
     krow = (q0 + s).to(tl.int64) * H + hk
     dk = tl.arange(0, BK)
     dv = tl.arange(0, BV)
-    kk = tl.load(k + krow[:, None] * DK + dk[None, :], mask=kmask[:, None] & (dk[None, :] < DK), other=0.0)
-    vv = tl.load(v + krow[:, None] * DV + dv[None, :], mask=kmask[:, None] & (dv[None, :] < DV), other=0.0)
+    kk = load_rows(k, krow, kmask, dk, DK)
+    vv = load_rows(v, krow, kmask, dv, DV)
 
     lo = tl.load(list_cu + b) + seg * SEG
     hi = tl.minimum(tl.load(list_cu + b + 1), lo + SEG)
@@ -153,8 +151,8 @@ def nsa_selected_bwd_dkv_kernel(
         ok = (pos < hi) & (r % GP < G)
         qrow = tl.load(q_list + pos, mask=ok, other=0)  # packed query row
         rows = qrow.to(tl.int64) * HQ + hk * G + r % GP
-        qt = tl.load(q + rows[:, None] * DK + dk[None, :], mask=ok[:, None] & (dk[None, :] < DK), other=0.0)
-        dot_ = tl.load(do + rows[:, None] * DV + dv[None, :], mask=ok[:, None] & (dv[None, :] < DV), other=0.0)
+        qt = load_rows(q, rows, ok, dk, DK)
+        dot_ = load_rows(do, rows, ok, dv, DV)
         lse2 = tl.load(lse + rows, mask=ok, other=0.0) * 1.4426950408889634
         dlt = tl.load(delta + rows, mask=ok, other=0.0)
         st = tl.dot(kk, tl.trans(qt), input_precision=PREC) * scale_log2                          # [BS, BM]
@@ -165,10 +163,8 @@ def nsa_selected_bwd_dkv_kernel(
         dk_acc += tl.dot(dst.to(qt.dtype), qt, input_precision=PREC)
     dk_acc = dk_acc * scale
     if nseg == 1:
-        tl.store(dk_out + krow[:, None] * DK + dk[None, :], dk_acc.to(dk_out.dtype.element_ty),
-                 mask=kmask[:, None] & (dk[None, :] < DK))
-        tl.store(dv_out + krow[:, None] * DV + dv[None, :], dv_acc.to(dv_out.dtype.element_ty),
-                 mask=kmask[:, None] & (dv[None, :] < DV))
+        store_rows(dk_out, krow, kmask, dk, DK, dk_acc)
+        store_rows(dv_out, krow, kmask, dv, DV, dv_acc)
     else:
         slot = (tl.load(part_cu + b) + seg).to(tl.int64)
         tl.store(dk_part + (slot * BS + lane[:, None]) * DK + dk[None, :], dk_acc, mask=dk[None, :] < DK)
@@ -203,7 +199,5 @@ def nsa_selected_bwd_reduce_kernel(
             slot = first + i
             dk_acc += tl.load(dk_part + (slot * BS + lane[:, None]) * DK + dk[None, :], mask=dk[None, :] < DK, other=0.0)
             dv_acc += tl.load(dv_part + (slot * BS + lane[:, None]) * DV + dv[None, :], mask=dv[None, :] < DV, other=0.0)
-        tl.store(dk_out + krow[:, None] * DK + dk[None, :], dk_acc.to(dk_out.dtype.element_ty),
-                 mask=kmask[:, None] & (dk[None, :] < DK))
-        tl.store(dv_out + krow[:, None] * DV + dv[None, :], dv_acc.to(dv_out.dtype.element_ty),
-                 mask=kmask[:, None] & (dv[None, :] < DV))
+        store_rows(dk_out, krow, kmask, dk, DK, dk_acc)
+        store_rows(dv_out, krow, kmask, dv, DV, dv_acc)

@@ -58,3 +58,26 @@ def find_segment(cu_ptr, nseg, x):
         lo = tl.where(go, mid, lo)
         hi = tl.where(go, hi, mid - 1)
     return lo
+
+
+@triton.jit
+def seq_tile(pid, tiles, cu_q, cu_k, n_seq, TILE: tl.constexpr):
+    """Tile `pid` of a packed launch -> (q0, Tq, k0, Tk, first position of the tile): the
+    sequence's first query row and length, its first key row and key count."""
+    seq = find_segment(tiles, n_seq, pid)
+    q0 = tl.load(cu_q + seq)
+    k0 = tl.load(cu_k + seq)
+    t0 = (pid - tl.load(tiles + seq)) * TILE
+    return q0, tl.load(cu_q + seq + 1) - q0, k0, tl.load(cu_k + seq + 1) - k0, t0
+
+
+@triton.jit
+def load_rows(base, rows, ok, cols, D: tl.constexpr):
+    """Tile [rows, cols] of a row-major [*, D] tensor (rows int64), zero where masked."""
+    return tl.load(base + rows[:, None] * D + cols[None, :], mask=ok[:, None] & (cols[None, :] < D), other=0.0)
+
+
+@triton.jit
+def store_rows(base, rows, ok, cols, D: tl.constexpr, val):
+    tl.store(base + rows[:, None] * D + cols[None, :], val.to(base.dtype.element_ty),
+             mask=ok[:, None] & (cols[None, :] < D))
