@@ -35,7 +35,7 @@ def rotary(x, pos, theta):
 def block_starts(batch, seqlen, cu_seqlens, cfg: NSAConfig, device):
     """For every compressed token: (row of its first key, its position in its sequence).
     Packed input needs the sequence lengths on the host (one sync per call)."""
-    l, d = cfg.cmp_block_size, cfg.cmp_stride
+    d = cfg.cmp_stride
     if cu_seqlens is None:
         pos = torch.arange(cfg.num_compressed(seqlen), device=device) * d
         return pos, pos
