@@ -23,9 +23,8 @@ def _setup(q, cu_seqlens, *, cmp=None, tc=None):
     cu, n_seq, total = varlen(cu_seqlens, B, T, q.device)
     if cmp is None:
         return cu, None
-    if cu_seqlens is None:
-        cu_k = torch.arange(0, (B + 1) * tc, tc if tc else 1, dtype=torch.int32, device=q.device)[:B + 1]
-        cu_k = cu_k if tc else torch.zeros(B + 1, dtype=torch.int32, device=q.device)
+    if cu_seqlens is None:   # a batch: every sequence has tc compressed tokens
+        cu_k = torch.arange(B + 1, dtype=torch.int32, device=q.device) * tc
     else:
         cu_k = compressed_cu(cu, *cmp)
     return cu, cu_k
