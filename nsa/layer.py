@@ -9,7 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import reference
 from .api import nsa_attention
+from .cache import NSACache
 from .config import NSAConfig, check_int
 
 
@@ -155,13 +157,63 @@ class NativeSparseAttention(_AttentionBase):
         return (q, k_cmp.to(dt), v_cmp.to(dt), rotary(k_s, pos, self.rope_theta), v_s,
                 rotary(k_w, pos, self.rope_theta), v_w, gates.to(dt))
 
-    def forward(self, x, cu_seqlens=None, return_block_idx=False):
+    def new_cache(self, batch_size, capacity, dtype=None, device=None):
+        """An empty NSACache sized for this layer."""
+        p = self.q_proj.weight
+        return NSACache(batch_size, capacity, self.num_kv_heads, self.head_dim_qk, self.head_dim_v,
+                        self.config, dtype=dtype or p.dtype, device=device or p.device)
+
+    def forward(self, x, cu_seqlens=None, return_block_idx=False, cache=None, rows=None):
+        """x [B, T, hidden] -> [B, T, hidden]. With `cache` (an NSACache), x's tokens are appended
+        to the cache rows `rows` (default: all) after what they hold, and attend to it: prefill
+        (many tokens) or decoding (one a step). The cached path is for inference (no gradient
+        flows into the cache) and runs the reference implementation for now."""
+        if cache is not None:
+            if cu_seqlens is not None:
+                raise ValueError("cache and cu_seqlens cannot be combined: one row per sequence")
+            return self._forward_cached(x, cache, rows, return_block_idx)
         self._check_input(x, cu_seqlens)
         B, T, _ = x.shape
         o, idx = nsa_attention(*self.branch_inputs(x, cu_seqlens), config=self.config,
                                cu_seqlens=cu_seqlens, return_block_idx=True, backend=self.backend)
         out = self.o_proj(o.reshape(B, T, -1))
         return (out, idx) if return_block_idx else out
+
+
+    def _forward_cached(self, x, cache, rows, return_block_idx):
+        rows = list(range(x.shape[0])) if rows is None else [int(r) for r in rows]
+        cache.check(x, rows, self.hidden_size)
+        B, S, _ = x.shape
+        c = self.config
+        start = torch.tensor([cache.lengths[r] for r in rows], device=x.device)
+        pos = start[:, None] + torch.arange(S, device=x.device)                 # [B, S]
+        q = rotary(self.q_proj(x).view(B, S, self.num_heads, self.head_dim_qk), pos, self.rope_theta)
+        k_c, v_c = self._kv(self.cmp_proj, x)
+        k_s, v_s = self._kv(self.slc_proj, x)
+        k_w, v_w = self._kv(self.win_proj, x)
+        k_s, k_w = rotary(k_s, pos, self.rope_theta), rotary(k_w, pos, self.rope_theta)
+        gates = torch.sigmoid(self.gate_proj(x)).view(B, S, self.num_heads, 3)
+        outs, idxs = [], []
+        for i, r in enumerate(rows):
+            L, E = cache.lengths[r], cache.lengths[r] + S
+            for buf, new in ((cache.k_slc, k_s), (cache.v_slc, v_s), (cache.k_win, k_w),
+                             (cache.v_win, v_w), (cache.k_raw, k_c), (cache.v_raw, v_c)):
+                buf[r, L:E] = new[i].detach()
+            c0, c1 = c.num_compressed(L), c.num_compressed(E)
+            if c1 > c0:   # blocks completed by these tokens: phi on them alone
+                starts = torch.arange(c0, c1, device=x.device) * c.cmp_stride
+                kc = rotary(self.compress_k(cache.k_raw[r:r + 1], starts),
+                            (starts + c.cmp_block_size - 1)[None], self.rope_theta)
+                cache.k_cmp[r, c0:c1] = kc[0].detach()
+                cache.v_cmp[r, c0:c1] = self.compress_v(cache.v_raw[r:r + 1], starts)[0].detach()
+            o, idx = reference.nsa_at_positions(
+                q[i], cache.k_cmp[r, :c1], cache.v_cmp[r, :c1], cache.k_slc[r, :E], cache.v_slc[r, :E],
+                cache.k_win[r, :E], cache.v_win[r, :E], gates[i], pos[i], config=c)
+            outs.append(o)
+            idxs.append(idx)
+            cache.lengths[r] = E
+        out = self.o_proj(torch.stack(outs).reshape(B, S, -1))
+        return (out, torch.stack(idxs)) if return_block_idx else out
 
 
 class FullAttention(_AttentionBase):

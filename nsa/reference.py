@@ -187,6 +187,16 @@ def pick_blocks(score, t, *, sel_block_size, sel_block_count, sel_init_blocks, s
     return torch.where(idx == torch.iinfo(torch.int32).max, -1, idx).to(torch.int32)
 
 
+def block_scores(q, k_cmp, lse, t, w, scale, cmp_block_size, cmp_stride):
+    """SPEC.md step 2 for queries at positions t: q [C,H,G,dk], k_cmp [Tc,H,dk], lse [C,H,G],
+    w the overlap weights [Tc, NB] -> group-summed block scores [C, H, NB]."""
+    vis = torch.arange(k_cmp.shape[0], device=q.device)[None, :] <= \
+        _cmp_last_visible(t, cmp_block_size, cmp_stride)[:, None]
+    logits = torch.einsum("chgd,ihd->chgi", q, k_cmp) * scale
+    p = torch.where(vis[:, None, None, :], torch.exp(logits - lse[..., None]), 0.0)
+    return torch.einsum("chgi,ij->chj", p, w)
+
+
 @torch.no_grad()
 def select_blocks(q, k_cmp, lse, *, cmp_block_size, cmp_stride, sel_block_size, sel_block_count,
                   sel_init_blocks=1, sel_local_blocks=2, scale=None, cu_seqlens=None):
@@ -210,17 +220,44 @@ def select_blocks(q, k_cmp, lse, *, cmp_block_size, cmp_stride, sel_block_size, 
         for s0 in range(0, t1 - t0, chunk):
             s1 = min(t1 - t0, s0 + chunk)
             t = _positions(s0, s1, q.device)
-            vis = torch.arange(c1 - c0, device=q.device)[None, :] <= \
-                _cmp_last_visible(t, cmp_block_size, cmp_stride)[:, None]
-            logits = torch.einsum("chgd,ihd->chgi", qs[s0:s1], ks) * scale
-            p = torch.where(vis[:, None, None, :], torch.exp(logits - ls[s0:s1, ..., None]), 0.0)
-            score = torch.einsum("chgi,ij->chj", p, w)              # [C, H, NB]
+            score = block_scores(qs[s0:s1], ks, ls[s0:s1], t, w, scale, cmp_block_size, cmp_stride)
             idx.append(pick_blocks(score, t, **pick))
         outs.append(torch.cat(idx, 0) if idx else q.new_zeros(0, H, sel_block_count, dtype=torch.int32))
     return _gather(outs, B, cu_seqlens)
 
 
+
+
+def nsa_at_positions(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, pos, *, config, scale=None):
+    """NSA for queries of ONE sequence at absolute positions `pos` [S] (increasing), its keys
+    given from position 0 up to at least pos[-1]: q [S,HQ,dk], k_cmp/v_cmp [Tc,H,*] (the
+    compressed tokens complete so far), k_*/v_* [E,H,*], gates [S,HQ,3]. Used by the cached
+    (incremental) path; the same function as nsa_attention restricted to these queries."""
+    from .api import combine
+    c = config
+    H, dk = k_slc.shape[1], q.shape[-1]
+    scale = dk ** -0.5 if scale is None else scale
+    cdt = compute_dtype(q.dtype)
+    qs = _split_heads(q.to(cdt), H)
+    k_cmp, v_cmp, k_slc, v_slc, k_win, v_win = (x.to(cdt) for x in (k_cmp, v_cmp, k_slc, v_slc, k_win, v_win))
+    last = _cmp_last_visible(pos, c.cmp_block_size, c.cmp_stride)
+    cmask = (torch.arange(k_cmp.shape[0], device=q.device)[None, :] <= last[:, None])[:, None, :]
+    o_cmp, lse = _attend(qs, k_cmp, v_cmp, cmask, scale)
+    nb = int(pos[-1]) // c.sel_block_size + 1
+    w = overlap_weights(k_cmp.shape[0], nb, c.cmp_block_size, c.cmp_stride, c.sel_block_size, cdt, q.device)
+    score = block_scores(qs, k_cmp, lse, pos, w, scale, c.cmp_block_size, c.cmp_stride)
+    idx = pick_blocks(score, pos, sel_block_size=c.sel_block_size, sel_block_count=c.sel_block_count,
+                      sel_init_blocks=c.sel_init_blocks, sel_local_blocks=c.sel_local_blocks)
+    s = torch.arange(k_slc.shape[0], device=q.device)
+    causal = s[None, :] <= pos[:, None]
+    smask = block_mask(idx, nb)[:, :, s // c.sel_block_size] & causal[:, None, :]
+    o_slc, _ = _attend(qs, k_slc, v_slc, smask, scale)
+    wmask = (causal & (s[None, :] > pos[:, None] - c.window_size))[:, None, :]
+    o_win, _ = _attend(qs, k_win, v_win, wmask, scale)
+    o = combine(*(x.flatten(1, 2) for x in (o_cmp, o_slc, o_win)), gates.to(cdt))
+    return o.to(q.dtype), idx
+
+
 __all__ = ["compressed_attention", "select_blocks", "selected_attention",
            "sliding_window_attention", "overlap_weights", "pick_blocks", "block_mask",
-           "num_compressed", "segments"]
-
+           "block_scores", "nsa_at_positions", "num_compressed", "segments"]

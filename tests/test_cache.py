@@ -1,0 +1,76 @@
+"""NSACache and the layer's incremental path: prefill + decoding == one parallel forward."""
+import pytest
+import torch
+
+import nsa
+
+CFG = nsa.NSAConfig(cmp_block_size=8, cmp_stride=4, sel_block_size=16, sel_block_count=4, window_size=16)
+
+
+def _layer(seed=0):
+    torch.manual_seed(seed)
+    return nsa.NativeSparseAttention(32, 4, 2, 8, 6, config=CFG).double()
+
+
+@pytest.mark.parametrize("prefill", [1, 7, 33, 64], ids=lambda p: f"prefill{p}")
+def test_prefill_then_decode_equals_parallel(prefill):
+    m = _layer()
+    x = torch.randn(2, 75, 32, dtype=torch.float64)
+    with torch.no_grad():
+        full, idx_full = m(x, return_block_idx=True)
+        cache = m.new_cache(2, 80)
+        outs, idxs = [], []
+        o, i = m(x[:, :prefill], cache=cache, return_block_idx=True)
+        outs.append(o), idxs.append(i)
+        for t in range(prefill, 75):
+            o, i = m(x[:, t:t + 1], cache=cache, return_block_idx=True)
+            outs.append(o), idxs.append(i)
+    torch.testing.assert_close(torch.cat(outs, 1), full, rtol=0, atol=1e-12)
+    assert torch.equal(torch.cat(idxs, 1), idx_full)
+    assert cache.lengths == [75, 75]
+    assert cache.k_cmp.shape[1] == CFG.num_compressed(80)
+
+
+def test_chunked_prefill_equals_parallel():
+    m = _layer(1)
+    x = torch.randn(1, 60, 32, dtype=torch.float64)
+    with torch.no_grad():
+        full = m(x)
+        cache = m.new_cache(1, 60)
+        got = torch.cat([m(x[:, a:b], cache=cache) for a, b in ((0, 13), (13, 40), (40, 60))], 1)
+    torch.testing.assert_close(got, full, rtol=0, atol=1e-12)
+
+
+def test_rows_of_different_lengths_decode_as_if_alone():
+    m = _layer(2)
+    xa = torch.randn(1, 40, 32, dtype=torch.float64)
+    xb = torch.randn(1, 55, 32, dtype=torch.float64)
+    with torch.no_grad():
+        fa, fb = m(xa), m(xb)
+        cache = m.new_cache(2, 64)
+        m(xa[:, :30], cache=cache, rows=[0])
+        m(xb[:, :45], cache=cache, rows=[1])
+        steps = [m(torch.cat([xa[:, t:t + 1], xb[:, 45 + t - 30:46 + t - 30]]), cache=cache) for t in range(30, 40)]
+    got = torch.cat(steps, 1)
+    torch.testing.assert_close(got[0], fa[0, 30:40], rtol=0, atol=1e-12)
+    torch.testing.assert_close(got[1], fb[0, 45:55], rtol=0, atol=1e-12)
+
+
+def test_cache_errors():
+    m = _layer()
+    cache = m.new_cache(2, 10)
+    x = torch.randn(2, 8, 32, dtype=torch.float64)
+    with torch.no_grad():
+        m(x, cache=cache)
+        with pytest.raises(ValueError, match=r"cache capacity 10 exceeded for rows \[0, 1\]: lengths \[8, 8\] \+ 3"):
+            m(torch.randn(2, 3, 32, dtype=torch.float64), cache=cache)
+        with pytest.raises(ValueError, match="x has batch size 3, the cache rows given are 2"):
+            m(torch.randn(3, 1, 32, dtype=torch.float64), cache=cache, rows=[0, 1])
+        with pytest.raises(ValueError, match=r"batch rows must be in \[0, 2\), got \[5\]"):
+            m(torch.randn(1, 1, 32, dtype=torch.float64), cache=cache, rows=[5])
+        with pytest.raises(TypeError, match="x dtype torch.float32 does not match the cache's torch.float64"):
+            m(torch.randn(2, 1, 32), cache=cache)
+        with pytest.raises(ValueError, match="cache and cu_seqlens cannot be combined"):
+            m(x[:1], cache=cache, cu_seqlens=torch.tensor([0, 8], dtype=torch.int32))
+        with pytest.raises(ValueError, match="capacity must be a positive int"):
+            m.new_cache(1, 0)
