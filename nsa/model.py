@@ -98,8 +98,9 @@ class Block(nn.Module):
                                          config=cfg.nsa, rope_theta=cfg.rope_theta)
         self.mlp = SwiGLU(cfg.hidden)
 
-    def forward(self, x):
-        x = x + self.attn(self.norm1(x))
+    def forward(self, x, cache=None):
+        h = self.norm1(x)
+        x = x + (self.attn(h) if cache is None else self.attn(h, cache=cache))
         return x + self.mlp(self.norm2(x))
 
 
@@ -119,12 +120,44 @@ class LanguageModel(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, idx, targets=None):
-        """idx [B, T] int64 -> logits [B, T, V] (targets given: (logits, mean cross-entropy))."""
+    def forward(self, idx, targets=None, caches=None):
+        """idx [B, T] int64 -> logits [B, T, V] (targets given: (logits, mean cross-entropy)).
+        caches (NSA models): one NSACache per layer; idx is appended after what they hold."""
         x = self.embed(idx)
-        for b in self.blocks:
-            x = b(x)
+        for i, b in enumerate(self.blocks):
+            x = b(x, None if caches is None else caches[i])
         logits = F.linear(self.norm(x), self.embed.weight)   # tied embeddings
         if targets is None:
             return logits
         return logits, F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+
+def _sample(logits, temperature, top_p, generator):
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, -1)
+    if top_p < 1.0:   # nucleus: the smallest set of tokens whose mass reaches top_p
+        p, order = probs.sort(-1, descending=True)
+        drop = p.cumsum(-1) - p > top_p
+        probs = torch.zeros_like(probs).scatter_(-1, order, p.masked_fill(drop, 0.0))
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(model: LanguageModel, prompt, max_new_tokens: int, temperature: float = 0.0,
+             top_p: float = 1.0, generator=None, use_cache: bool = True):
+    """prompt [B, P] int64 -> [B, P + max_new_tokens]. Greedy when temperature is 0. An NSA
+    model decodes with one NSACache per layer (prefill once, then a token a step); other
+    attentions (and use_cache=False) recompute the whole prefix every step."""
+    model.eval()
+    out = prompt
+    caches = None
+    if use_cache and model.cfg.attention == "nsa":
+        cap = prompt.shape[1] + max_new_tokens
+        caches = [b.attn.new_cache(prompt.shape[0], cap) for b in model.blocks]
+    logits = model(prompt, caches=caches)[:, -1]
+    for _ in range(max_new_tokens):
+        nxt = _sample(logits, temperature, top_p, generator)
+        out = torch.cat([out, nxt[:, None]], 1)
+        logits = (model(nxt[:, None], caches=caches) if caches else model(out))[:, -1]
+    return out

@@ -74,3 +74,26 @@ def test_cache_errors():
             m(x[:1], cache=cache, cu_seqlens=torch.tensor([0, 8], dtype=torch.int32))
         with pytest.raises(ValueError, match="capacity must be a positive int"):
             m.new_cache(1, 0)
+
+
+def test_generate_with_cache_equals_recompute():
+    from nsa.model import PRESETS, LanguageModel, generate
+    torch.manual_seed(0)
+    m = LanguageModel(PRESETS["tiny"].replace(n_layer=2)).double()
+    prompt = torch.randint(0, 256, (2, 37))
+    a = generate(m, prompt, 12)
+    b = generate(m, prompt, 12, use_cache=False)
+    assert a.shape == (2, 49) and torch.equal(a[:, :37], prompt)
+    assert torch.equal(a, b)
+    g1, g2 = (torch.Generator().manual_seed(5) for _ in range(2))
+    s1 = generate(m, prompt, 8, temperature=0.8, top_p=0.9, generator=g1)
+    s2 = generate(m, prompt, 8, temperature=0.8, top_p=0.9, generator=g2, use_cache=False)
+    assert torch.equal(s1, s2)
+
+
+def test_top_p_keeps_the_nucleus():
+    from nsa.model import _sample
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    g = torch.Generator().manual_seed(0)
+    draws = {int(_sample(logits, 1.0, 0.7, g)) for _ in range(200)}
+    assert draws == {0, 1}     # 0.5 + 0.3 reaches 0.7: tokens 2 and 3 never drawn
