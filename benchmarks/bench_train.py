@@ -13,19 +13,14 @@ import sys
 
 import torch
 import torch.nn.functional as F
-import triton
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 import nsa  # noqa: E402
-from shapes import DIMS, FLA_COMPARABLE, HEADS, LENGTHS, PAPER, environment, nsa_inputs, save  # noqa: E402
+from shapes import (DIMS, FLA_COMPARABLE, HEADS, LENGTHS, PAPER, environment, median_ms,  # noqa: E402
+                    nsa_inputs, save)
 
 BACKENDS = {"flash": torch.nn.attention.SDPBackend.FLASH_ATTENTION,
             "cudnn": torch.nn.attention.SDPBackend.CUDNN_ATTENTION}
-
-
-def bench(fn, grads=None):
-    torch.cuda.synchronize()
-    return triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=grads, return_mode="median")
 
 
 def peak_mb(fn):
@@ -43,8 +38,8 @@ def time_nsa(T, HQ, H, dk, dv, cfg):
     fwd = lambda: nsa.nsa_attention(**t, config=cfg)
     both = lambda: torch.autograd.backward(fwd(), do)
     with torch.no_grad():
-        r = dict(fwd=bench(fwd))
-    r["fwd_bwd"] = bench(both, list(t.values()))
+        r = dict(fwd=median_ms(fwd))
+    r["fwd_bwd"] = median_ms(both, list(t.values()))
     r["peak_mb"] = peak_mb(both)
     return r
 
@@ -68,8 +63,8 @@ def time_sdpa(T, HQ, H, dk, dv, backend):
             print(f"  note: {backend} refused enable_gqa ({str(e)[:60]}...): k/v expanded")
         both = lambda: torch.autograd.backward(fwd(), do)
         with torch.no_grad():
-            r = dict(fwd=bench(fwd))
-        r["fwd_bwd"] = bench(both, [q, k, v])
+            r = dict(fwd=median_ms(fwd))
+        r["fwd_bwd"] = median_ms(both, [q, k, v])
         r["peak_mb"] = peak_mb(both)
     return r
 
@@ -88,8 +83,8 @@ def time_fla(T, HQ, H, dk, dv):
     both = lambda: torch.autograd.backward(fwd(), do)
     try:
         with torch.no_grad():
-            r = dict(fwd=bench(fwd))
-        r["fwd_bwd"] = bench(both, [q, k, v, gc, gs])
+            r = dict(fwd=median_ms(fwd))
+        r["fwd_bwd"] = median_ms(both, [q, k, v, gc, gs])
     except Exception as e:  # noqa: BLE001
         return dict(error=f"fla-core failed: {str(e)[:200]}")
     return r

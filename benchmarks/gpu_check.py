@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 import nsa  # noqa: E402
 from nsa import reference  # noqa: E402
-from nsa.api import _sel_kwargs  # noqa: E402
+from nsa.api import _sel_kwargs, combine  # noqa: E402
 from shapes import PAPER, environment, nsa_inputs, save  # noqa: E402
 
 NAMES = ["q", "k_cmp", "v_cmp", "k_slc", "v_slc", "k_win", "v_win", "gates"]
@@ -30,8 +30,7 @@ def run_reference(t, cfg, idx, cu=None):
                                               cmp_stride=cfg.cmp_stride, cu_seqlens=cu)
     o_slc = reference.selected_attention(t["q"], t["k_slc"], t["v_slc"], idx, sel_block_size=cfg.sel_block_size, cu_seqlens=cu)
     o_win = reference.sliding_window_attention(t["q"], t["k_win"], t["v_win"], window_size=cfg.window_size, cu_seqlens=cu)
-    g = t["gates"].unsqueeze(-1)
-    return g[..., 0, :] * o_cmp + g[..., 1, :] * o_slc + g[..., 2, :] * o_win
+    return combine(o_cmp, o_slc, o_win, t["gates"])
 
 
 def fwd_bwd(fn, t, do):

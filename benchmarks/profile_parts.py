@@ -12,12 +12,11 @@ import sys
 import time
 
 import torch
-import triton
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 import nsa  # noqa: E402
 from nsa.triton import ops  # noqa: E402
-from shapes import PAPER, environment, nsa_inputs, save  # noqa: E402
+from shapes import PAPER, environment, median_ms, nsa_inputs, save  # noqa: E402
 
 SWEEPS = {
     "banded_fwd": [(64, 64, 4, 2), (64, 64, 4, 3), (64, 128, 4, 2), (64, 32, 4, 3), (128, 64, 8, 2),
@@ -32,8 +31,7 @@ SWEEPS = {
 
 
 def ms(fn):
-    torch.cuda.synchronize()
-    return triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median")
+    return median_ms(fn, warmup=10, rep=60)
 
 
 def parts(T, HQ, H, dk, dv, cfg):

@@ -30,6 +30,13 @@ def nsa_inputs(T, HQ, H, dk, dv, cfg, dtype=torch.bfloat16, device="cuda", requi
     return t
 
 
+def median_ms(fn, grads=None, warmup=25, rep=100):
+    """Median time of fn in ms (triton.testing.do_bench; warmup/rep are milliseconds)."""
+    import triton
+    torch.cuda.synchronize()
+    return triton.testing.do_bench(fn, warmup=warmup, rep=rep, grad_to_none=grads, return_mode="median")
+
+
 def environment():
     import triton
     return dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,

@@ -7,7 +7,8 @@ from __future__ import annotations
 import torch
 
 from . import ops
-from .utils import compressed_cu, varlen
+from ..api import compressed_cu_seqlens
+from .utils import varlen
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -26,7 +27,7 @@ def _setup(q, cu_seqlens, *, cmp=None, tc=None):
     if cu_seqlens is None:   # a batch: every sequence has tc compressed tokens
         cu_k = torch.arange(B + 1, dtype=torch.int32, device=q.device) * tc
     else:
-        cu_k = compressed_cu(cu, *cmp)
+        cu_k = compressed_cu_seqlens(cu, *cmp)
     return cu, cu_k
 
 

@@ -17,16 +17,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .utils import load_rows, seq_tile, store_rows
-
-
-@triton.jit
-def _tile_rows(t0, Tq, hk, G: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr, HQ: tl.constexpr):
-    """Rows of a (positions x heads) tile: local position t, row index into [N*HQ], validity."""
-    r = tl.arange(0, BT * GP)
-    t = t0 + r // GP
-    g = r % GP
-    return t, hk * G + g, (t < Tq) & (g < G)
+from .utils import load_rows, seq_tile, store_rows, tile_rows
 
 
 @triton.jit
@@ -75,7 +66,7 @@ def nsa_banded_fwd_kernel(
     if pid >= tl.load(tiles_q + n_seq):
         return
     q0, Tq, k0, Tk, t0 = seq_tile(pid, tiles_q, cu_q, cu_k, n_seq, BT)
-    t, head, row_ok = _tile_rows(t0, Tq, hk, G, GP, BT, HQ)
+    t, head, row_ok = tile_rows(t0, Tq, hk, G, GP, BT)
     rows = (q0 + t).to(tl.int64) * HQ + head                               # [BM]
     dk = tl.arange(0, BK)
     dv = tl.arange(0, BV)
@@ -126,7 +117,7 @@ def nsa_banded_bwd_dq_kernel(
     if pid >= tl.load(tiles_q + n_seq):
         return
     q0, Tq, k0, Tk, t0 = seq_tile(pid, tiles_q, cu_q, cu_k, n_seq, BT)
-    t, head, row_ok = _tile_rows(t0, Tq, hk, G, GP, BT, HQ)
+    t, head, row_ok = tile_rows(t0, Tq, hk, G, GP, BT)
     rows = (q0 + t).to(tl.int64) * HQ + head
     dk = tl.arange(0, BK)
     dv = tl.arange(0, BV)
@@ -190,7 +181,7 @@ def nsa_banded_bwd_dkv_kernel(
     dk_acc = tl.zeros([BN, BK], tl.float32)
     dv_acc = tl.zeros([BN, BV], tl.float32)
     for tq in range(t_lo, t_hi, BT):
-        t, head, row_ok = _tile_rows(tq, t_hi, hk, G, GP, BT, HQ)
+        t, head, row_ok = tile_rows(tq, t_hi, hk, G, GP, BT)
         rows = (q0 + t).to(tl.int64) * HQ + head
         qt = load_rows(q, rows, row_ok, dk, DK)
         dot_ = load_rows(do, rows, row_ok, dv, DV)

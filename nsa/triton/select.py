@@ -14,7 +14,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .utils import load_rows, seq_tile
+from .utils import load_rows, seq_tile, tile_rows
 
 
 @triton.jit
@@ -49,13 +49,9 @@ def nsa_select_kernel(
         return
     q0, Tq, k0, Tc, t0 = seq_tile(pid, tiles_q, cu_q, cu_k, n_seq, BT)
 
-    BM: tl.constexpr = BT * GP
     R: tl.constexpr = SEL_L // CMP_D          # compressed tokens starting in one block
     BC: tl.constexpr = NTOP * R               # compressed tokens per chunk
-    r = tl.arange(0, BM)
-    t = t0 + r // GP
-    head = hk * G + r % GP
-    row_ok = (t < Tq) & (r % GP < G)
+    t, head, row_ok = tile_rows(t0, Tq, hk, G, GP, BT)
     rows = (q0 + t).to(tl.int64) * HQ + head
     dk = tl.arange(0, BK)
     qt = load_rows(q, rows, row_ok, dk, DK)
@@ -72,7 +68,7 @@ def nsa_select_kernel(
         i = j0 * R + ii                                                     # [BC]
         kc = tl.load(k + ((k0 + i).to(tl.int64) * H + hk)[None, :] * DK + dk[:, None],
                      mask=(i[None, :] < Tc) & (dk[:, None] < DK), other=0.0)  # [BK, BC]
-        qk = tl.dot(qt, kc, input_precision=PREC) * scale_log2                                    # [BM, BC]
+        qk = tl.dot(qt, kc, input_precision=PREC) * scale_log2                                    # [BT*GP, BC]
         vis = (i[None, :] * CMP_D + CMP_L - 1 <= t[:, None]) & (i[None, :] < Tc) & row_ok[:, None]
         p = tl.where(vis, tl.exp2(qk - lse2[:, None]), 0.0)
         pg = tl.sum(tl.reshape(p, [BT, GP, BC]), axis=1)                    # [BT, BC] group sum

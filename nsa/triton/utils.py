@@ -30,12 +30,6 @@ def varlen(cu_seqlens, batch, seqlen, device):
     return cu, batch, batch * seqlen
 
 
-def compressed_cu(cu, cmp_block_size, cmp_stride):
-    lens = (cu[1:] - cu[:-1]).long()
-    tc = torch.where(lens < cmp_block_size, 0, (lens - cmp_block_size) // cmp_stride + 1)
-    return torch.cat([tc.new_zeros(1), tc.cumsum(0)]).to(torch.int32)
-
-
 def tile_cu(cu, tile):
     """Prefix sums of per-sequence tile counts: tile i of the grid belongs to the sequence s
     with out[s] <= i < out[s+1]. The grid is launched with an upper bound (no host sync)."""
@@ -58,6 +52,16 @@ def find_segment(cu_ptr, nseg, x):
         lo = tl.where(go, mid, lo)
         hi = tl.where(go, hi, mid - 1)
     return lo
+
+
+@triton.jit
+def tile_rows(t0, Tq, hk, G: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr):
+    """Rows of a (positions x heads) tile: local position t, query head, validity. Row r is
+    position t0 + r // GP, head hk*G + r % GP (GP = G rounded up to a power of two)."""
+    r = tl.arange(0, BT * GP)
+    t = t0 + r // GP
+    g = r % GP
+    return t, hk * G + g, (t < Tq) & (g < G)
 
 
 @triton.jit
