@@ -253,6 +253,53 @@ def gated_nsa(impl, q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, confi
     return getattr(impl, "combine", combine)(o_cmp, o_slc, o_win, gates), idx
 
 
+def nsa_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, lengths, *, config=None,
+               scale=None, return_block_idx=False, backend="auto"):
+    """One decoding step of NSA over a KV cache, for rows of different lengths.
+
+    Row b holds lengths[b] tokens (the newest one's keys included); its query q[b] sits at
+    position lengths[b] - 1. q [B,HQ,dk], gates [B,HQ,3]; k_cmp/v_cmp [B,Nc,H,dk|dv] the
+    compressed tokens (the first Tc(lengths[b]) are read); k_slc/v_slc [B,N,H,dk|dv] the
+    selection branch's keys of positions 0..lengths[b]-1; k_win/v_win [B,W,H,dk|dv] the window
+    branch's ring buffer (position p in slot p % W, W >= min(window_size, N)); lengths [B]
+    int32/int64 in [1, N] (values checked for CPU tensors only: a check would sync the GPU).
+    Returns o [B,HQ,dv] (and block_idx [B,H,n] int32 with return_block_idx). Equal to
+    nsa_attention's output at those positions. No autograd (inference).
+    """
+    cfg = resolve_config(config)
+    for name, x, rank in (("q", q, 3), ("gates", gates, 3), ("k_cmp", k_cmp, 4), ("v_cmp", v_cmp, 4),
+                          ("k_slc", k_slc, 4), ("v_slc", v_slc, 4), ("k_win", k_win, 4),
+                          ("v_win", v_win, 4), ("lengths", lengths, 1)):
+        _tensor(name, x, rank)
+    _floats("q", q, gates=gates, k_cmp=k_cmp, v_cmp=v_cmp, k_slc=k_slc, v_slc=v_slc, k_win=k_win,
+            v_win=v_win)
+    B, HQ, dk = q.shape
+    H, dv, N = k_cmp.shape[2], v_cmp.shape[3], k_slc.shape[1]
+    if H < 1 or HQ % H:
+        raise ValueError(f"query heads ({HQ}) must be a positive multiple of k_cmp heads ({H})")
+    _dims("gates", gates, {0: ("batch", B), 1: ("query heads", HQ), 2: ("gates", 3)})
+    for name, x, d in (("k_cmp", k_cmp, dk), ("v_cmp", v_cmp, dv), ("k_slc", k_slc, dk),
+                       ("v_slc", v_slc, dv), ("k_win", k_win, dk), ("v_win", v_win, dv)):
+        _dims(name, x, {0: ("batch", B), 2: ("kv heads", H), 3: ("head dim", d)})
+    _dims("v_cmp", v_cmp, {1: ("length, k_cmp.shape[1]", k_cmp.shape[1])})
+    _dims("v_slc", v_slc, {1: ("length, k_slc.shape[1]", N)})
+    _dims("v_win", v_win, {1: ("ring size, k_win.shape[1]", k_win.shape[1])})
+    if k_cmp.shape[1] < cfg.num_compressed(N):
+        raise ValueError(f"k_cmp holds {k_cmp.shape[1]} compressed tokens, a cache of {N} tokens "
+                         f"needs {cfg.num_compressed(N)}")
+    if k_win.shape[1] < min(cfg.window_size, N):
+        raise ValueError(f"the window ring k_win holds {k_win.shape[1]} tokens, it needs "
+                         f"min(window_size, capacity) = {min(cfg.window_size, N)}")
+    if lengths.dtype not in (torch.int32, torch.int64) or lengths.device != q.device:
+        raise TypeError(f"lengths must be int32/int64 on {q.device}, got {lengths.dtype} on {lengths.device}")
+    _dims("lengths", lengths, {0: ("batch", B)})
+    if lengths.device.type == "cpu" and B and not bool(((lengths >= 1) & (lengths <= N)).all()):
+        raise ValueError(f"lengths must be in [1, {N}] (the cache capacity), got {lengths.tolist()}")
+    o, idx = _backend(backend, q).nsa_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates,
+                                             lengths, config=cfg, scale=_scale(scale))
+    return (o, idx) if return_block_idx else o
+
+
 def combine(o_cmp, o_slc, o_win, gates):
     """SPEC.md step 6: o = g_cmp*o_cmp + g_slc*o_slc + g_win*o_win (a backend may fuse it)."""
     g = gates.unsqueeze(-1)
@@ -260,4 +307,4 @@ def combine(o_cmp, o_slc, o_win, gates):
 
 
 __all__ = ["compressed_attention", "select_blocks", "selected_attention",
-           "sliding_window_attention", "nsa_attention", "compressed_cu_seqlens", "NSAConfig"]
+           "sliding_window_attention", "nsa_attention", "nsa_decode", "compressed_cu_seqlens", "NSAConfig"]

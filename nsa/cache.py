@@ -1,13 +1,16 @@
 """NSACache: what one NSA layer keeps between calls when generating.
 
-Per batch row: the selection and window branches' rotated keys and values, the compression
-branch's raw (pre-compression) keys and values, and the compressed keys and values, which grow
-by one token each time a block of l raw keys completes (phi runs on that block only, never over
-the prefix). Rows may hold different lengths. Buffers have a fixed capacity.
-
-This first version keeps every branch's raw k/v for the whole capacity (the window branch
-needs only its last w tokens: a ring buffer is the planned refinement) and attends with the
-reference implementation; the GPU decode kernel is not written yet.
+Per batch row, fixed capacity N:
+- k_slc/v_slc [B, N, H, d]: the selection branch's rotated keys and values, every position
+  (any block may be selected);
+- k_win/v_win [B, W, H, d]: the window branch's, a ring of W = min(w, N) slots (position p in
+  slot p % W): only the last w tokens are ever read;
+- k_raw/v_raw [B, R, H, d]: the compression branch's raw keys and values, a ring of
+  R = min(l, N) slots: enough to compress the next block of l keys when it completes;
+- k_cmp/v_cmp [B, Tc(N), H, d]: the compressed tokens, one more each time a block of l raw keys
+  completes (phi runs on that block only, never over the prefix).
+Rows hold different lengths: `lengths` on the host (bookkeeping, checks) and `seqlens` on the
+device (what the decode kernels read), kept equal.
 """
 from __future__ import annotations
 
@@ -27,11 +30,14 @@ class NSACache:
         B, H = batch_size, num_kv_heads
         z = lambda n, d: torch.zeros(B, n, H, d, dtype=dtype, device=device)
         self.k_slc, self.v_slc = z(capacity, head_dim_qk), z(capacity, head_dim_v)
-        self.k_win, self.v_win = z(capacity, head_dim_qk), z(capacity, head_dim_v)
-        self.k_raw, self.v_raw = z(capacity, head_dim_qk), z(capacity, head_dim_v)
+        ring = min(config.window_size, capacity)
+        self.k_win, self.v_win = z(ring, head_dim_qk), z(ring, head_dim_v)
+        raw = min(config.cmp_block_size, capacity)
+        self.k_raw, self.v_raw = z(raw, head_dim_qk), z(raw, head_dim_v)
         tc = config.num_compressed(capacity)
         self.k_cmp, self.v_cmp = z(tc, head_dim_qk), z(tc, head_dim_v)
-        self.lengths = [0] * B   # host-side: the reference path slices by length
+        self.lengths = [0] * B
+        self.seqlens = torch.zeros(B, dtype=torch.int32, device=device)
 
     @property
     def dtype(self):
@@ -40,6 +46,18 @@ class NSACache:
     @property
     def device(self):
         return self.k_slc.device
+
+    @property
+    def nbytes(self) -> int:
+        return sum(x.numel() * x.element_size() for x in (self.k_slc, self.v_slc, self.k_win, self.v_win,
+                                                         self.k_raw, self.v_raw, self.k_cmp, self.v_cmp))
+
+    def reset(self, rows=None):
+        """Forget what rows (default: all) hold; their buffers are reused."""
+        rows = range(self.batch_size) if rows is None else rows
+        for r in rows:
+            self.lengths[r] = 0
+        self.seqlens[torch.as_tensor(list(rows), dtype=torch.long, device=self.device)] = 0
 
     def check(self, x, rows, hidden):
         """Validate an append of x [len(rows), S, hidden] to batch rows `rows`."""
@@ -50,6 +68,8 @@ class NSACache:
                              f"(cache batch size {self.batch_size})")
         if any(not 0 <= r < self.batch_size for r in rows):
             raise ValueError(f"batch rows must be in [0, {self.batch_size}), got {list(rows)}")
+        if len(set(rows)) != len(rows):
+            raise ValueError(f"batch rows must be distinct, got {list(rows)}")
         if x.dtype != self.dtype:
             raise TypeError(f"x dtype {x.dtype} does not match the cache's {self.dtype}")
         if x.device != self.device:
@@ -58,3 +78,18 @@ class NSACache:
         if over:
             raise ValueError(f"cache capacity {self.capacity} exceeded for rows {over}: lengths "
                              f"{[self.lengths[r] for r in over]} + {x.shape[1]} new tokens")
+
+    def write(self, rows_t, pos, k_slc, v_slc, k_win, v_win, k_raw, v_raw):
+        """Store new tokens at positions pos [b, S] (device) of rows rows_t [b]: the ring buffers
+        keep only the last tokens (distinct slots, so the scatter is well defined)."""
+        rr = rows_t[:, None]
+        self.k_slc[rr, pos], self.v_slc[rr, pos] = k_slc, v_slc
+        for kb, vb, k, v in ((self.k_win, self.v_win, k_win, v_win), (self.k_raw, self.v_raw, k_raw, v_raw)):
+            n = min(pos.shape[1], kb.shape[1])
+            slot = pos[:, -n:] % kb.shape[1]
+            kb[rr, slot], vb[rr, slot] = k[:, -n:], v[:, -n:]
+
+    def advance(self, rows, rows_t, n):
+        for r in rows:
+            self.lengths[r] += n
+        self.seqlens.index_add_(0, rows_t, torch.full_like(rows_t, n, dtype=torch.int32))

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import reference
-from .api import nsa_attention
+from .api import nsa_attention, nsa_decode
 from .cache import NSACache
 from .config import NSAConfig, check_int
 
@@ -139,23 +139,32 @@ class NativeSparseAttention(_AttentionBase):
             c.mlp[0]._keep_init = c.mlp[2]._keep_init = True
         self._init_linears()   # gate bias 0: every branch starts at weight 0.5
 
-    def branch_inputs(self, x, cu_seqlens=None):
-        """Everything nsa_attention takes, from x: (q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates)."""
+    def _project(self, x, pos):
+        """Per-token projections at positions pos [B, T]: q, the compression branch's raw k/v,
+        the rotated selection/window keys with their values, and the gates."""
         B, T, _ = x.shape
-        pos = positions(B, T, cu_seqlens, x.device)
         q = rotary(self.q_proj(x).view(B, T, self.num_heads, self.head_dim_qk), pos, self.rope_theta)
         k_c, v_c = self._kv(self.cmp_proj, x)
         k_s, v_s = self._kv(self.slc_proj, x)
         k_w, v_w = self._kv(self.win_proj, x)
+        gates = torch.sigmoid(self.gate_proj(x)).view(B, T, self.num_heads, 3).to(q.dtype)
+        return (q, k_c, v_c, rotary(k_s, pos, self.rope_theta), v_s, rotary(k_w, pos, self.rope_theta),
+                v_w, gates)
+
+    def _compress(self, k_c, v_c, rows, starts):
+        """Compressed tokens of the blocks whose first key is row rows[i] of k_c/v_c [B, *, H, d]
+        and sits at position starts[:, i] ([B|1, Tc]); a compressed key is rotated at its
+        block's last position, the first query that can see it."""
+        cpos = (starts + self.config.cmp_block_size - 1).expand(k_c.shape[0], -1)
+        return rotary(self.compress_k(k_c, rows), cpos, self.rope_theta), self.compress_v(v_c, rows)
+
+    def branch_inputs(self, x, cu_seqlens=None):
+        """Everything nsa_attention takes, from x: (q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates)."""
+        B, T, _ = x.shape
+        q, k_c, v_c, k_s, v_s, k_w, v_w, gates = self._project(x, positions(B, T, cu_seqlens, x.device))
         rows, starts = block_starts(B, T, cu_seqlens, self.config, x.device)
-        # a compressed key sits at its block's last position: the first query that can see it
-        cpos = (starts + self.config.cmp_block_size - 1).expand(B, -1)
-        k_cmp = rotary(self.compress_k(k_c, rows), cpos, self.rope_theta)
-        v_cmp = self.compress_v(v_c, rows)
-        gates = torch.sigmoid(self.gate_proj(x)).view(B, T, self.num_heads, 3)
-        dt = q.dtype
-        return (q, k_cmp.to(dt), v_cmp.to(dt), rotary(k_s, pos, self.rope_theta), v_s,
-                rotary(k_w, pos, self.rope_theta), v_w, gates.to(dt))
+        k_cmp, v_cmp = self._compress(k_c, v_c, rows, starts[None])
+        return q, k_cmp.to(q.dtype), v_cmp.to(q.dtype), k_s, v_s, k_w, v_w, gates
 
     def new_cache(self, batch_size, capacity, dtype=None, device=None):
         """An empty NSACache sized for this layer."""
@@ -166,8 +175,8 @@ class NativeSparseAttention(_AttentionBase):
     def forward(self, x, cu_seqlens=None, return_block_idx=False, cache=None, rows=None):
         """x [B, T, hidden] -> [B, T, hidden]. With `cache` (an NSACache), x's tokens are appended
         to the cache rows `rows` (default: all) after what they hold, and attend to it: prefill
-        (many tokens) or decoding (one a step). The cached path is for inference (no gradient
-        flows into the cache) and runs the reference implementation for now."""
+        (many tokens) or decoding (one a step). The cached path is for inference: call it under
+        torch.no_grad()."""
         if cache is not None:
             if cu_seqlens is not None:
                 raise ValueError("cache and cu_seqlens cannot be combined: one row per sequence")
@@ -181,39 +190,82 @@ class NativeSparseAttention(_AttentionBase):
 
 
     def _forward_cached(self, x, cache, rows, return_block_idx):
-        rows = list(range(x.shape[0])) if rows is None else [int(r) for r in rows]
+        """Append x's tokens to the cache rows and attend: one token per row goes through
+        nsa_decode (the decode kernels on GPU); a prompt into empty rows through nsa_attention
+        (the training kernels); more tokens after a non-empty prefix through the reference."""
+        all_rows = rows is None
+        rows = list(range(x.shape[0])) if all_rows else [int(r) for r in rows]
         cache.check(x, rows, self.hidden_size)
+        all_rows = all_rows or rows == list(range(cache.batch_size))
         B, S, _ = x.shape
-        c = self.config
-        start = torch.tensor([cache.lengths[r] for r in rows], device=x.device)
-        pos = start[:, None] + torch.arange(S, device=x.device)                 # [B, S]
-        q = rotary(self.q_proj(x).view(B, S, self.num_heads, self.head_dim_qk), pos, self.rope_theta)
-        k_c, v_c = self._kv(self.cmp_proj, x)
-        k_s, v_s = self._kv(self.slc_proj, x)
-        k_w, v_w = self._kv(self.win_proj, x)
-        k_s, k_w = rotary(k_s, pos, self.rope_theta), rotary(k_w, pos, self.rope_theta)
-        gates = torch.sigmoid(self.gate_proj(x)).view(B, S, self.num_heads, 3)
+        rows_t = torch.tensor(rows, dtype=torch.long, device=x.device)
+        pos = cache.seqlens[rows_t].long()[:, None] + torch.arange(S, device=x.device)   # [B, S]
+        new = self._project(x, pos)
+        lengths = [cache.lengths[r] for r in rows]
+        if S == 1:
+            o, idx = self._decode_step(cache, rows_t, lengths, pos, new, all_rows)
+        elif not any(lengths):
+            o, idx = self._prefill(cache, rows_t, pos, new)
+        else:
+            o, idx = self._extend(cache, rows, rows_t, pos, new)
+        cache.advance(rows, rows_t, S)
+        out = self.o_proj(o.reshape(B, S, -1))
+        return (out, idx) if return_block_idx else out
+
+    def _decode_step(self, cache, rows_t, lengths, pos, new, all_rows):
+        q, k_c, v_c, k_s, v_s, k_w, v_w, gates = new
+        c, dt = self.config, cache.dtype
+        cache.write(rows_t, pos, k_s, v_s, k_w, v_w, k_c, v_c)
+        done = [i for i, L in enumerate(lengths) if c.num_compressed(L + 1) > c.num_compressed(L)]
+        if done:   # rows whose newest token completes a block: phi on that block alone
+            ci = torch.tensor([c.num_compressed(lengths[i] + 1) - 1 for i in done], device=q.device)
+            rr, starts = rows_t[done], ci * c.cmp_stride
+            slots = (starts[:, None] + torch.arange(c.cmp_block_size, device=q.device)) % cache.k_raw.shape[1]
+            k_new, v_new = self._compress(cache.k_raw[rr[:, None], slots], cache.v_raw[rr[:, None], slots],
+                                          starts.new_zeros(1), starts[:, None])
+            cache.k_cmp[rr, ci], cache.v_cmp[rr, ci] = k_new[:, 0].to(dt), v_new[:, 0].to(dt)
+        bufs = (cache.k_cmp, cache.v_cmp, cache.k_slc, cache.v_slc, cache.k_win, cache.v_win)
+        if not all_rows:
+            bufs = tuple(b[rows_t] for b in bufs)
+        o, idx = nsa_decode(q[:, 0], *bufs, gates[:, 0], pos[:, 0] + 1, config=c,
+                            return_block_idx=True, backend=self.backend)
+        return o[:, None], idx[:, None]
+
+    def _prefill(self, cache, rows_t, pos, new):
+        q, k_c, v_c, k_s, v_s, k_w, v_w, gates = new
+        c, S = self.config, q.shape[1]
+        cache.write(rows_t, pos, k_s, v_s, k_w, v_w, k_c, v_c)
+        starts = torch.arange(c.num_compressed(S), device=q.device) * c.cmp_stride
+        k_cmp, v_cmp = (z.to(q.dtype) for z in self._compress(k_c, v_c, starts, starts[None]))
+        ci = torch.arange(starts.numel(), device=q.device)
+        cache.k_cmp[rows_t[:, None], ci], cache.v_cmp[rows_t[:, None], ci] = k_cmp, v_cmp
+        return nsa_attention(q, k_cmp, v_cmp, k_s, v_s, k_w, v_w, gates, config=c,
+                             return_block_idx=True, backend=self.backend)
+
+    def _extend(self, cache, rows, rows_t, pos, new):
+        q, k_c, v_c, k_s, v_s, k_w, v_w, gates = new
+        c, S = self.config, q.shape[1]
+        # the rings' old tokens, before the new ones overwrite them
+        old = [[reference.ring_order(buf[r], cache.lengths[r]) for buf in
+                (cache.k_win, cache.v_win, cache.k_raw, cache.v_raw)] for r in rows]
+        cache.write(rows_t, pos, k_s, v_s, k_w, v_w, k_c, v_c)
         outs, idxs = [], []
         for i, r in enumerate(rows):
+            (kw, w0), (vw, _), (kr, r0), (vr, _) = old[i]
             L, E = cache.lengths[r], cache.lengths[r] + S
-            for buf, new in ((cache.k_slc, k_s), (cache.v_slc, v_s), (cache.k_win, k_w),
-                             (cache.v_win, v_w), (cache.k_raw, k_c), (cache.v_raw, v_c)):
-                buf[r, L:E] = new[i].detach()
             c0, c1 = c.num_compressed(L), c.num_compressed(E)
             if c1 > c0:   # blocks completed by these tokens: phi on them alone
-                starts = torch.arange(c0, c1, device=x.device) * c.cmp_stride
-                kc = rotary(self.compress_k(cache.k_raw[r:r + 1], starts),
-                            (starts + c.cmp_block_size - 1)[None], self.rope_theta)
-                cache.k_cmp[r, c0:c1] = kc[0].detach()
-                cache.v_cmp[r, c0:c1] = self.compress_v(cache.v_raw[r:r + 1], starts)[0].detach()
+                starts = torch.arange(c0, c1, device=q.device) * c.cmp_stride
+                kc, vc = self._compress(torch.cat([kr, k_c[i]])[None], torch.cat([vr, v_c[i]])[None],
+                                        starts - r0, starts[None])
+                cache.k_cmp[r, c0:c1], cache.v_cmp[r, c0:c1] = kc[0].to(q.dtype), vc[0].to(q.dtype)
             o, idx = reference.nsa_at_positions(
                 q[i], cache.k_cmp[r, :c1], cache.v_cmp[r, :c1], cache.k_slc[r, :E], cache.v_slc[r, :E],
-                cache.k_win[r, :E], cache.v_win[r, :E], gates[i], pos[i], config=c)
+                torch.cat([kw, k_w[i]]), torch.cat([vw, v_w[i]]), gates[i], pos[i], config=c,
+                win_start=w0)
             outs.append(o)
             idxs.append(idx)
-            cache.lengths[r] = E
-        out = self.o_proj(torch.stack(outs).reshape(B, S, -1))
-        return (out, torch.stack(idxs)) if return_block_idx else out
+        return torch.stack(outs), torch.stack(idxs)
 
 
 class FullAttention(_AttentionBase):

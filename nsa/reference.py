@@ -228,10 +228,12 @@ def select_blocks(q, k_cmp, lse, *, cmp_block_size, cmp_stride, sel_block_size, 
 
 
 
-def nsa_at_positions(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, pos, *, config, scale=None):
+def nsa_at_positions(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, pos, *, config, scale=None,
+                     win_start=0):
     """NSA for queries of ONE sequence at absolute positions `pos` [S] (increasing), its keys
     given from position 0 up to at least pos[-1]: q [S,HQ,dk], k_cmp/v_cmp [Tc,H,*] (the
-    compressed tokens complete so far), k_*/v_* [E,H,*], gates [S,HQ,3]. Used by the cached
+    compressed tokens complete so far), k_slc/v_slc [E,H,*], gates [S,HQ,3]; k_win/v_win hold
+    positions win_start, win_start+1, ... (at least the window of pos[0]). Used by the cached
     (incremental) path; the same function as nsa_attention restricted to these queries."""
     from .api import combine
     c = config
@@ -252,12 +254,40 @@ def nsa_at_positions(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, pos, *,
     causal = s[None, :] <= pos[:, None]
     smask = block_mask(idx, nb)[:, :, s // c.sel_block_size] & causal[:, None, :]
     o_slc, _ = _attend(qs, k_slc, v_slc, smask, scale)
-    wmask = (causal & (s[None, :] > pos[:, None] - c.window_size))[:, None, :]
+    sw = win_start + torch.arange(k_win.shape[0], device=q.device)
+    wmask = ((sw[None, :] <= pos[:, None]) & (sw[None, :] > pos[:, None] - c.window_size))[:, None, :]
     o_win, _ = _attend(qs, k_win, v_win, wmask, scale)
     o = combine(*(x.flatten(1, 2) for x in (o_cmp, o_slc, o_win)), gates.to(cdt))
     return o.to(q.dtype), idx
 
 
+def ring_order(buf, length):
+    """The positions max(0, length - W) .. length-1 of a ring buffer buf [W, ...] (position p in
+    slot p % W), oldest first, and the first of them."""
+    W = buf.shape[0]
+    start = max(0, length - W)
+    slots = torch.arange(start, length, device=buf.device) % W
+    return buf[slots], start
+
+
+@torch.no_grad()
+def nsa_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, lengths, *, config, scale=None):
+    """One decoding step over a cache (the layout of nsa.nsa_decode): row b's query sits at
+    position lengths[b] - 1. Returns (o [B,HQ,dv], block_idx [B,H,n])."""
+    outs, idxs = [], []
+    for b, L in enumerate(lengths.tolist()):
+        kw, start = ring_order(k_win[b], L)
+        vw, _ = ring_order(v_win[b], L)
+        pos = torch.tensor([L - 1], device=q.device)
+        o, idx = nsa_at_positions(q[b:b + 1], k_cmp[b, :config.num_compressed(L)],
+                                  v_cmp[b, :config.num_compressed(L)], k_slc[b, :L], v_slc[b, :L],
+                                  kw, vw, gates[b:b + 1], pos, config=config, scale=scale,
+                                  win_start=start)
+        outs.append(o[0])
+        idxs.append(idx[0])
+    return torch.stack(outs), torch.stack(idxs)
+
+
 __all__ = ["compressed_attention", "select_blocks", "selected_attention",
            "sliding_window_attention", "overlap_weights", "pick_blocks", "block_mask",
-           "block_scores", "nsa_at_positions", "num_compressed", "segments"]
+           "block_scores", "nsa_at_positions", "nsa_decode", "ring_order", "num_compressed", "segments"]

@@ -56,6 +56,61 @@ def test_rows_of_different_lengths_decode_as_if_alone():
     torch.testing.assert_close(got[1], fb[0, 45:55], rtol=0, atol=1e-12)
 
 
+def test_rings_hold_only_what_is_read():
+    cache = _layer().new_cache(3, 80)
+    assert cache.k_win.shape[1] == CFG.window_size and cache.k_raw.shape[1] == CFG.cmp_block_size
+    assert cache.k_slc.shape[1] == 80 and cache.k_cmp.shape[1] == CFG.num_compressed(80)
+    small = _layer().new_cache(1, 5)   # capacity under l and w: rings shrink to it
+    assert small.k_win.shape[1] == 5 and small.k_raw.shape[1] == 5 and small.k_cmp.shape[1] == 0
+
+
+@pytest.mark.parametrize("capacity", [5, 8, 16], ids=lambda c: f"cap{c}")
+def test_small_capacities(capacity):
+    m = _layer(3)
+    x = torch.randn(1, capacity, 32, dtype=torch.float64)
+    with torch.no_grad():
+        full = m(x)
+        cache = m.new_cache(1, capacity)
+        got = torch.cat([m(x[:, :2], cache=cache)] + [m(x[:, t:t + 1], cache=cache) for t in range(2, capacity)], 1)
+    torch.testing.assert_close(got, full, rtol=0, atol=1e-12)
+    assert cache.seqlens.tolist() == [capacity]
+
+
+def test_decode_a_subset_of_rows():
+    m = _layer(4)
+    x = torch.randn(3, 50, 32, dtype=torch.float64)
+    with torch.no_grad():
+        full = m(x)
+        cache = m.new_cache(3, 50)
+        m(x[:, :40], cache=cache)
+        got = [m(x[1:2, t:t + 1], cache=cache, rows=[1]) for t in range(40, 50)]
+        cache.reset([0])
+        again = m(x[:1, :25], cache=cache, rows=[0])
+    torch.testing.assert_close(torch.cat(got, 1), full[1:2, 40:], rtol=0, atol=1e-12)
+    torch.testing.assert_close(again, full[:1, :25], rtol=0, atol=1e-12)
+    assert cache.lengths == [25, 50, 40] and cache.seqlens.tolist() == [25, 50, 40]
+
+
+def test_triton_cached_path_matches_parallel():
+    """The layer's cached path with backend='triton': prompt through the training kernels,
+    then the decode kernels, one token at a time (the interpreter on CPU)."""
+    torch.manual_seed(5)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    m = nsa.NativeSparseAttention(32, 4, 2, 16, 8, config=CFG, backend="triton").to(dev)
+    ref = nsa.NativeSparseAttention(32, 4, 2, 16, 8, config=CFG, backend="torch").double()
+    ref.load_state_dict(m.state_dict())
+    x = torch.randn(2, 70, 32, device=dev)
+    with torch.no_grad():
+        want, want_idx = ref(x.double().cpu(), return_block_idx=True)
+        cache = m.new_cache(2, 70)
+        outs, idxs = zip(*[m(x[:, a:b], cache=cache, return_block_idx=True)
+                           for a, b in [(0, 37)] + [(t, t + 1) for t in range(37, 70)]])
+    got = torch.cat(outs, 1).cpu()
+    assert not torch.isnan(got).any()
+    assert (got.double() - want).abs().max() < 1e-5 * want.abs().max()
+    assert torch.equal(torch.cat(idxs, 1).cpu(), want_idx)
+
+
 def test_cache_errors():
     m = _layer()
     cache = m.new_cache(2, 10)
@@ -72,6 +127,8 @@ def test_cache_errors():
             m(torch.randn(2, 1, 32), cache=cache)
         with pytest.raises(ValueError, match="cache and cu_seqlens cannot be combined"):
             m(x[:1], cache=cache, cu_seqlens=torch.tensor([0, 8], dtype=torch.int32))
+        with pytest.raises(ValueError, match=r"batch rows must be distinct, got \[1, 1\]"):
+            m(torch.randn(2, 1, 32, dtype=torch.float64), cache=cache, rows=[1, 1])
         with pytest.raises(ValueError, match="capacity must be a positive int"):
             m.new_cache(1, 0)
 

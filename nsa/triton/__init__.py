@@ -72,3 +72,14 @@ def selected_attention(q, k, v, block_idx, *, sel_block_size, scale=None, cu_seq
 def combine(o_cmp, o_slc, o_win, gates):
     """SPEC.md step 6 in one fused pass (forward and backward)."""
     return ops.gate_fwd(o_cmp.contiguous(), o_slc.contiguous(), o_win.contiguous(), gates.contiguous())
+
+
+def nsa_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, lengths, *, config, scale=None):
+    """One decoding step over a cache (nsa.nsa_decode's layout): the four decode kernels."""
+    if q.dtype not in _DTYPES:
+        raise TypeError(f"backend='triton' supports float32/float16/bfloat16, got {q.dtype}")
+    c = config
+    return ops.decode(*(x.contiguous() for x in (q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates)),
+                      lengths.to(torch.int32).contiguous(), _scale(scale, q), c.cmp_block_size,
+                      c.cmp_stride, c.sel_block_size, c.sel_block_count, c.sel_init_blocks,
+                      c.sel_local_blocks, c.window_size)

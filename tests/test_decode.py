@@ -1,0 +1,104 @@
+"""nsa_decode (one step over a KV cache) == nsa_attention at the same position.
+
+The torch backend is checked against the parallel forward in float64 (exact up to rounding);
+the Triton decode kernels (interpreter on CPU, natively on a GPU) against float64 in
+float32/float16, with NaN-poisoned outputs and scratch (conftest).
+"""
+import pytest
+import torch
+
+import nsa
+from helpers import make_inputs, rel_err
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+CFG = nsa.NSAConfig(cmp_block_size=8, cmp_stride=4, sel_block_size=16, sel_block_count=4,
+                    sel_init_blocks=1, sel_local_blocks=2, window_size=16)
+ODD = nsa.NSAConfig(cmp_block_size=6, cmp_stride=3, sel_block_size=12, sel_block_count=3,
+                    sel_init_blocks=0, sel_local_blocks=1, window_size=5)
+TOL = {torch.float32: 2e-5, torch.float16: 4e-3}
+
+
+def as_cache(t, lengths, cfg, capacity, ring):
+    """Cache tensors holding each row's first lengths[b] tokens of the full-sequence inputs t,
+    the window in a ring of `ring` slots (position p in slot p % ring), the rest garbage."""
+    B = t["q"].shape[0]
+    g = torch.Generator().manual_seed(7)
+    junk = lambda like, n: torch.randn(B, n, *like.shape[2:], generator=g, dtype=torch.float64).to(like)
+    c = {"k_cmp": junk(t["k_cmp"], cfg.num_compressed(capacity)), "v_cmp": junk(t["v_cmp"], cfg.num_compressed(capacity)),
+         "k_slc": junk(t["k_slc"], capacity), "v_slc": junk(t["v_slc"], capacity),
+         "k_win": junk(t["k_win"], ring), "v_win": junk(t["v_win"], ring)}
+    for b, L in enumerate(lengths):
+        nc = cfg.num_compressed(L)
+        for n in ("k_cmp", "v_cmp"):
+            c[n][b, :nc] = t[n][b, :nc]
+        for n in ("k_slc", "v_slc"):
+            c[n][b, :L] = t[n][b, :L]
+        for p in range(max(0, L - ring), L):
+            for n in ("k_win", "v_win"):
+                c[n][b, p % ring] = t[n][b, p]
+    rows = torch.arange(B)
+    last = torch.tensor(lengths) - 1
+    return c, t["q"][rows, last], t["gates"][rows, last]
+
+
+def _case(T, HQ, H, dk, dv, cfg, lengths, dtype, ring=None, seed=0):
+    B = len(lengths)
+    t, _ = make_inputs(T, HQ, H, dk, dv, cfg, B=B, seed=seed)
+    full, idx_full = nsa.nsa_attention(**t, config=cfg, return_block_idx=True, backend="torch")
+    ring = ring or min(cfg.window_size, T)
+    c, q, gates = as_cache(t, lengths, cfg, T, ring)
+    rows, last = torch.arange(B), torch.tensor(lengths) - 1
+    want, want_idx = full[rows, last], idx_full[rows, last]
+    args = {k: v.to(DEV, dtype) for k, v in c.items()}
+    return (q.to(DEV, dtype), args, gates.to(DEV, dtype),
+            torch.tensor(lengths, dtype=torch.int32, device=DEV), want, want_idx)
+
+
+CASES = [  # T, HQ, H, dk, dv, cfg, lengths, ring
+    pytest.param(70, 4, 2, 8, 8, CFG, [70, 1, 33, 7, 16, 64], None, id="G2-mixed-lengths"),
+    pytest.param(90, 16, 1, 16, 8, CFG, [90, 17, 48], 24, id="G16-ring-larger-than-window"),
+    pytest.param(40, 3, 3, 8, 12, CFG, [40, 9], 40, id="G1-ring=capacity-dk!=dv"),
+    pytest.param(50, 4, 2, 24, 16, ODD, [50, 6, 5, 31], None, id="odd-sizes"),
+]
+
+
+@pytest.mark.parametrize("T,HQ,H,dk,dv,cfg,lengths,ring", CASES)
+def test_reference_decode_equals_parallel(T, HQ, H, dk, dv, cfg, lengths, ring):
+    q, c, gates, lens, want, want_idx = _case(T, HQ, H, dk, dv, cfg, lengths, torch.float64, ring)
+    if DEV != "cpu":
+        pytest.skip("reference decode is checked on CPU")
+    o, idx = nsa.nsa_decode(q, **c, gates=gates, lengths=lens, config=cfg, return_block_idx=True,
+                            backend="torch")
+    torch.testing.assert_close(o, want, rtol=0, atol=1e-12)
+    assert torch.equal(idx, want_idx)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("T,HQ,H,dk,dv,cfg,lengths,ring", CASES)
+def test_triton_decode(T, HQ, H, dk, dv, cfg, lengths, ring, dtype):
+    q, c, gates, lens, want, want_idx = _case(T, HQ, H, dk, dv, cfg, lengths, dtype, ring, seed=T)
+    o, idx = nsa.nsa_decode(q, **c, gates=gates, lengths=lens, config=cfg, return_block_idx=True,
+                            backend="triton")
+    assert torch.equal(idx.cpu(), want_idx)   # selection matches float64's exactly
+    assert rel_err(o.cpu(), want) < TOL[dtype]
+
+
+def test_decode_errors():
+    q, c, gates, lens, _, _ = _case(40, 4, 2, 8, 8, CFG, [40, 3], torch.float64)
+    run = lambda **kw: nsa.nsa_decode(**{**dict(q=q, gates=gates, lengths=lens, config=CFG, **c), **kw})
+    with pytest.raises(ValueError, match=r"lengths must be in \[1, 40\]"):
+        run(lengths=torch.tensor([41, 3], dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"lengths must be in"):
+        run(lengths=torch.tensor([0, 3], dtype=torch.int32))
+    with pytest.raises(ValueError, match="window ring"):
+        run(k_win=c["k_win"][:, :8], v_win=c["v_win"][:, :8])
+    with pytest.raises(ValueError, match="compressed tokens"):
+        run(k_cmp=c["k_cmp"][:, :2], v_cmp=c["v_cmp"][:, :2])
+    with pytest.raises(TypeError, match="k_slc must have the dtype"):
+        run(k_slc=c["k_slc"].float())
+    with pytest.raises(ValueError, match=r"gates.shape\[0\]"):
+        run(gates=gates[:1])
+    with pytest.raises(ValueError, match="rank 3"):
+        run(q=q[:, None])
+    with pytest.raises(TypeError, match="lengths must be int32"):
+        run(lengths=lens.float())
