@@ -10,7 +10,8 @@ partial (max, sum, acc) and a merge kernel combines them by log-sum-exp:
    keys) for scoring; splits S_C.. attend slices of the window (a ring buffer).
 2. select: grid (B*H,). Merges the compression splits' (max, sum) into the lse, turns the stored
    logits into probabilities, sums them over the group, spreads them over selection blocks by
-   overlap, and keeps a running top-n (the training selection kernel's merge, one position).
+   overlap, BCH blocks at a time: each chunk is sorted once and its best n merged into a
+   running top-n (packed keys as in the training selection kernel).
 3. selected: grid (B*H, S_S). Splits of the n selected blocks, token by token.
 4. merge: grid (B*H,). Combines each branch's partials and applies the gates.
 
@@ -22,7 +23,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .select import _merge_top, _overlap
+from .select import _merge_top
 
 
 @triton.jit
@@ -125,7 +126,8 @@ def nsa_decode_select_kernel(
     lengths, logits, pm, pl, out, NC,
     H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, S_C: tl.constexpr, S_ALL: tl.constexpr,
     CMP_L: tl.constexpr, CMP_D: tl.constexpr, SEL_L: tl.constexpr, N_SEL: tl.constexpr,
-    NTOP: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr,
+    NTOP: tl.constexpr, BCH: tl.constexpr, RP: tl.constexpr, INIT: tl.constexpr,
+    LOCAL: tl.constexpr,
 ):
     bh = tl.program_id(0)
     L = tl.load(lengths + bh // H)
@@ -145,37 +147,43 @@ def nsa_decode_select_kernel(
         l_sum += tl.load(pl + base, mask=g < G, other=0.0) * tl.exp2(ms - m_use)
     lse2 = m_use + tl.log2(tl.where(l_sum > 0, l_sum, 1.0))
 
-    R: tl.constexpr = SEL_L // CMP_D          # compressed tokens starting in one block
-    BC: tl.constexpr = NTOP * R
-    jj = tl.arange(0, NTOP)
-    ii = tl.arange(0, BC)
+    # Block scores, BCH blocks at a time. Compressed token i starts in block i // R at offset
+    # r = i % R (R = l'/d tokens start in each block); since l <= l' it covers that block by
+    # min(l, l' - r*d) keys and spills max(0, r*d + l - l') keys into the next one.
+    R: tl.constexpr = SEL_L // CMP_D
+    r = tl.arange(0, RP)
+    w_in = tl.where(r < R, tl.minimum(CMP_L, SEL_L - r * CMP_D).to(tl.float32) / CMP_D, 0.0)
+    w_spill = tl.where(r < R, tl.maximum(r * CMP_D + CMP_L - SEL_L, 0).to(tl.float32) / CMP_D, 0.0)
+    jj = tl.arange(0, BCH)
     last = t // SEL_L                         # last candidate block
     top = tl.full([1, NTOP], -1, tl.int64)
-    carry = tl.zeros([1], tl.float32)
     lg_row = logits + bh.to(tl.int64) * G * NC
-    for j0 in range(0, last + 1, NTOP):
-        i = j0 * R + ii
-        ok = (g[:, None] < G) & (i[None, :] < nc)
-        lg = tl.load(lg_row + g[:, None] * NC + i[None, :], mask=ok, other=float("-inf"))
-        p = tl.where(ok, tl.exp2(lg - lse2[:, None]), 0.0)
-        pg = tl.sum(p, axis=0)                                             # [BC] group sum
-        w = _overlap(i[:, None], j0 + jj[None, :], CMP_L, CMP_D, SEL_L)    # [BC, NTOP]
-        w_next = _overlap(i, j0 + NTOP, CMP_L, CMP_D, SEL_L)
-        score = tl.sum(pg[:, None] * w, axis=0)[None, :]                   # [1, NTOP]
-        score += tl.where(jj[None, :] == 0, carry[:, None], 0.0)
-        carry = tl.sum(pg * w_next, axis=0, keep_dims=True)
-        j = j0 + jj[None, :]
+    for j0 in range(0, last + 1, BCH):
+        j = j0 + jj                                                        # [BCH]
+        score = tl.zeros([BCH], tl.float32)
+        for shift in tl.static_range(2):   # tokens starting in block j, then in block j - 1
+            i = (j[:, None] - shift) * R + r[None, :]                      # [BCH, RP]
+            ok = (i >= 0) & (i < nc) & (r[None, :] < R)
+            lg = tl.load(lg_row + g[:, None, None] * NC + i[None, :, :],
+                         mask=ok[None, :, :] & (g[:, None, None] < G), other=float("-inf"))
+            pg = tl.sum(tl.exp2(lg - lse2[:, None, None]), axis=0)          # [BCH, RP] group sum
+            w = w_in if shift == 0 else w_spill
+            score += tl.sum(pg * w[None, :], axis=1)
         cand = j <= last
         forced = cand & ((j < INIT) | (j > last - LOCAL))
         score = tl.where(forced, float("inf"), score)
         bits = score.to(tl.int32, bitcast=True).to(tl.int64)
         key = tl.where(cand, (bits << 32) | (2147483647 - j).to(tl.int64), -1)
-        top = _merge_top(top, key, 1, NTOP)
-    keep = (top >= 0) & (jj[None, :] < N_SEL)
+        key = tl.sort(key[None, :], dim=1, descending=True)
+        # sorted descending, so column c of the first row is the max of column c of every row
+        best = tl.max(tl.reshape(key, [BCH // NTOP, NTOP]), axis=0)
+        top = _merge_top(top, best[None, :], 1, NTOP)
+    nn = tl.arange(0, NTOP)
+    keep = (top >= 0) & (nn[None, :] < N_SEL)
     blk = tl.where(keep, 2147483647 - (top & 0xFFFFFFFF), 2147483647).to(tl.int32)
     blk = tl.sort(blk, dim=1)
     blk = tl.where(blk == 2147483647, -1, blk)
-    tl.store(out + bh.to(tl.int64) * N_SEL + jj[None, :], blk, mask=jj[None, :] < N_SEL)
+    tl.store(out + bh.to(tl.int64) * N_SEL + nn[None, :], blk, mask=nn[None, :] < N_SEL)
 
 
 @triton.jit

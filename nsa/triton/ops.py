@@ -307,7 +307,8 @@ def decode(q: Tensor, k_cmp: Tensor, v_cmp: Tensor, k_slc: Tensor, v_slc: Tensor
     N, W = k_slc.shape[1], k_win.shape[1]
     G = HQ // H
     GP, BK, BV = pow2(G, 16), pow2(DK, 16), pow2(DV, 16)
-    BN, S_C, S_W, S_S, warps = tuning.decode(B * H, NC, min(W, window_size),
+    NTOP = pow2(sel_block_count)
+    BN, BCH, S_C, S_W, S_S, warps = tuning.decode(B * H, NC, min(W, window_size),
                                              sel_block_count * sel_block_size, q.device)
     S_S = min(S_S, sel_block_count)
     PER = -(-sel_block_count // S_S)
@@ -330,7 +331,7 @@ def decode(q: Tensor, k_cmp: Tensor, v_cmp: Tensor, k_slc: Tensor, v_slc: Tensor
     nsa_decode_select_kernel[(B * H,)](
         lengths, logits, pm, pl, idx, max(NC, 1), H=H, G=G, GP=GP, S_C=S_C, S_ALL=S_ALL,
         CMP_L=cmp_block_size, CMP_D=cmp_stride, SEL_L=sel_block_size, N_SEL=sel_block_count,
-        NTOP=_ntop(sel_block_count, sel_block_size // cmp_stride), INIT=sel_init_blocks,
+        NTOP=NTOP, BCH=max(NTOP, BCH), RP=pow2(sel_block_size // cmp_stride), INIT=sel_init_blocks,
         LOCAL=sel_local_blocks, num_warps=4)
     nsa_decode_selected_kernel[(B * H, S_S)](
         q, k_slc, v_slc, lengths, idx, pm, pl, pacc, N, sl2, SEL_L=sel_block_size,

@@ -83,16 +83,17 @@ def selected_bwd_queries(gp: int):
 
 
 def decode(programs: int, cmp_tokens: int, win_tokens: int, sel_tokens: int, device):
-    """(BN, S_C, S_W, S_S, num_warps): key tile and splits of the compressed, window and selected
-    keys for a decode step with `programs` (row, KV head) pairs. Enough splits for ~2 programs
-    per SM, none shorter than 2 tiles (a split's fixed cost: loading q, writing a partial). The
-    interpreter uses 2 splits each so that CI exercises the merge, empty splits included."""
+    """(BN, BCH, S_C, S_W, S_S, num_warps): key tile, selection blocks scored per step, and
+    splits of the compressed, window and selected keys for a decode step with `programs`
+    (row, KV head) pairs. Enough splits for ~2 programs per SM, none shorter than 2 tiles (a
+    split's fixed cost: loading q, writing a partial). The interpreter uses 2 splits each and
+    4-block score chunks so that CI exercises the merges, empty splits included."""
     if interpreting():
-        return 16, 2, 2, 2, 4
-    BN = 64
+        return 16, 4, 2, 2, 2, 4
+    BN, BCH = 64, 128
     want = -(-2 * _sm_count(device.index or 0) // max(1, programs))
     cap = lambda n: max(1, min(want, -(-n // (2 * BN))))
-    return _pick("decode", (BN, cap(cmp_tokens), cap(win_tokens), cap(sel_tokens), 4))
+    return _pick("decode", (BN, BCH, cap(cmp_tokens), cap(win_tokens), cap(sel_tokens), 4))
 
 
 __all__ = ["banded", "select", "selected", "selected_bwd_queries", "decode", "interpreting", "pow2"]
