@@ -17,6 +17,7 @@ import sys
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 import nsa  # noqa: E402
@@ -126,10 +127,10 @@ def time_decode(B, s, cfg=PAPER):
     v = torch.randn(B, H, s, DV, device="cuda", dtype=BF16)
     qf = q[:, :, None]
     best = {}
-    for be in (F.SDPBackend.CUDNN_ATTENTION, F.SDPBackend.FLASH_ATTENTION,
-               F.SDPBackend.EFFICIENT_ATTENTION):
+    for be in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
+               SDPBackend.EFFICIENT_ATTENTION):
         def full(be=be):
-            with torch.nn.attention.sdpa_kernel(be):
+            with sdpa_kernel(be):
                 return F.scaled_dot_product_attention(qf, k, v, enable_gqa=True)
         try:
             full()

@@ -41,7 +41,7 @@ def as_cache(t, lengths, cfg, capacity, ring):
     return c, t["q"][rows, last], t["gates"][rows, last]
 
 
-def _case(T, HQ, H, dk, dv, cfg, lengths, dtype, ring=None, seed=0):
+def _case(T, HQ, H, dk, dv, cfg, lengths, dtype, ring=None, seed=0, dev=DEV):
     B = len(lengths)
     t, _ = make_inputs(T, HQ, H, dk, dv, cfg, B=B, seed=seed)
     full, idx_full = nsa.nsa_attention(**t, config=cfg, return_block_idx=True, backend="torch")
@@ -49,9 +49,9 @@ def _case(T, HQ, H, dk, dv, cfg, lengths, dtype, ring=None, seed=0):
     c, q, gates = as_cache(t, lengths, cfg, T, ring)
     rows, last = torch.arange(B), torch.tensor(lengths) - 1
     want, want_idx = full[rows, last], idx_full[rows, last]
-    args = {k: v.to(DEV, dtype) for k, v in c.items()}
-    return (q.to(DEV, dtype), args, gates.to(DEV, dtype),
-            torch.tensor(lengths, dtype=torch.int32, device=DEV), want, want_idx)
+    args = {k: v.to(dev, dtype) for k, v in c.items()}
+    return (q.to(dev, dtype), args, gates.to(dev, dtype),
+            torch.tensor(lengths, dtype=torch.int32, device=dev), want, want_idx)
 
 
 CASES = [  # T, HQ, H, dk, dv, cfg, lengths, ring
@@ -64,9 +64,7 @@ CASES = [  # T, HQ, H, dk, dv, cfg, lengths, ring
 
 @pytest.mark.parametrize("T,HQ,H,dk,dv,cfg,lengths,ring", CASES)
 def test_reference_decode_equals_parallel(T, HQ, H, dk, dv, cfg, lengths, ring):
-    q, c, gates, lens, want, want_idx = _case(T, HQ, H, dk, dv, cfg, lengths, torch.float64, ring)
-    if DEV != "cpu":
-        pytest.skip("reference decode is checked on CPU")
+    q, c, gates, lens, want, want_idx = _case(T, HQ, H, dk, dv, cfg, lengths, torch.float64, ring, dev="cpu")
     o, idx = nsa.nsa_decode(q, **c, gates=gates, lengths=lens, config=cfg, return_block_idx=True,
                             backend="torch")
     torch.testing.assert_close(o, want, rtol=0, atol=1e-12)
@@ -84,7 +82,7 @@ def test_triton_decode(T, HQ, H, dk, dv, cfg, lengths, ring, dtype):
 
 
 def test_decode_errors():
-    q, c, gates, lens, _, _ = _case(40, 4, 2, 8, 8, CFG, [40, 3], torch.float64)
+    q, c, gates, lens, _, _ = _case(40, 4, 2, 8, 8, CFG, [40, 3], torch.float64, dev="cpu")
     run = lambda **kw: nsa.nsa_decode(**{**dict(q=q, gates=gates, lengths=lens, config=CFG, **c), **kw})
     with pytest.raises(ValueError, match=r"lengths must be in \[1, 40\]"):
         run(lengths=torch.tensor([41, 3], dtype=torch.int32))

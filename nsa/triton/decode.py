@@ -8,12 +8,13 @@ partial (max, sum, acc) and a merge kernel combines them by log-sum-exp:
 1. cmp_win: grid (B*H, S_C + S_W). Splits 0..S_C-1 attend slices of the compressed tokens and
    keep their logits (fp32, in a scratch the size of G compressed rows: far fewer bytes than the
    keys) for scoring; splits S_C.. attend slices of the window (a ring buffer).
-2. select: grid (B*H,). Merges the compression splits' (max, sum) into the lse, turns the stored
-   logits into probabilities, sums them over the group, spreads them over selection blocks by
-   overlap, BCH blocks at a time: each chunk is sorted once and its best n merged into a
-   running top-n (packed keys as in the training selection kernel).
-3. selected: grid (B*H, S_S). Splits of the n selected blocks, token by token.
-4. merge: grid (B*H,). Combines each branch's partials and applies the gates.
+2. score: grid (B*H, S_B). Merges the compression splits' (max, sum) into the lse, turns the
+   stored logits into probabilities, sums them over the group and spreads them over the
+   selection blocks by overlap: one fp32 score per block (a split owns a range of blocks).
+3. selected: grid (B*H, S_S). Every split picks the top-n blocks from the scores (n rounds of
+   max-and-remove over packed (score, block) keys: no sort on the critical path) and attends
+   its share of them, token by token.
+4. merge: grid (B*H, G). Combines each branch's partials for one query head; applies the gates.
 
 Shapes are fixed by the cache and the launch: lengths are read on the device, so the step has
 no host sync and can be captured in a CUDA graph.
@@ -122,23 +123,20 @@ def nsa_decode_cmp_win_kernel(
 
 
 @triton.jit
-def nsa_decode_select_kernel(
-    lengths, logits, pm, pl, out, NC,
-    H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, S_C: tl.constexpr, S_ALL: tl.constexpr,
-    CMP_L: tl.constexpr, CMP_D: tl.constexpr, SEL_L: tl.constexpr, N_SEL: tl.constexpr,
-    NTOP: tl.constexpr, BCH: tl.constexpr, RP: tl.constexpr, INIT: tl.constexpr,
-    LOCAL: tl.constexpr,
+def nsa_decode_score_kernel(
+    lengths, logits, pm, pl, scores, NC, NB,
+    H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, S_C: tl.constexpr, S_B: tl.constexpr,
+    S_ALL: tl.constexpr, CMP_L: tl.constexpr, CMP_D: tl.constexpr, SEL_L: tl.constexpr,
+    BCH: tl.constexpr, RP: tl.constexpr,
 ):
     bh = tl.program_id(0)
     L = tl.load(lengths + bh // H)
-    t = L - 1
     nc = tl.where(L >= CMP_L, (L - CMP_L) // CMP_D + 1, 0)
     g = tl.arange(0, GP)
     # lse (log2) of the compression branch from its splits
     m = tl.full([GP], float("-inf"), tl.float32)
     for s in range(S_C):
-        ms = tl.load(pm + (bh.to(tl.int64) * S_ALL + s) * G + g, mask=g < G, other=float("-inf"))
-        m = tl.maximum(m, ms)
+        m = tl.maximum(m, tl.load(pm + (bh.to(tl.int64) * S_ALL + s) * G + g, mask=g < G, other=float("-inf")))
     m_use = tl.where(m == float("-inf"), 0.0, m)
     l_sum = tl.zeros([GP], tl.float32)
     for s in range(S_C):
@@ -147,19 +145,17 @@ def nsa_decode_select_kernel(
         l_sum += tl.load(pl + base, mask=g < G, other=0.0) * tl.exp2(ms - m_use)
     lse2 = m_use + tl.log2(tl.where(l_sum > 0, l_sum, 1.0))
 
-    # Block scores, BCH blocks at a time. Compressed token i starts in block i // R at offset
-    # r = i % R (R = l'/d tokens start in each block); since l <= l' it covers that block by
-    # min(l, l' - r*d) keys and spills max(0, r*d + l - l') keys into the next one.
+    # Compressed token i starts in block i // R at offset r = i % R (R = l'/d tokens start in
+    # each block); since l <= l' it covers that block by min(l, l' - r*d) keys and spills
+    # max(0, r*d + l - l') keys into the next one.
     R: tl.constexpr = SEL_L // CMP_D
     r = tl.arange(0, RP)
     w_in = tl.where(r < R, tl.minimum(CMP_L, SEL_L - r * CMP_D).to(tl.float32) / CMP_D, 0.0)
     w_spill = tl.where(r < R, tl.maximum(r * CMP_D + CMP_L - SEL_L, 0).to(tl.float32) / CMP_D, 0.0)
-    jj = tl.arange(0, BCH)
-    last = t // SEL_L                         # last candidate block
-    top = tl.full([1, NTOP], -1, tl.int64)
+    lo, hi = _split((L - 1) // SEL_L + 1, tl.program_id(1), S_B, BCH)
     lg_row = logits + bh.to(tl.int64) * G * NC
-    for j0 in range(0, last + 1, BCH):
-        j = j0 + jj                                                        # [BCH]
+    for j0 in range(lo, hi, BCH):
+        j = j0 + tl.arange(0, BCH)
         score = tl.zeros([BCH], tl.float32)
         for shift in tl.static_range(2):   # tokens starting in block j, then in block j - 1
             i = (j[:, None] - shift) * R + r[None, :]                      # [BCH, RP]
@@ -169,29 +165,43 @@ def nsa_decode_select_kernel(
             pg = tl.sum(tl.exp2(lg - lse2[:, None, None]), axis=0)          # [BCH, RP] group sum
             w = w_in if shift == 0 else w_spill
             score += tl.sum(pg * w[None, :], axis=1)
-        cand = j <= last
-        forced = cand & ((j < INIT) | (j > last - LOCAL))
-        score = tl.where(forced, float("inf"), score)
-        bits = score.to(tl.int32, bitcast=True).to(tl.int64)
-        key = tl.where(cand, (bits << 32) | (2147483647 - j).to(tl.int64), -1)
-        key = tl.sort(key[None, :], dim=1, descending=True)
-        # sorted descending, so column c of the first row is the max of column c of every row
-        best = tl.max(tl.reshape(key, [BCH // NTOP, NTOP]), axis=0)
-        top = _merge_top(top, best[None, :], 1, NTOP)
+        tl.store(scores + bh.to(tl.int64) * NB + j, score, mask=j < hi)
+
+
+@triton.jit
+def _top_blocks(scores, NB, L, SEL_L: tl.constexpr, N_SEL: tl.constexpr, NTOP: tl.constexpr,
+                CHK: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr):
+    """The selected blocks of one (row, KV head), ascending, padded with 2**31-1: the forced
+    ones, then the best-scoring candidates (ties: the lower block). Keys pack (score bits,
+    ~block) into int64: n rounds of max-and-remove per chunk of CHK blocks, merged into a
+    running top-NTOP."""
+    last = (L - 1) // SEL_L
     nn = tl.arange(0, NTOP)
+    top = tl.full([1, NTOP], -1, tl.int64)
+    for c0 in range(0, last + 1, CHK):
+        j = c0 + tl.arange(0, CHK)
+        cand = j <= last
+        sc = tl.load(scores + j, mask=cand, other=0.0)
+        sc = tl.where(cand & ((j < INIT) | (j > last - LOCAL)), float("inf"), sc)
+        key = tl.where(cand, (sc.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (2147483647 - j).to(tl.int64), -1)
+        best = tl.full([NTOP], -1, tl.int64)
+        for it in tl.static_range(N_SEL):
+            mx = tl.max(key, 0)
+            best = tl.where(nn == it, mx, best)
+            key = tl.where(key == mx, -1, key)
+        top = _merge_top(top, best[None, :], 1, NTOP)
     keep = (top >= 0) & (nn[None, :] < N_SEL)
     blk = tl.where(keep, 2147483647 - (top & 0xFFFFFFFF), 2147483647).to(tl.int32)
-    blk = tl.sort(blk, dim=1)
-    blk = tl.where(blk == 2147483647, -1, blk)
-    tl.store(out + bh.to(tl.int64) * N_SEL + nn[None, :], blk, mask=nn[None, :] < N_SEL)
+    return tl.sort(blk, dim=1)
 
 
 @triton.jit
 def nsa_decode_selected_kernel(
-    q, k_slc, v_slc, lengths, idx, pm, pl, pacc, N, scale_log2,
+    q, k_slc, v_slc, lengths, scores, idx, pm, pl, pacc, N, NB, scale_log2,
     HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BN: tl.constexpr,
-    SEL_L: tl.constexpr, N_SEL: tl.constexpr, PER: tl.constexpr,
+    SEL_L: tl.constexpr, N_SEL: tl.constexpr, NTOP: tl.constexpr, CHK: tl.constexpr,
+    INIT: tl.constexpr, LOCAL: tl.constexpr, PER: tl.constexpr,
     S_FIRST: tl.constexpr, S_ALL: tl.constexpr, PREC: tl.constexpr,
 ):
     bh = tl.program_id(0)
@@ -199,58 +209,59 @@ def nsa_decode_selected_kernel(
     b = bh // H
     hk = bh % H
     L = tl.load(lengths + b)
+    # every split picks the same blocks (same scores, same rule); split 0 reports them
+    blk = _top_blocks(scores + bh.to(tl.int64) * NB, NB, L, SEL_L, N_SEL, NTOP, CHK, INIT, LOCAL)
+    nn = tl.arange(0, NTOP)
+    if s == 0:
+        tl.store(idx + bh.to(tl.int64) * N_SEL + nn[None, :], tl.where(blk == 2147483647, -1, blk),
+                 mask=nn[None, :] < N_SEL)
     qt = _load_group(q, b, hk, HQ, G, GP, DK, BK)
     m_i = tl.full([GP], float("-inf"), tl.float32)
     l_i = tl.zeros([GP], tl.float32)
     acc = tl.zeros([GP, BV], tl.float32)
     row0 = (b.to(tl.int64) * N) * H + hk
     for slot in range(s * PER, tl.minimum(s * PER + PER, N_SEL)):
-        j = tl.load(idx + bh.to(tl.int64) * N_SEL + slot)
-        lo = tl.where(j >= 0, j * SEL_L, 0)
-        hi = tl.where(j >= 0, tl.minimum(lo + SEL_L, L), 0)
+        j = tl.sum(tl.where(nn[None, :] == slot, blk, 0))   # from registers: no dependent load
+        lo = tl.where(j < 2147483647, j * SEL_L, 0)
+        hi = tl.where(j < 2147483647, tl.minimum(lo + SEL_L, L), 0)
         m_i, l_i, acc = _attend_range(qt, k_slc + row0 * DK, v_slc + row0 * DV, lo, hi, N, m_i, l_i,
                                       acc, scale_log2, pm, N, H, G, GP, DK, DV, BK, BV, BN, False, PREC)
     _store_partial(pm, pl, pacc, S_FIRST + s, m_i, l_i, acc, S_ALL, G, GP, DV, BV)
 
 
 @triton.jit
-def _merge_slots(pm, pl, pacc, s0, s1, S_ALL: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
-                 DV: tl.constexpr, BV: tl.constexpr):
-    """Softmax-normalised output of the partials in slots [s0, s1); 0 where nothing was seen."""
-    g = tl.arange(0, GP)
+def _merge_slots(pm, pl, pacc, bh, g, s0, S: tl.constexpr, SP: tl.constexpr, S_ALL: tl.constexpr,
+                 G: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr):
+    """Softmax-normalised output of query head g of (row, KV head) bh from its partials in
+    slots [s0, s0 + S); 0 where nothing was seen."""
+    sl = tl.arange(0, SP)
     dv = tl.arange(0, BV)
-    bh = tl.program_id(0).to(tl.int64)
-    m = tl.full([GP], float("-inf"), tl.float32)
-    for s in range(s0, s1):
-        m = tl.maximum(m, tl.load(pm + (bh * S_ALL + s) * G + g, mask=g < G, other=float("-inf")))
-    m_use = tl.where(m == float("-inf"), 0.0, m)
-    l_sum = tl.zeros([GP], tl.float32)
-    acc = tl.zeros([GP, BV], tl.float32)
-    for s in range(s0, s1):
-        base = (bh * S_ALL + s) * G + g
-        c = tl.exp2(tl.load(pm + base, mask=g < G, other=float("-inf")) - m_use)
-        l_sum += tl.load(pl + base, mask=g < G, other=0.0) * c
-        a = tl.load(pacc + base[:, None] * DV + dv[None, :], mask=(g[:, None] < G) & (dv[None, :] < DV), other=0.0)
-        acc += a * c[:, None]
-    return acc / tl.where(l_sum > 0, l_sum, 1.0)[:, None]
+    ok = sl < S
+    base = (bh.to(tl.int64) * S_ALL + s0 + sl) * G + g
+    m = tl.load(pm + base, mask=ok, other=float("-inf"))
+    mx = tl.max(m, 0)
+    c = tl.exp2(m - tl.where(mx == float("-inf"), 0.0, mx))
+    l_sum = tl.sum(tl.load(pl + base, mask=ok, other=0.0) * c, 0)
+    acc = tl.load(pacc + base[:, None] * DV + dv[None, :], mask=ok[:, None] & (dv[None, :] < DV), other=0.0)
+    return tl.sum(acc * c[:, None], 0) / tl.where(l_sum > 0, l_sum, 1.0)
 
 
 @triton.jit
 def nsa_decode_merge_kernel(
     pm, pl, pacc, gates, out,
-    HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
-    DV: tl.constexpr, BV: tl.constexpr, S_C: tl.constexpr, S_W: tl.constexpr, S_ALL: tl.constexpr,
+    HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr,
+    S_C: tl.constexpr, S_W: tl.constexpr, S_S: tl.constexpr, SP_C: tl.constexpr,
+    SP_W: tl.constexpr, SP_S: tl.constexpr, S_ALL: tl.constexpr,
 ):
     bh = tl.program_id(0)
-    g = tl.arange(0, GP)
+    g = tl.program_id(1)
+    row = (bh // H).to(tl.int64) * HQ + (bh % H) * G + g
     dv = tl.arange(0, BV)
-    rows = (bh // H).to(tl.int64) * HQ + (bh % H) * G + g
-    ok = g < G
-    o_cmp = _merge_slots(pm, pl, pacc, 0, S_C, S_ALL, G, GP, DV, BV)
-    o_win = _merge_slots(pm, pl, pacc, S_C, S_C + S_W, S_ALL, G, GP, DV, BV)
-    o_slc = _merge_slots(pm, pl, pacc, S_C + S_W, S_ALL, S_ALL, G, GP, DV, BV)
-    g_cmp = tl.load(gates + rows * 3, mask=ok, other=0.0).to(tl.float32)
-    g_slc = tl.load(gates + rows * 3 + 1, mask=ok, other=0.0).to(tl.float32)
-    g_win = tl.load(gates + rows * 3 + 2, mask=ok, other=0.0).to(tl.float32)
-    o = g_cmp[:, None] * o_cmp + g_slc[:, None] * o_slc + g_win[:, None] * o_win
-    tl.store(out + rows[:, None] * DV + dv[None, :], o.to(out.dtype.element_ty), mask=ok[:, None] & (dv[None, :] < DV))
+    o_cmp = _merge_slots(pm, pl, pacc, bh, g, 0, S_C, SP_C, S_ALL, G, DV, BV)
+    o_win = _merge_slots(pm, pl, pacc, bh, g, S_C, S_W, SP_W, S_ALL, G, DV, BV)
+    o_slc = _merge_slots(pm, pl, pacc, bh, g, S_C + S_W, S_S, SP_S, S_ALL, G, DV, BV)
+    g_cmp = tl.load(gates + row * 3).to(tl.float32)
+    g_slc = tl.load(gates + row * 3 + 1).to(tl.float32)
+    g_win = tl.load(gates + row * 3 + 2).to(tl.float32)
+    o = g_cmp * o_cmp + g_slc * o_slc + g_win * o_win
+    tl.store(out + row * DV + dv, o.to(out.dtype.element_ty), mask=dv < DV)

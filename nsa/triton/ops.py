@@ -12,7 +12,7 @@ from torch.library import custom_op
 from . import tuning
 from .gate import nsa_gate_bwd_kernel, nsa_gate_fwd_kernel
 from .decode import (nsa_decode_cmp_win_kernel, nsa_decode_merge_kernel,
-                     nsa_decode_select_kernel, nsa_decode_selected_kernel)
+                     nsa_decode_score_kernel, nsa_decode_selected_kernel)
 from .banded import nsa_banded_bwd_dkv_kernel, nsa_banded_bwd_dq_kernel, nsa_banded_fwd_kernel
 from .select import nsa_select_kernel
 from .selected import (nsa_selected_bwd_dkv_kernel, nsa_selected_bwd_dq_kernel,
@@ -303,42 +303,44 @@ def decode(q: Tensor, k_cmp: Tensor, v_cmp: Tensor, k_slc: Tensor, v_slc: Tensor
            sel_local_blocks: int, window_size: int) -> tuple[Tensor, Tensor]:
     """One decode step (layout of nsa.nsa_decode): four launches, no host sync."""
     B, HQ, DK = q.shape
-    NC, H, DV = k_cmp.shape[1], k_cmp.shape[2], v_cmp.shape[3]
+    NC, H, DV = max(k_cmp.shape[1], 1), k_cmp.shape[2], v_cmp.shape[3]
     N, W = k_slc.shape[1], k_win.shape[1]
+    NB = triton.cdiv(N, sel_block_size)
     G = HQ // H
     GP, BK, BV = pow2(G, 16), pow2(DK, 16), pow2(DV, 16)
-    NTOP = pow2(sel_block_count)
-    BN, BCH, S_C, S_W, S_S, warps = tuning.decode(B * H, NC, min(W, window_size),
-                                             sel_block_count * sel_block_size, q.device)
-    S_S = min(S_S, sel_block_count)
-    PER = -(-sel_block_count // S_S)
+    t = tuning.decode(B * H, NC, min(W, window_size), sel_block_count * sel_block_size, NB, q.device)
+    S_C, S_W, S_B = t["S_C"], t["S_W"], t["S_B"]
+    PER = -(-sel_block_count // min(t["S_S"], sel_block_count))
     S_S = -(-sel_block_count // PER)
     S_ALL = S_C + S_W + S_S
     dev, f32 = q.device, torch.float32
-    logits = empty(B * H, G, max(NC, 1), dtype=f32, device=dev)
+    logits = empty(B * H, G, NC, dtype=f32, device=dev)
+    scores = empty(B * H, NB, dtype=f32, device=dev)
     pm, pl = (empty(B * H, S_ALL, G, dtype=f32, device=dev) for _ in range(2))
     pacc = empty(B * H, S_ALL, G, DV, dtype=f32, device=dev)
     idx = empty(B, H, sel_block_count, dtype=torch.int32, device=dev)
     o = empty(B, HQ, DV, dtype=q.dtype, device=dev)
     if B == 0:
         return o, idx
-    dims = dict(HQ=HQ, H=H, G=G, GP=GP, DK=DK, DV=DV, BK=BK, BV=BV, BN=BN)
-    sl2, prec = scale * LOG2E, _prec(q)
+    dims = dict(HQ=HQ, H=H, G=G, GP=GP, DK=DK, DV=DV, BK=BK, BV=BV, BN=t["BN"])
+    sl2, prec, warps = scale * LOG2E, _prec(q), t["warps"]
+    sel = dict(SEL_L=sel_block_size)
     nsa_decode_cmp_win_kernel[(B * H, S_C + S_W)](
-        q, k_cmp, v_cmp, k_win, v_win, lengths, logits, pm, pl, pacc, max(NC, 1), W, sl2,
+        q, k_cmp, v_cmp, k_win, v_win, lengths, logits, pm, pl, pacc, NC, W, sl2,
         CMP_L=cmp_block_size, CMP_D=cmp_stride, WIN=window_size, S_C=S_C, S_W=S_W, S_ALL=S_ALL,
         PREC=prec, num_warps=warps, **dims)
-    nsa_decode_select_kernel[(B * H,)](
-        lengths, logits, pm, pl, idx, max(NC, 1), H=H, G=G, GP=GP, S_C=S_C, S_ALL=S_ALL,
-        CMP_L=cmp_block_size, CMP_D=cmp_stride, SEL_L=sel_block_size, N_SEL=sel_block_count,
-        NTOP=NTOP, BCH=max(NTOP, BCH), RP=pow2(sel_block_size // cmp_stride), INIT=sel_init_blocks,
-        LOCAL=sel_local_blocks, num_warps=4)
+    nsa_decode_score_kernel[(B * H, S_B)](
+        lengths, logits, pm, pl, scores, NC, NB, H=H, G=G, GP=GP, S_C=S_C, S_B=S_B, S_ALL=S_ALL,
+        CMP_L=cmp_block_size, CMP_D=cmp_stride, BCH=t["BCH"], RP=pow2(sel_block_size // cmp_stride),
+        num_warps=4, **sel)
     nsa_decode_selected_kernel[(B * H, S_S)](
-        q, k_slc, v_slc, lengths, idx, pm, pl, pacc, N, sl2, SEL_L=sel_block_size,
-        N_SEL=sel_block_count, PER=PER, S_FIRST=S_C + S_W, S_ALL=S_ALL, PREC=prec,
-        num_warps=warps, **dims)
-    nsa_decode_merge_kernel[(B * H,)](pm, pl, pacc, gates, o, HQ=HQ, H=H, G=G, GP=GP, DV=DV, BV=BV,
-                                      S_C=S_C, S_W=S_W, S_ALL=S_ALL, num_warps=4)
+        q, k_slc, v_slc, lengths, scores, idx, pm, pl, pacc, N, NB, sl2, N_SEL=sel_block_count,
+        NTOP=pow2(sel_block_count), CHK=min(t["CHK"], pow2(NB)), INIT=sel_init_blocks,
+        LOCAL=sel_local_blocks, PER=PER, S_FIRST=S_C + S_W, S_ALL=S_ALL, PREC=prec,
+        num_warps=warps, **sel, **dims)
+    nsa_decode_merge_kernel[(B * H, G)](
+        pm, pl, pacc, gates, o, HQ=HQ, H=H, G=G, DV=DV, BV=BV, S_C=S_C, S_W=S_W, S_S=S_S,
+        SP_C=pow2(S_C), SP_W=pow2(S_W), SP_S=pow2(S_S), S_ALL=S_ALL, num_warps=4)
     return o, idx
 
 

@@ -82,18 +82,22 @@ def selected_bwd_queries(gp: int):
     return _pick("selected_dkv", (32, 2048, 4, 2))   # 87 -> 69 ms for slc_bwd at 64k vs 64 rows
 
 
-def decode(programs: int, cmp_tokens: int, win_tokens: int, sel_tokens: int, device):
-    """(BN, BCH, S_C, S_W, S_S, num_warps): key tile, selection blocks scored per step, and
-    splits of the compressed, window and selected keys for a decode step with `programs`
-    (row, KV head) pairs. Enough splits for ~2 programs per SM, none shorter than 2 tiles (a
-    split's fixed cost: loading q, writing a partial). The interpreter uses 2 splits each and
-    4-block score chunks so that CI exercises the merges, empty splits included."""
+def decode(programs: int, cmp_tokens: int, win_tokens: int, sel_tokens: int, blocks: int, device):
+    """Launch shapes of a decode step with `programs` (row, KV head) pairs: BN keys per tile,
+    BCH blocks scored per step, CHK blocks per top-n round, splits S_C / S_W / S_S / S_B of the
+    compressed, window and selected keys and of the block scores, num_warps. Enough splits for
+    ~2 programs per SM, none shorter than 2 tiles (a split's fixed cost: loading q, writing a
+    partial). The interpreter uses 2 splits each and 4-block chunks so that CI exercises every
+    merge, empty splits included."""
     if interpreting():
-        return 16, 4, 2, 2, 2, 4
-    BN, BCH = 64, 128
+        return dict(BN=16, BCH=4, CHK=4, S_C=2, S_W=2, S_S=2, S_B=2, warps=4)
+    t = dict(BN=64, BCH=64, CHK=1024, warps=4)
     want = -(-2 * _sm_count(device.index or 0) // max(1, programs))
-    cap = lambda n: max(1, min(want, -(-n // (2 * BN))))
-    return _pick("decode", (BN, BCH, cap(cmp_tokens), cap(win_tokens), cap(sel_tokens), 4))
+    cap = lambda n, per: max(1, min(want, -(-n // per)))
+    t.update(S_C=cap(cmp_tokens, 2 * t["BN"]), S_W=cap(win_tokens, 2 * t["BN"]),
+             S_S=cap(sel_tokens, 2 * t["BN"]), S_B=cap(blocks, 2 * t["BCH"]))
+    over = _overrides(os.environ.get("NSA_TUNE", "")).get("decode", {})
+    return {**t, **over}
 
 
 __all__ = ["banded", "select", "selected", "selected_bwd_queries", "decode", "interpreting", "pow2"]
