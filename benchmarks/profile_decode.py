@@ -54,9 +54,9 @@ def main():
             print(f"   {v * 1000:8.1f} us  {k}")
         if args.sweep:
             d = default
-            grid = itertools.product([32, 64], [d["S_C"], 2 * d["S_C"]], [d["S_S"], 16], [4, 8], [32, 64])
-            for bn, sc, ss, warps, bch in grid:
-                tune = dict(BN=bn, S_C=sc, S_S=ss, warps=warps, BCH=bch)
+            grid = itertools.product([32, 64], [d["S_C"], 2 * d["S_C"]], sorted({1, 2, d["S_S"]}), [2, 3], [1, 4])
+            for bn, sc, ss, stages, mw in grid:
+                tune = dict(BN=bn, S_C=sc, S_S=ss, stages=stages, merge_warps=mw)
                 os.environ["NSA_TUNE"] = json.dumps({"decode": tune})
                 try:
                     replay, _ = graphed(step)

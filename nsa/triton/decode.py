@@ -28,34 +28,42 @@ from .select import _merge_top
 
 
 @triton.jit
+def _attend_tile(qt, k_row0, v_row0, p, ok, ring, m_i, l_i, acc, scale_log2,
+                 H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr,
+                 BV: tl.constexpr, PREC: tl.constexpr):
+    """One online-softmax step of the group's queries qt [GP, BK] over key positions p [BN]
+    (valid where ok); position p lives in row p % ring of k_row0/v_row0 (pointers to the
+    (row, head)'s first token; consecutive tokens are H*D apart). Returns the log2-scaled
+    logits too."""
+    dk = tl.arange(0, BK)
+    dv = tl.arange(0, BV)
+    r = (p % ring).to(tl.int64)
+    kt = tl.load(k_row0 + r[None, :] * (H * DK) + dk[:, None], mask=ok[None, :] & (dk[:, None] < DK), other=0.0)
+    s = tl.where(ok[None, :], tl.dot(qt, kt, input_precision=PREC) * scale_log2, float("-inf"))  # [GP, BN]
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    pr = tl.exp2(s - m_use[:, None])
+    alpha = tl.exp2(m_i - m_use)
+    vt = tl.load(v_row0 + r[:, None] * (H * DV) + dv[None, :], mask=ok[:, None] & (dv[None, :] < DV), other=0.0)
+    acc = acc * alpha[:, None] + tl.dot(pr.to(vt.dtype), vt, input_precision=PREC)
+    return m_new, l_i * alpha + tl.sum(pr, 1), acc, s
+
+
+@triton.jit
 def _attend_range(qt, k_row0, v_row0, lo, hi, ring, m_i, l_i, acc, scale_log2, logit_ptr, NC,
                   H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, DK: tl.constexpr,
                   DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BN: tl.constexpr,
                   STORE: tl.constexpr, PREC: tl.constexpr):
-    """Online-softmax attention of the group's queries qt [GP, BK] over the key positions
-    [lo, hi); position p lives in row p % ring of k_row0/v_row0 (pointers to the (row, head)'s
-    first token; consecutive tokens are H*D apart). STORE: also write the log2-scaled logits
-    to logit_ptr[g * NC + p]."""
-    dk = tl.arange(0, BK)
-    dv = tl.arange(0, BV)
+    """_attend_tile over the positions [lo, hi). STORE: also write the logits to
+    logit_ptr[g * NC + p]."""
     g = tl.arange(0, GP)
     for p0 in range(lo, hi, BN):
         p = p0 + tl.arange(0, BN)
         ok = p < hi
-        r = (p % ring).to(tl.int64)
-        kt = tl.load(k_row0 + r[None, :] * (H * DK) + dk[:, None], mask=ok[None, :] & (dk[:, None] < DK), other=0.0)
-        s = tl.dot(qt, kt, input_precision=PREC) * scale_log2                         # [GP, BN]
-        s = tl.where(ok[None, :], s, float("-inf"))
+        m_i, l_i, acc, s = _attend_tile(qt, k_row0, v_row0, p, ok, ring, m_i, l_i, acc, scale_log2,
+                                        H, DK, DV, BK, BV, PREC)
         if STORE:
             tl.store(logit_ptr + g[:, None] * NC + p[None, :], s, mask=(g[:, None] < G) & ok[None, :])
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        pr = tl.exp2(s - m_use[:, None])
-        alpha = tl.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(pr, 1)
-        vt = tl.load(v_row0 + r[:, None] * (H * DV) + dv[None, :], mask=ok[:, None] & (dv[None, :] < DV), other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(pr.to(vt.dtype), vt, input_precision=PREC)
-        m_i = m_new
     return m_i, l_i, acc
 
 
@@ -156,32 +164,31 @@ def nsa_decode_score_kernel(
     lg_row = logits + bh.to(tl.int64) * G * NC
     for j0 in range(lo, hi, BCH):
         j = j0 + tl.arange(0, BCH)
-        score = tl.zeros([BCH], tl.float32)
-        for shift in tl.static_range(2):   # tokens starting in block j, then in block j - 1
-            i = (j[:, None] - shift) * R + r[None, :]                      # [BCH, RP]
-            ok = (i >= 0) & (i < nc) & (r[None, :] < R)
-            lg = tl.load(lg_row + g[:, None, None] * NC + i[None, :, :],
-                         mask=ok[None, :, :] & (g[:, None, None] < G), other=float("-inf"))
-            pg = tl.sum(tl.exp2(lg - lse2[:, None, None]), axis=0)          # [BCH, RP] group sum
-            w = w_in if shift == 0 else w_spill
-            score += tl.sum(pg * w[None, :], axis=1)
-        tl.store(scores + bh.to(tl.int64) * NB + j, score, mask=j < hi)
+        i = j[:, None] * R + r[None, :]                                    # [BCH, RP]
+        ok = (i < nc) & (r[None, :] < R)
+        lg = tl.load(lg_row + g[:, None, None] * NC + i[None, :, :],
+                     mask=ok[None, :, :] & (g[:, None, None] < G), other=float("-inf"))
+        pg = tl.sum(tl.exp2(lg - lse2[:, None, None]), axis=0)              # [BCH, RP] group sum
+        row = scores + bh.to(tl.int64) * 2 * NB
+        tl.store(row + j, tl.sum(pg * w_in[None, :], axis=1), mask=j < hi)
+        tl.store(row + NB + j, tl.sum(pg * w_spill[None, :], axis=1), mask=j < hi)
 
 
 @triton.jit
 def _top_blocks(scores, NB, L, SEL_L: tl.constexpr, N_SEL: tl.constexpr, NTOP: tl.constexpr,
                 CHK: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr):
     """The selected blocks of one (row, KV head), ascending, padded with 2**31-1: the forced
-    ones, then the best-scoring candidates (ties: the lower block). Keys pack (score bits,
-    ~block) into int64: n rounds of max-and-remove per chunk of CHK blocks, merged into a
-    running top-NTOP."""
+    ones, then the best-scoring candidates (ties: the lower block). A block's score is its
+    own tokens' part plus what the previous block's tokens spill into it. Keys pack (score
+    bits, ~block) into int64: n rounds of max-and-remove per chunk of CHK blocks, merged
+    into a running top-NTOP."""
     last = (L - 1) // SEL_L
     nn = tl.arange(0, NTOP)
     top = tl.full([1, NTOP], -1, tl.int64)
     for c0 in range(0, last + 1, CHK):
         j = c0 + tl.arange(0, CHK)
         cand = j <= last
-        sc = tl.load(scores + j, mask=cand, other=0.0)
+        sc = tl.load(scores + j, mask=cand, other=0.0) + tl.load(scores + NB + j - 1, mask=cand & (j > 0), other=0.0)
         sc = tl.where(cand & ((j < INIT) | (j > last - LOCAL)), float("inf"), sc)
         key = tl.where(cand, (sc.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (2147483647 - j).to(tl.int64), -1)
         best = tl.full([NTOP], -1, tl.int64)
@@ -210,7 +217,7 @@ def nsa_decode_selected_kernel(
     hk = bh % H
     L = tl.load(lengths + b)
     # every split picks the same blocks (same scores, same rule); split 0 reports them
-    blk = _top_blocks(scores + bh.to(tl.int64) * NB, NB, L, SEL_L, N_SEL, NTOP, CHK, INIT, LOCAL)
+    blk = _top_blocks(scores + bh.to(tl.int64) * 2 * NB, NB, L, SEL_L, N_SEL, NTOP, CHK, INIT, LOCAL)
     nn = tl.arange(0, NTOP)
     if s == 0:
         tl.store(idx + bh.to(tl.int64) * N_SEL + nn[None, :], tl.where(blk == 2147483647, -1, blk),
@@ -220,12 +227,15 @@ def nsa_decode_selected_kernel(
     l_i = tl.zeros([GP], tl.float32)
     acc = tl.zeros([GP, BV], tl.float32)
     row0 = (b.to(tl.int64) * N) * H + hk
-    for slot in range(s * PER, tl.minimum(s * PER + PER, N_SEL)):
-        j = tl.sum(tl.where(nn[None, :] == slot, blk, 0))   # from registers: no dependent load
-        lo = tl.where(j < 2147483647, j * SEL_L, 0)
-        hi = tl.where(j < 2147483647, tl.minimum(lo + SEL_L, L), 0)
-        m_i, l_i, acc = _attend_range(qt, k_slc + row0 * DK, v_slc + row0 * DV, lo, hi, N, m_i, l_i,
-                                      acc, scale_log2, pm, N, H, G, GP, DK, DV, BK, BV, BN, False, PREC)
+    TPB: tl.constexpr = (SEL_L + BN - 1) // BN     # key tiles per block
+    lane = tl.arange(0, BN)
+    for it in range(s * PER * TPB, tl.minimum(s * PER + PER, N_SEL) * TPB):
+        j = tl.sum(tl.where(nn[None, :] == it // TPB, blk, 0))   # from registers: no dependent load
+        off = (it % TPB) * BN + lane
+        p = j * SEL_L + off
+        ok = (j < 2147483647) & (off < SEL_L) & (p < L)
+        m_i, l_i, acc, _ = _attend_tile(qt, k_slc + row0 * DK, v_slc + row0 * DV, tl.where(ok, p, 0), ok, N,
+                                        m_i, l_i, acc, scale_log2, H, DK, DV, BK, BV, PREC)
     _store_partial(pm, pl, pacc, S_FIRST + s, m_i, l_i, acc, S_ALL, G, GP, DV, BV)
 
 

@@ -315,7 +315,7 @@ def decode(q: Tensor, k_cmp: Tensor, v_cmp: Tensor, k_slc: Tensor, v_slc: Tensor
     S_ALL = S_C + S_W + S_S
     dev, f32 = q.device, torch.float32
     logits = empty(B * H, G, NC, dtype=f32, device=dev)
-    scores = empty(B * H, NB, dtype=f32, device=dev)
+    scores = empty(B * H, 2, NB, dtype=f32, device=dev)
     pm, pl = (empty(B * H, S_ALL, G, dtype=f32, device=dev) for _ in range(2))
     pacc = empty(B * H, S_ALL, G, DV, dtype=f32, device=dev)
     idx = empty(B, H, sel_block_count, dtype=torch.int32, device=dev)
@@ -337,10 +337,10 @@ def decode(q: Tensor, k_cmp: Tensor, v_cmp: Tensor, k_slc: Tensor, v_slc: Tensor
         q, k_slc, v_slc, lengths, scores, idx, pm, pl, pacc, N, NB, sl2, N_SEL=sel_block_count,
         NTOP=pow2(sel_block_count), CHK=min(t["CHK"], pow2(NB)), INIT=sel_init_blocks,
         LOCAL=sel_local_blocks, PER=PER, S_FIRST=S_C + S_W, S_ALL=S_ALL, PREC=prec,
-        num_warps=warps, **sel, **dims)
+        num_warps=warps, num_stages=t["stages"], **sel, **dims)
     nsa_decode_merge_kernel[(B * H, G)](
         pm, pl, pacc, gates, o, HQ=HQ, H=H, G=G, DV=DV, BV=BV, S_C=S_C, S_W=S_W, S_S=S_S,
-        SP_C=pow2(S_C), SP_W=pow2(S_W), SP_S=pow2(S_S), S_ALL=S_ALL, num_warps=4)
+        SP_C=pow2(S_C), SP_W=pow2(S_W), SP_S=pow2(S_S), S_ALL=S_ALL, num_warps=t["merge_warps"])
     return o, idx
 
 

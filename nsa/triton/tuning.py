@@ -90,8 +90,8 @@ def decode(programs: int, cmp_tokens: int, win_tokens: int, sel_tokens: int, blo
     partial). The interpreter uses 2 splits each and 4-block chunks so that CI exercises every
     merge, empty splits included."""
     if interpreting():
-        return dict(BN=16, BCH=4, CHK=4, S_C=2, S_W=2, S_S=2, S_B=2, warps=4)
-    t = dict(BN=64, BCH=64, CHK=1024, warps=4)
+        return dict(BN=16, BCH=4, CHK=4, S_C=2, S_W=2, S_S=2, S_B=2, warps=4, stages=1, merge_warps=4)
+    t = dict(BN=64, BCH=64, CHK=1024, warps=4, stages=3, merge_warps=4)
     want = -(-2 * _sm_count(device.index or 0) // max(1, programs))
     cap = lambda n, per: max(1, min(want, -(-n // per)))
     t.update(S_C=cap(cmp_tokens, 2 * t["BN"]), S_W=cap(win_tokens, 2 * t["BN"]),
