@@ -153,6 +153,30 @@ def time_decode(B, s, cfg=PAPER):
     return row
 
 
+def host_overhead(B=1, s=8192, n=300):
+    """Host time per eager step (GPU work here is far shorter): the public API, the custom op,
+    and the launcher function alone."""
+    import time
+    from nsa.triton import ops
+    q, c, gates = decode_inputs(B, s)
+    lens = torch.full((B,), s, dtype=torch.int32, device="cuda")
+    args = (q, *c.values(), gates, lens, DK ** -0.5, 32, 16, 64, 16, 1, 2, 512)
+    fns = {"nsa.nsa_decode": lambda: nsa.nsa_decode(q, **c, gates=gates, lengths=lens, config=PAPER),
+           "custom op": lambda: ops.decode(*args)}
+    if hasattr(ops.decode, "_init_fn"):
+        fns["launcher only"] = lambda: ops.decode._init_fn(*args)
+    out = {}
+    for name, fn in fns.items():
+        fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        torch.cuda.synchronize()
+        out[name] = (time.perf_counter() - t0) / n * 1e3
+    return out
+
+
 def time_prefill(T=65536, hidden=2048):
     """Layer-level: a prompt of T tokens into an empty cache vs the training forward."""
     torch.manual_seed(0)
@@ -222,6 +246,8 @@ def main():
                   f"nsa {r['nsa_GBps']:.0f} GB/s ({100 * r['nsa_GBps'] / bw:.0f}% of copy)  "
                   f"full {r['full_GBps']:.0f} GB/s", flush=True)
     out["decode"] = rows
+    out["host_ms_per_step"] = host_overhead()
+    print("host ms per eager step", out["host_ms_per_step"], flush=True)
     if not args.skip_prefill:
         out["prefill"] = time_prefill()
         print("prefill", out["prefill"], flush=True)
