@@ -163,8 +163,7 @@ def host_overhead(B=1, s=8192, n=300):
     args = (q, *c.values(), gates, lens, DK ** -0.5, 32, 16, 64, 16, 1, 2, 512)
     fns = {"nsa.nsa_decode": lambda: nsa.nsa_decode(q, **c, gates=gates, lengths=lens, config=PAPER),
            "custom op": lambda: ops.decode(*args)}
-    if hasattr(ops.decode, "_init_fn"):
-        fns["launcher only"] = lambda: ops.decode._init_fn(*args)
+    fns["launcher only"] = lambda: ops.decode_launch(*args)
     out = {}
     for name, fn in fns.items():
         fn()

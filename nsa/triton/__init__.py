@@ -79,7 +79,8 @@ def nsa_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, lengths, *, c
     if q.dtype not in _DTYPES:
         raise TypeError(f"backend='triton' supports float32/float16/bfloat16, got {q.dtype}")
     c = config
-    return ops.decode(*(x.contiguous() for x in (q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates)),
+    run = ops.decode if torch.compiler.is_compiling() else ops.decode_launch
+    return run(*(x.contiguous() for x in (q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates)),
                       lengths.to(torch.int32).contiguous(), _scale(scale, q), c.cmp_block_size,
                       c.cmp_stride, c.sel_block_size, c.sel_block_count, c.sel_init_blocks,
                       c.sel_local_blocks, c.window_size)
