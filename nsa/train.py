@@ -201,7 +201,7 @@ class Trainer:
         self.step = s["step"]
         self.batches.load_state_dict(s["batches"])
         self.pk_rng.bit_generator.state = s["pk_rng"]
-        torch.set_rng_state(s["torch_rng"])
+        torch.set_rng_state(s["torch_rng"].cpu())   # map_location moved it to the device
         self.history = s["history"]
         return self
 
