@@ -15,13 +15,21 @@ from .model import ATTENTIONS, PRESETS
 from .train import TrainConfig, Trainer
 
 
+def _logits(model, x, device):
+    """Forward for evaluation: bf16 autocast on GPU as in training (an fp32 forward would send
+    full attention to SDPA's math backend, which materialises [B, H, T, T])."""
+    dev = torch.device(device)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+        return model(x.to(dev)).float()
+
+
 @torch.no_grad()
 def passkey_accuracy(model, filler, length, depth, n, seed=0, device="cpu"):
     """Share of examples whose every answer digit is the model's argmax (teacher forced)."""
     model.eval()
     rng = np.random.default_rng(seed)
     x, y = passkey_batch(filler, n, length, rng, depth=depth)
-    pred = model(x.to(device)).argmax(-1).cpu()
+    pred = _logits(model, x, device).argmax(-1).cpu()
     mask = y >= 0
     return float(((pred == y) | ~mask).all(-1).float().mean())
 
@@ -35,7 +43,7 @@ def needle_grid(model, filler, lengths, depths, n=8, device="cpu"):
 def mqar_accuracy(model, n_pairs=16, n_queries=8, n=16, device="cpu"):
     model.eval()
     x, y = mqar_batch(n, n_pairs, n_queries, np.random.default_rng(7))
-    pred = model(x.to(device)).argmax(-1).cpu()
+    pred = _logits(model, x, device).argmax(-1).cpu()
     m = y >= 0
     return float((pred[m] == y[m]).float().mean())
 
