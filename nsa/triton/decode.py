@@ -233,7 +233,7 @@ def nsa_decode_selected_kernel(
         j = tl.sum(tl.where(nn[None, :] == it // TPB, blk, 0))   # from registers: no dependent load
         off = (it % TPB) * BN + lane
         p = j * SEL_L + off
-        ok = (j < 2147483647) & (off < SEL_L) & (p < L)
+        ok = (off * 0 + j < 2147483647) & (off < SEL_L) & (p < L)   # vector conditions only
         m_i, l_i, acc, _ = _attend_tile(qt, k_slc + row0 * DK, v_slc + row0 * DV, tl.where(ok, p, 0), ok, N,
                                         m_i, l_i, acc, scale_log2, H, DK, DV, BK, BV, PREC)
     _store_partial(pm, pl, pacc, S_FIRST + s, m_i, l_i, acc, S_ALL, G, GP, DV, BV)
