@@ -17,7 +17,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .utils import load_rows, seq_tile, store_rows, tile_rows
+from .utils import load_rows, seq_tile, softmax_finish, softmax_step, store_rows, tile_rows
 
 
 @triton.jit
@@ -85,20 +85,11 @@ def nsa_banded_fwd_kernel(
         qk = tl.dot(qt, kt, input_precision=PREC) * scale_log2                                    # [BM, BN]
         vis = _visible(t[:, None], s[None, :], s_hi, STRIDE, OFFSET, WIN)
         qk = tl.where(vis, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(qk - m_use[:, None])
-        alpha = tl.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, 1)
         vt = tl.load(v + krow[:, None] * DV + dv[None, :],
                      mask=(s[:, None] < s_hi) & (dv[None, :] < DV), other=0.0)  # [BN, BV]
-        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PREC)
-        m_i = m_new
-    seen = l_i > 0
-    acc = acc / tl.where(seen, l_i, 1.0)[:, None]
-    store_rows(o, rows, row_ok, dv, DV, acc)
-    lse_val = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453,
-                       float("-inf"))
+        m_i, l_i, acc = softmax_step(qk, vt, m_i, l_i, acc, PREC)
+    out, lse_val = softmax_finish(m_i, l_i, acc)
+    store_rows(o, rows, row_ok, dv, DV, out)
     tl.store(lse + rows, lse_val, mask=row_ok)
 
 

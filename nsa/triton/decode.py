@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from .select import _merge_top
+from .utils import softmax_step
 
 
 @triton.jit
@@ -40,13 +41,9 @@ def _attend_tile(qt, k_row0, v_row0, p, ok, ring, m_i, l_i, acc, scale_log2,
     r = (p % ring).to(tl.int64)
     kt = tl.load(k_row0 + r[None, :] * (H * DK) + dk[:, None], mask=ok[None, :] & (dk[:, None] < DK), other=0.0)
     s = tl.where(ok[None, :], tl.dot(qt, kt, input_precision=PREC) * scale_log2, float("-inf"))  # [GP, BN]
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-    pr = tl.exp2(s - m_use[:, None])
-    alpha = tl.exp2(m_i - m_use)
     vt = tl.load(v_row0 + r[:, None] * (H * DV) + dv[None, :], mask=ok[:, None] & (dv[None, :] < DV), other=0.0)
-    acc = acc * alpha[:, None] + tl.dot(pr.to(vt.dtype), vt, input_precision=PREC)
-    return m_new, l_i * alpha + tl.sum(pr, 1), acc, s
+    m_i, l_i, acc = softmax_step(s, vt, m_i, l_i, acc, PREC)
+    return m_i, l_i, acc, s
 
 
 @triton.jit

@@ -85,3 +85,24 @@ def load_rows(base, rows, ok, cols, D: tl.constexpr):
 def store_rows(base, rows, ok, cols, D: tl.constexpr, val):
     tl.store(base + rows[:, None] * D + cols[None, :], val.to(base.dtype.element_ty),
              mask=ok[:, None] & (cols[None, :] < D))
+
+
+@triton.jit
+def softmax_step(qk, vt, m_i, l_i, acc, PREC: tl.constexpr):
+    """One flash-attention step: log2-scaled logits qk [M, N] (-inf where masked) and values
+    vt [N, V] update the running max m_i [M], sum l_i [M] and accumulator acc [M, V]. A row that
+    has seen nothing keeps m = -inf, l = 0, acc = 0."""
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(qk - m_use[:, None])
+    alpha = tl.exp2(m_i - m_use)
+    acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PREC)
+    return m_new, l_i * alpha + tl.sum(p, 1), acc
+
+
+@triton.jit
+def softmax_finish(m_i, l_i, acc):
+    """(normalised output, natural-log lse): 0 and -inf for a row that saw nothing."""
+    seen = l_i > 0
+    l_safe = tl.where(seen, l_i, 1.0)
+    return acc / l_safe[:, None], tl.where(seen, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
