@@ -28,6 +28,19 @@ def make_inputs(T, HQ, H, dk, dv, cfg=NSAConfig(), B=1, dtype=torch.float64, seq
     return t, cu
 
 
+# Small configurations that keep the interpreter fast while every rule matters: CFG has the
+# paper's structure (l = 2d, l' = 2l, forced first block and two local ones); ODD has sizes
+# that are not powers of two and no forced first block.
+CFG = NSAConfig(cmp_block_size=8, cmp_stride=4, sel_block_size=16, sel_block_count=4,
+                sel_init_blocks=1, sel_local_blocks=2, window_size=16)
+ODD = NSAConfig(cmp_block_size=6, cmp_stride=3, sel_block_size=12, sel_block_count=3,
+                sel_init_blocks=0, sel_local_blocks=1, window_size=1)
+# Relative error allowed against float64: float32 kernels are exact up to accumulation order;
+# float16 kernels round P (and dS) to half precision before the second matmul, as FlashAttention
+# does: a few units of fp16's 4.9e-4 roundoff.
+TOL = {torch.float32: 2e-5, torch.float16: 4e-3}
+
+
 def cfg_kwargs(cfg):
     return dict(cmp_block_size=cfg.cmp_block_size, cmp_stride=cfg.cmp_stride,
                 sel_block_size=cfg.sel_block_size, sel_block_count=cfg.sel_block_count,

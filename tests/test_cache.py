@@ -3,8 +3,7 @@ import pytest
 import torch
 
 import nsa
-
-CFG = nsa.NSAConfig(cmp_block_size=8, cmp_stride=4, sel_block_size=16, sel_block_count=4, window_size=16)
+from helpers import CFG
 
 
 def _layer(seed=0):

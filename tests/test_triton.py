@@ -7,19 +7,11 @@ import pytest
 import torch
 
 import nsa
-from helpers import cfg_kwargs, make_inputs, rel_err
+from helpers import CFG, ODD, TOL, cfg_kwargs, make_inputs, rel_err
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
-CFG = nsa.NSAConfig(cmp_block_size=8, cmp_stride=4, sel_block_size=16, sel_block_count=4,
-                    sel_init_blocks=1, sel_local_blocks=2, window_size=16)
-ODD = nsa.NSAConfig(cmp_block_size=6, cmp_stride=3, sel_block_size=12, sel_block_count=3,
-                    sel_init_blocks=0, sel_local_blocks=1, window_size=1)
 FLA = nsa.NSAConfig(cmp_block_size=16, cmp_stride=16, sel_block_size=16, sel_block_count=2,
                     sel_init_blocks=1, sel_local_blocks=1, window_size=5)
-# Relative error allowed against float64: float32 kernels are exact up to accumulation order;
-# float16 kernels round P (and dS) to half precision before the second matmul, as FlashAttention
-# does: a few units of fp16's 4.9e-4 roundoff.
-TOL = {torch.float32: 2e-5, torch.float16: 4e-3}
 
 SHAPES = [  # T, HQ, H, dk, dv, cfg
     pytest.param(1, 2, 1, 8, 8, CFG, id="T1-G2"),
