@@ -22,7 +22,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 import nsa  # noqa: E402
 from nsa import reference  # noqa: E402
-from shapes import PAPER, environment, median_ms, save  # noqa: E402
+from shapes import PAPER, environment, err, median_ms, save  # noqa: E402
 
 HQ, H, DK, DV = 64, 4, 192, 128
 BF16 = torch.bfloat16
@@ -55,10 +55,6 @@ def graphed(fn):
     with torch.cuda.graph(graph):
         out = fn()
     return graph.replay, out
-
-
-def err(x, ref):
-    return float((x.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30))
 
 
 # ----------------------------------------------------------------------------- checks

@@ -20,7 +20,7 @@ sys.path.insert(0, __file__.rsplit("/", 1)[0])
 import nsa  # noqa: E402
 from nsa import reference  # noqa: E402
 from nsa.api import _sel_kwargs, combine  # noqa: E402
-from shapes import PAPER, environment, nsa_inputs, save  # noqa: E402
+from shapes import PAPER, environment, err, nsa_inputs, save  # noqa: E402
 
 NAMES = ["q", "k_cmp", "v_cmp", "k_slc", "v_slc", "k_win", "v_win", "gates"]
 
@@ -37,10 +37,6 @@ def fwd_bwd(fn, t, do):
     o = fn(t)
     grads = torch.autograd.grad(o, [t[n] for n in NAMES], do)
     return [o] + list(grads)
-
-
-def err(x, ref):
-    return float((x.double() - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
 def check(T, HQ, H, dk, dv, cfg):

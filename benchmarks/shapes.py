@@ -37,6 +37,12 @@ def median_ms(fn, grads=None, warmup=25, rep=100):
     return triton.testing.do_bench(fn, warmup=warmup, rep=rep, grad_to_none=grads, return_mode="median")
 
 
+def err(x, ref):
+    """||x - ref|| / ||ref||, in float64."""
+    x, ref = x.double(), ref.double()
+    return float((x - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
 def environment():
     import triton
     return dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,

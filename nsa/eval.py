@@ -12,15 +12,14 @@ import torch
 
 from .data import mqar_batch, passkey_batch
 from .model import ATTENTIONS, PRESETS
-from .train import TrainConfig, Trainer
+from .train import TrainConfig, Trainer, autocast
 
 
 def _logits(model, x, device):
     """Forward for evaluation: bf16 autocast on GPU as in training (an fp32 forward would send
     full attention to SDPA's math backend, which materialises [B, H, T, T])."""
-    dev = torch.device(device)
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-        return model(x.to(dev)).float()
+    with autocast(device):
+        return model(x.to(device)).float()
 
 
 @torch.no_grad()

@@ -278,9 +278,8 @@ def nsa_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, lengths, *, c
     for b, L in enumerate(lengths.tolist()):
         kw, start = ring_order(k_win[b], L)
         vw, _ = ring_order(v_win[b], L)
-        pos = torch.tensor([L - 1], device=q.device)
-        o, idx = nsa_at_positions(q[b:b + 1], k_cmp[b, :config.num_compressed(L)],
-                                  v_cmp[b, :config.num_compressed(L)], k_slc[b, :L], v_slc[b, :L],
+        pos, nc = torch.tensor([L - 1], device=q.device), config.num_compressed(L)
+        o, idx = nsa_at_positions(q[b:b + 1], k_cmp[b, :nc], v_cmp[b, :nc], k_slc[b, :L], v_slc[b, :L],
                                   kw, vw, gates[b:b + 1], pos, config=config, scale=scale,
                                   win_start=start)
         outs.append(o[0])

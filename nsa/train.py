@@ -46,6 +46,13 @@ class TrainConfig:
     out_dir: str = "runs/run"
 
 
+def autocast(device):
+    """bf16 autocast on GPU (training and evaluation alike), nothing on CPU."""
+    if torch.device(device).type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
 def lr_at(step: int, c: TrainConfig) -> float:
     if step < c.warmup:
         return c.lr * (step + 1) / c.warmup
@@ -88,16 +95,13 @@ class Trainer:
         self.out = Path(cfg.out_dir)
 
     # ------------------------------------------------------------------ one step
-    def _autocast(self):
-        return torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else torch.autocast("cpu", enabled=False)
-
     def _mine(self, t):
         """This rank's slice of a global batch."""
         n = t.shape[0] // self.world
         return t[self.rank * n:(self.rank + 1) * n]
 
     def losses(self, x, y, px, py):
-        with self._autocast():
+        with autocast(self.device):
             lm = self.net(self._mine(x).to(self.device), self._mine(y).to(self.device))[1]
             pk = None
             if px is not None:
@@ -136,7 +140,7 @@ class Trainer:
         n = batches or self.cfg.eval_batches
         for _ in range(n):
             x, y = b.next()
-            with self._autocast():
+            with autocast(self.device):
                 tot += float(self.model(x.to(self.device), y.to(self.device))[1])
         return tot / n
 

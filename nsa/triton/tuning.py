@@ -44,6 +44,11 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+def splits_to_fill(programs: int, device) -> int:
+    """Splits per program that give about two programs per SM."""
+    return -(-2 * _sm_count(device.index or 0) // max(1, programs))
+
+
 def banded_query_splits(n_queries: int, key_tiles: int, win: int, device) -> int:
     """Programs that share one key tile's query range in the dK/dV kernel. The compression
     branch has 16x fewer keys than queries: one program per key tile left 256 programs at 64k,
@@ -55,7 +60,7 @@ def banded_query_splits(n_queries: int, key_tiles: int, win: int, device) -> int
         return 1
     if interpreting():
         return 2   # CI exercises the split path
-    fill = -(-2 * _sm_count(device.index or 0) // max(1, key_tiles))
+    fill = splits_to_fill(key_tiles, device)
     return max(1, min(16, max(-(-n_queries // 8192), fill)))
 
 
@@ -94,7 +99,7 @@ def decode(programs: int, cmp_tokens: int, win_tokens: int, sel_tokens: int, blo
     # profile_decode.py sweep at 64k (H100): batch 32 0.275 -> 0.248 ms with 32-key tiles,
     # twice the splits on the compressed keys (the most bytes) and a 1-warp merge
     t = dict(BN=32, BCH=64, CHK=1024, warps=4, stages=3, merge_warps=1)
-    want = -(-2 * _sm_count(device.index or 0) // max(1, programs))
+    want = splits_to_fill(programs, device)
     cap = lambda n, per, most=want: max(1, min(most, -(-n // per)))
     t.update(S_C=cap(cmp_tokens, 4 * t["BN"], 2 * want), S_W=cap(win_tokens, 4 * t["BN"]),
              S_S=cap(sel_tokens, 4 * t["BN"]), S_B=cap(blocks, 2 * t["BCH"]))
