@@ -81,16 +81,20 @@ def main():
     p.add_argument("--dv", type=int, default=128)
     p.add_argument("--sweep", nargs="*", default=None, help="kernels to sweep (none given: all)")
     p.add_argument("--budget", type=float, default=480, help="seconds before sweeps stop")
+    p.add_argument("--ops", nargs="+", default=None, help="time only these ops (default: all)")
     a = p.parse_args()
     start = time.time()
     fns = parts(a.T, a.HQ, a.H, a.dk, a.dv, PAPER)
     base = {}
     for name, fn in fns.items():
+        if a.ops and name not in a.ops:
+            continue
         with torch.no_grad() if "bwd" not in name else torch.enable_grad():
             base[name] = ms(fn)
         print(f"{name:>12}: {base[name]:8.2f} ms", flush=True)
-    print(f"sum of fwd kernels {sum(base[k] for k in ('cmp_fwd', 'select', 'slc_fwd', 'win_fwd')):.2f} ms; "
-          f"bwd kernels {sum(base[k] for k in ('cmp_bwd', 'slc_bwd', 'win_bwd')):.2f} ms", flush=True)
+    for kind, names in (("fwd", ("cmp_fwd", "select", "slc_fwd", "win_fwd")), ("bwd", ("cmp_bwd", "slc_bwd", "win_bwd"))):
+        if all(n in base for n in names):
+            print(f"sum of {kind} kernels {sum(base[n] for n in names):.2f} ms", flush=True)
     sweeps = {}
     if a.sweep is not None:
         for kern in (a.sweep or SWEEPS):

@@ -18,7 +18,7 @@ SHAPES = [  # T, HQ, H, dk, dv, cfg
     pytest.param(63, 4, 4, 16, 8, CFG, id="T63-G1-dk!=dv"),
     pytest.param(111, 6, 2, 8, 12, CFG, id="T111-G3"),
     pytest.param(70, 16, 1, 8, 8, CFG, id="T70-G16"),
-    pytest.param(50, 4, 2, 24, 16, ODD, id="T50-odd-sizes-nonpow2-dk"),
+    pytest.param(50, 4, 2, 48, 16, ODD, id="T50-odd-sizes-dk48=32+16"),
     pytest.param(64, 2, 1, 8, 8, FLA, id="T64-l=d=l'"),
 ]
 

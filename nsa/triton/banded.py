@@ -17,7 +17,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .utils import load_rows, seq_tile, softmax_finish, softmax_step, store_rows, tile_rows
+from .utils import dot_keys, load_q, load_rows, seq_tile, softmax_finish, softmax_step, store_rows, tile_rows
 
 
 @triton.jit
@@ -56,7 +56,7 @@ def nsa_banded_fwd_kernel(
     q, k, v, o, lse,            # q [Nq,HQ,DK] k [Nk,H,DK] v [Nk,H,DV] o [Nq,HQ,DV] lse [Nq,HQ] f32
     cu_q, cu_k, tiles_q, n_seq, scale_log2,
     HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
-    DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    DK: tl.constexpr, DV: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr, BV: tl.constexpr,
     BT: tl.constexpr, BN: tl.constexpr,
     STRIDE: tl.constexpr, OFFSET: tl.constexpr, WIN: tl.constexpr,
     PREC: tl.constexpr,
@@ -68,9 +68,8 @@ def nsa_banded_fwd_kernel(
     q0, Tq, k0, Tk, t0 = seq_tile(pid, tiles_q, cu_q, cu_k, n_seq, BT)
     t, head, row_ok = tile_rows(t0, Tq, hk, G, GP, BT)
     rows = (q0 + t).to(tl.int64) * HQ + head                               # [BM]
-    dk = tl.arange(0, BK)
     dv = tl.arange(0, BV)
-    qt = load_rows(q, rows, row_ok, dk, DK)  # [BM, BK]
+    qa, qb = load_q(q, rows, row_ok, DK, KA, KB)
 
     BM: tl.constexpr = BT * GP
     m_i = tl.full([BM], float("-inf"), tl.float32)
@@ -80,9 +79,7 @@ def nsa_banded_fwd_kernel(
     for s0 in range(s_lo, s_hi, BN):
         s = s0 + tl.arange(0, BN)
         krow = (k0 + s).to(tl.int64) * H + hk                               # [BN]
-        kt = tl.load(k + krow[None, :] * DK + dk[:, None],
-                     mask=(s[None, :] < s_hi) & (dk[:, None] < DK), other=0.0)  # [BK, BN]
-        qk = tl.dot(qt, kt, input_precision=PREC) * scale_log2                                    # [BM, BN]
+        qk = dot_keys(qa, qb, k, krow, s < s_hi, DK, KA, KB, PREC) * scale_log2  # [BM, BN]
         vis = _visible(t[:, None], s[None, :], s_hi, STRIDE, OFFSET, WIN)
         qk = tl.where(vis, qk, float("-inf"))
         vt = tl.load(v + krow[:, None] * DV + dv[None, :],

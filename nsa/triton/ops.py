@@ -37,12 +37,19 @@ def _grad_or_zeros(g, like):
 
 
 # ----------------------------------------------------------------------------- banded
+def _key_dims(meta):
+    """A forward kernel's meta: the padded BK replaced by the two column tiles KA + KB."""
+    del meta["BK"]
+    return {**meta, **dict(zip(("KA", "KB"), tuning.key_tiles(meta["DK"])))}
+
+
 def _banded_meta(kind, q, v, stride, offset, win):
     N, HQ, H, G, GP, DK, DV, BK, BV = _dims(q, v)
     rows, BN, warps, stages = tuning.banded(kind, BK, BV, GP)
-    return dict(HQ=HQ, H=H, G=G, GP=GP, DK=DK, DV=DV, BK=BK, BV=BV, BT=max(1, rows // GP), BN=BN,
+    meta = dict(HQ=HQ, H=H, G=G, GP=GP, DK=DK, DV=DV, BK=BK, BV=BV, BT=max(1, rows // GP), BN=BN,
                 STRIDE=stride, OFFSET=offset, WIN=win, PREC=_prec(q), num_warps=warps,
                 num_stages=stages)
+    return _key_dims(meta) if kind == "fwd" else meta
 
 
 @custom_op("nsa::banded_fwd", mutates_args=())
@@ -125,12 +132,13 @@ def select_blocks(q: Tensor, k: Tensor, lse: Tensor, cu_q: Tensor, cu_k: Tensor,
     N, HQ, H, G, GP, DK, DV, BK, BV = _dims(q, k)
     n_seq = cu_q.numel() - 1
     rows, warps, stages = tuning.select(BK, GP)
+    KA, KB = tuning.key_tiles(DK)
     BT = max(1, rows // GP)
     out = empty(N, H, sel_block_count, dtype=torch.int32, device=q.device)
     tiles = tile_cu(cu_q, BT)
     nsa_select_kernel[(tile_grid_bound(N, n_seq, BT), H)](
         q, k, lse, out, cu_q, cu_k, tiles, n_seq, scale * LOG2E,
-        HQ=HQ, H=H, G=G, GP=GP, DK=DK, BK=BK, BT=BT, CMP_L=cmp_block_size, CMP_D=cmp_stride,
+        HQ=HQ, H=H, G=G, GP=GP, DK=DK, KA=KA, KB=KB, BT=BT, CMP_L=cmp_block_size, CMP_D=cmp_stride,
         SEL_L=sel_block_size, N_SEL=sel_block_count, INIT=sel_init_blocks, LOCAL=sel_local_blocks,
         NTOP=_ntop(sel_block_count, sel_block_size // cmp_stride), PREC=_prec(q), num_warps=warps,
         num_stages=stages)
@@ -156,7 +164,7 @@ def _selected_meta(kind, q, v, idx, sel_block_size):
 @custom_op("nsa::selected_fwd", mutates_args=())
 def selected_fwd(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, cu_q: Tensor, scale: float,
                  sel_block_size: int) -> tuple[Tensor, Tensor]:
-    meta = _selected_meta("fwd", q, v, idx, sel_block_size)
+    meta = _key_dims(_selected_meta("fwd", q, v, idx, sel_block_size))
     N, HQ, H = q.shape[0], q.shape[1], v.shape[1]
     o = empty(N, HQ, v.shape[2], dtype=q.dtype, device=q.device)
     lse = empty(N, HQ, dtype=torch.float32, device=q.device)

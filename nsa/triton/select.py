@@ -5,16 +5,17 @@ NTOP at a time (NTOP = n rounded up to a power of two); for each chunk it recomp
 compression probabilities p = exp(q.k_cmp*scale - lse) of the compressed tokens that start in
 those blocks, sums them over the group's heads, spreads them over blocks by overlap weight
 (a token overlaps its start block and, when it crosses a boundary, the next one: that part is
-carried into the next chunk), and merges the chunk into a running top-NTOP per position by
-sorting packed int64 keys (score bits << 32 | ~block): descending order puts higher scores
-first and, among equal scores, the lower block. Scores never leave registers.
+carried into the next chunk), and merges the chunk into a running top-NTOP per position (a sort
+of the chunk, then a bitonic merge) of packed int64 keys (score bits << 32 | ~block): descending
+order puts higher scores first and, among equal scores, the lower block. Scores never leave
+registers.
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-from .utils import load_rows, seq_tile, tile_rows
+from .utils import dot_keys, load_q, seq_tile, tile_rows
 
 
 @triton.jit
@@ -25,12 +26,12 @@ def _overlap(i, j, CMP_L: tl.constexpr, CMP_D: tl.constexpr, SEL_L: tl.constexpr
 
 
 @triton.jit
-def _merge_top(top, key, BT: tl.constexpr, NTOP: tl.constexpr):
-    """Keep the NTOP largest of two [BT, NTOP] int64 key sets."""
-    both = tl.reshape(tl.join(top, key), [BT, 2 * NTOP])
-    both = tl.sort(both, dim=1, descending=True)
-    first, _ = tl.split(tl.permute(tl.reshape(both, [BT, 2, NTOP]), (0, 2, 1)))
-    return first
+def _merge_top(top, key):
+    """The NTOP largest of top [BT, NTOP] (descending) and key [BT, NTOP] (any order), in
+    descending order: with key sorted ascending, the elementwise max holds the NTOP largest of
+    both as a bitonic sequence, which one bitonic merge sorts (half the work of sorting all
+    2 * NTOP keys)."""
+    return tl.bitonic_merge(tl.maximum(top, tl.sort(key, dim=1)), dim=1, descending=True)
 
 
 @triton.jit
@@ -38,7 +39,7 @@ def nsa_select_kernel(
     q, k, lse, out,             # q [Nq,HQ,DK] k [Nc,H,DK] lse [Nq,HQ] f32  out [Nq,H,N_SEL] int32
     cu_q, cu_k, tiles_q, n_seq, scale_log2,
     HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
-    DK: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr,
+    DK: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr, BT: tl.constexpr,
     CMP_L: tl.constexpr, CMP_D: tl.constexpr, SEL_L: tl.constexpr,
     N_SEL: tl.constexpr, NTOP: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr,
     PREC: tl.constexpr,
@@ -53,8 +54,7 @@ def nsa_select_kernel(
     BC: tl.constexpr = NTOP * R               # compressed tokens per chunk
     t, head, row_ok = tile_rows(t0, Tq, hk, G, GP, BT)
     rows = (q0 + t).to(tl.int64) * HQ + head
-    dk = tl.arange(0, BK)
-    qt = load_rows(q, rows, row_ok, dk, DK)
+    qa, qb = load_q(q, rows, row_ok, DK, KA, KB)
     lse2 = tl.load(lse + rows, mask=row_ok, other=0.0) * 1.4426950408889634
 
     tp = t0 + tl.arange(0, BT)  # the tile's positions
@@ -66,9 +66,8 @@ def nsa_select_kernel(
     n_blocks = (tl.minimum(t0 + BT, Tq) - 1) // SEL_L + 1
     for j0 in range(0, n_blocks, NTOP):
         i = j0 * R + ii                                                     # [BC]
-        kc = tl.load(k + ((k0 + i).to(tl.int64) * H + hk)[None, :] * DK + dk[:, None],
-                     mask=(i[None, :] < Tc) & (dk[:, None] < DK), other=0.0)  # [BK, BC]
-        qk = tl.dot(qt, kc, input_precision=PREC) * scale_log2                                    # [BT*GP, BC]
+        krow = (k0 + i).to(tl.int64) * H + hk
+        qk = dot_keys(qa, qb, k, krow, i < Tc, DK, KA, KB, PREC) * scale_log2  # [BT*GP, BC]
         vis = (i[None, :] * CMP_D + CMP_L - 1 <= t[:, None]) & (i[None, :] < Tc) & row_ok[:, None]
         p = tl.where(vis, tl.exp2(qk - lse2[:, None]), 0.0)
         pg = tl.sum(tl.reshape(p, [BT, GP, BC]), axis=1)                    # [BT, BC] group sum
@@ -87,7 +86,7 @@ def nsa_select_kernel(
         score = tl.where(forced, float("inf"), score)
         bits = score.to(tl.int32, bitcast=True).to(tl.int64)
         key = tl.where(cand, (bits << 32) | (2147483647 - j).to(tl.int64), -1)
-        top = _merge_top(top, key, BT, NTOP)
+        top = _merge_top(top, key)
 
     keep = (top >= 0) & (jj[None, :] < N_SEL)  # top is in descending order: ranks < n
     blk = tl.where(keep, 2147483647 - (top & 0xFFFFFFFF), 2147483647).to(tl.int32)

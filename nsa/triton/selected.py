@@ -14,7 +14,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .utils import find_segment, load_rows, softmax_finish, softmax_step, store_rows
+from .utils import dot_keys, find_segment, load_q, load_rows, softmax_finish, softmax_step, store_rows
 
 
 @triton.jit
@@ -39,17 +39,16 @@ def nsa_selected_fwd_kernel(
     q, k, v, idx, o, lse,       # q [N,HQ,DK] k [N,H,DK] v [N,H,DV] idx [N,H,N_SEL] o [N,HQ,DV] lse [N,HQ]
     cu_q, n_seq, scale_log2,
     HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, BM: tl.constexpr,
-    DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    DK: tl.constexpr, DV: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr, BV: tl.constexpr,
     BS: tl.constexpr, SEL_L: tl.constexpr, N_SEL: tl.constexpr, NP: tl.constexpr,
     PREC: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     hk = tl.program_id(1)
     q0, t, rows, row_ok = _query_group(pid_t, hk, cu_q, n_seq, HQ, G, BM)
-    dk = tl.arange(0, BK)
     dv = tl.arange(0, BV)
     lane = tl.arange(0, BS)
-    qt = load_rows(q, rows, row_ok, dk, DK)
+    qa, qb = load_q(q, rows, row_ok, DK, KA, KB)
     m_i = tl.full([BM], float("-inf"), tl.float32)
     l_i = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, BV], tl.float32)
@@ -57,8 +56,8 @@ def nsa_selected_fwd_kernel(
     blocks = tl.load(idx + (pid_t.to(tl.int64) * H + hk) * N_SEL + slots, mask=slots < N_SEL, other=-1)
     for slot in range(N_SEL):
         krow, kmask = _slot_keys(blocks, slots, slot, t, q0, lane, hk, H, SEL_L)
-        kt = tl.load(k + krow[None, :] * DK + dk[:, None], mask=kmask[None, :] & (dk[:, None] < DK), other=0.0)
-        qk = tl.where(kmask[None, :], tl.dot(qt, kt, input_precision=PREC) * scale_log2, float("-inf"))
+        qk = dot_keys(qa, qb, k, krow, kmask, DK, KA, KB, PREC)
+        qk = tl.where(kmask[None, :], qk * scale_log2, float("-inf"))
         vt = load_rows(v, krow, kmask, dv, DV)
         m_i, l_i, acc = softmax_step(qk, vt, m_i, l_i, acc, PREC)
     out, lse_val = softmax_finish(m_i, l_i, acc)

@@ -64,6 +64,21 @@ def banded_query_splits(n_queries: int, key_tiles: int, win: int, device) -> int
     return max(1, min(16, max(-(-n_queries // 8192), fill)))
 
 
+def key_tiles(dk: int):
+    """(KA, KB): the forward kernels' q/k head dim as two power-of-two column tiles, so that a
+    dim between powers of two is not padded to the next one (192 = 128 + 64: a quarter less QK
+    work than 256). KB = 0 for powers of two. NSA_TUNE='{"key_tiles": [256, 0]}' forces one
+    padded tile (for A/B timing)."""
+    ka = pow2(dk, 16)
+    if ka != dk:
+        ka //= 2
+        kb = pow2(dk - ka, 16)
+        ka, kb = (ka, kb) if ka + kb < pow2(dk, 16) else (pow2(dk, 16), 0)
+    else:
+        kb = 0
+    return _pick("key_tiles", (ka, kb))
+
+
 def select(bk: int, gp: int):
     """(rows, num_warps, num_stages) of the selection kernel."""
     if interpreting():
@@ -107,4 +122,4 @@ def decode(programs: int, cmp_tokens: int, win_tokens: int, sel_tokens: int, blo
     return {**t, **over}
 
 
-__all__ = ["banded", "select", "selected", "selected_bwd_queries", "decode", "interpreting", "pow2"]
+__all__ = ["banded", "key_tiles", "select", "selected", "selected_bwd_queries", "decode", "interpreting", "pow2"]

@@ -82,6 +82,33 @@ def load_rows(base, rows, ok, cols, D: tl.constexpr):
 
 
 @triton.jit
+def load_q(base, rows, ok, D: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr):
+    """Query rows [rows, D] as two column tiles [rows, KA] and [rows, KB] (KB = 0: one tile,
+    returned twice), so that D = 192 runs as 128 + 64 instead of padding to 256."""
+    a = load_rows(base, rows, ok, tl.arange(0, KA), D)
+    if KB > 0:
+        b = load_rows(base, rows, ok, KA + tl.arange(0, KB), D)
+    else:
+        b = a
+    return a, b
+
+
+@triton.jit
+def dot_keys(qa, qb, k, krow, kmask, D: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr,
+             PREC: tl.constexpr):
+    """Logits [M, N] (fp32) of query tiles qa, qb (load_q) against the key rows krow [N] of a
+    row-major [*, D] tensor; keys outside kmask read as zeros."""
+    ca = tl.arange(0, KA)
+    ka = tl.load(k + krow[None, :] * D + ca[:, None], mask=kmask[None, :] & (ca[:, None] < D), other=0.0)
+    acc = tl.dot(qa, ka, input_precision=PREC)
+    if KB > 0:
+        cb = KA + tl.arange(0, KB)
+        kb = tl.load(k + krow[None, :] * D + cb[:, None], mask=kmask[None, :] & (cb[:, None] < D), other=0.0)
+        acc = tl.dot(qb, kb, acc, input_precision=PREC)
+    return acc
+
+
+@triton.jit
 def store_rows(base, rows, ok, cols, D: tl.constexpr, val):
     tl.store(base + rows[:, None] * D + cols[None, :], val.to(base.dtype.element_ty),
              mask=ok[:, None] & (cols[None, :] < D))
