@@ -52,6 +52,22 @@ def _key_range(t_first, t_last, Tk, STRIDE: tl.constexpr, OFFSET: tl.constexpr, 
 
 
 @triton.jit
+def _fwd_tile(qa, qb, k, v, k0, s0, s_hi, t, hk, m_i, l_i, acc, scale_log2, H: tl.constexpr,
+              DK: tl.constexpr, DV: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr, BV: tl.constexpr,
+              BN: tl.constexpr, STRIDE: tl.constexpr, OFFSET: tl.constexpr, WIN: tl.constexpr,
+              PREC: tl.constexpr, MASKED: tl.constexpr):
+    """One key tile [s0, s0 + BN) of the forward; MASKED = False where every row sees every key."""
+    s = s0 + tl.arange(0, BN)
+    krow = (k0 + s).to(tl.int64) * H + hk                                   # [BN]
+    qk = dot_keys(qa, qb, k, krow, s < s_hi, DK, KA, KB, PREC) * scale_log2  # [BM, BN]
+    if MASKED:
+        qk = tl.where(_visible(t[:, None], s[None, :], s_hi, STRIDE, OFFSET, WIN), qk, float("-inf"))
+    dv = tl.arange(0, BV)
+    vt = tl.load(v + krow[:, None] * DV + dv[None, :], mask=(s[:, None] < s_hi) & (dv[None, :] < DV), other=0.0)
+    return softmax_step(qk, vt, m_i, l_i, acc, PREC)
+
+
+@triton.jit
 def nsa_banded_fwd_kernel(
     q, k, v, o, lse,            # q [Nq,HQ,DK] k [Nk,H,DK] v [Nk,H,DV] o [Nq,HQ,DV] lse [Nq,HQ] f32
     cu_q, cu_k, tiles_q, n_seq, scale_log2,
@@ -59,7 +75,7 @@ def nsa_banded_fwd_kernel(
     DK: tl.constexpr, DV: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr, BV: tl.constexpr,
     BT: tl.constexpr, BN: tl.constexpr,
     STRIDE: tl.constexpr, OFFSET: tl.constexpr, WIN: tl.constexpr,
-    PREC: tl.constexpr,
+    PREC: tl.constexpr, UNMASKED: tl.constexpr,
 ):
     pid = tl.program_id(0)
     hk = tl.program_id(1)
@@ -75,16 +91,23 @@ def nsa_banded_fwd_kernel(
     m_i = tl.full([BM], float("-inf"), tl.float32)
     l_i = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, BV], tl.float32)
-    s_lo, s_hi = _key_range(t0, tl.minimum(t0 + BT, Tq) - 1, Tk, STRIDE, OFFSET, WIN)
-    for s0 in range(s_lo, s_hi, BN):
-        s = s0 + tl.arange(0, BN)
-        krow = (k0 + s).to(tl.int64) * H + hk                               # [BN]
-        qk = dot_keys(qa, qb, k, krow, s < s_hi, DK, KA, KB, PREC) * scale_log2  # [BM, BN]
-        vis = _visible(t[:, None], s[None, :], s_hi, STRIDE, OFFSET, WIN)
-        qk = tl.where(vis, qk, float("-inf"))
-        vt = tl.load(v + krow[:, None] * DV + dv[None, :],
-                     mask=(s[:, None] < s_hi) & (dv[None, :] < DV), other=0.0)  # [BN, BV]
-        m_i, l_i, acc = softmax_step(qk, vt, m_i, l_i, acc, PREC)
+    t_last = tl.minimum(t0 + BT, Tq) - 1
+    s_lo, s_hi = _key_range(t0, t_last, Tk, STRIDE, OFFSET, WIN)
+    # key tiles in [a, b) are visible to every row: no mask there (the band's edges keep it)
+    a = s_lo
+    b = s_lo
+    if UNMASKED:
+        a = tl.minimum(s_lo + tl.cdiv(tl.maximum(_key_range(t_last, t_last, Tk, STRIDE, OFFSET, WIN)[0] - s_lo, 0), BN) * BN, s_hi)
+        b = a + tl.maximum(_key_range(t0, t0, Tk, STRIDE, OFFSET, WIN)[1] - a, 0) // BN * BN
+    for s0 in range(s_lo, a, BN):
+        m_i, l_i, acc = _fwd_tile(qa, qb, k, v, k0, s0, s_hi, t, hk, m_i, l_i, acc, scale_log2, H, DK, DV,
+                                  KA, KB, BV, BN, STRIDE, OFFSET, WIN, PREC, True)
+    for s0 in range(a, b, BN):
+        m_i, l_i, acc = _fwd_tile(qa, qb, k, v, k0, s0, s_hi, t, hk, m_i, l_i, acc, scale_log2, H, DK, DV,
+                                  KA, KB, BV, BN, STRIDE, OFFSET, WIN, PREC, False)
+    for s0 in range(b, s_hi, BN):
+        m_i, l_i, acc = _fwd_tile(qa, qb, k, v, k0, s0, s_hi, t, hk, m_i, l_i, acc, scale_log2, H, DK, DV,
+                                  KA, KB, BV, BN, STRIDE, OFFSET, WIN, PREC, True)
     out, lse_val = softmax_finish(m_i, l_i, acc)
     store_rows(o, rows, row_ok, dv, DV, out)
     tl.store(lse + rows, lse_val, mask=row_ok)

@@ -49,7 +49,7 @@ def _banded_meta(kind, q, v, stride, offset, win):
     meta = dict(HQ=HQ, H=H, G=G, GP=GP, DK=DK, DV=DV, BK=BK, BV=BV, BT=max(1, rows // GP), BN=BN,
                 STRIDE=stride, OFFSET=offset, WIN=win, PREC=_prec(q), num_warps=warps,
                 num_stages=stages)
-    return _key_dims(meta) if kind == "fwd" else meta
+    return dict(_key_dims(meta), UNMASKED=tuning.banded_unmasked(win)) if kind == "fwd" else meta
 
 
 @custom_op("nsa::banded_fwd", mutates_args=())

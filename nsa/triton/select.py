@@ -35,6 +35,41 @@ def _merge_top(top, key):
 
 
 @triton.jit
+def _chunk(j0, qa, qb, k, k0, hk, t, tp, lse2, last, Tq, Tc, top, carry, scale_log2, H: tl.constexpr,
+           DK: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr, BT: tl.constexpr, GP: tl.constexpr,
+           CMP_L: tl.constexpr, CMP_D: tl.constexpr, SEL_L: tl.constexpr, NTOP: tl.constexpr,
+           INIT: tl.constexpr, LOCAL: tl.constexpr, PREC: tl.constexpr, MASKED: tl.constexpr):
+    """Scores of blocks [j0, j0 + NTOP) merged into the running top list; MASKED = False when
+    every row sees every compressed token of the chunk."""
+    R: tl.constexpr = SEL_L // CMP_D          # compressed tokens starting in one block
+    BC: tl.constexpr = NTOP * R
+    i = j0 * R + tl.arange(0, BC)                                           # [BC]
+    krow = (k0 + i).to(tl.int64) * H + hk
+    qk = dot_keys(qa, qb, k, krow, i < Tc, DK, KA, KB, PREC) * scale_log2  # [BT*GP, BC]
+    p = tl.exp2(qk - lse2[:, None])
+    if MASKED:
+        p = tl.where((i[None, :] * CMP_D + CMP_L - 1 <= t[:, None]) & (i[None, :] < Tc), p, 0.0)
+    pg = tl.sum(tl.reshape(p, [BT, GP, BC]), axis=1)                        # [BT, BC] group sum
+    jj = tl.arange(0, NTOP)
+    w = _overlap(i[:, None], j0 + jj[None, :], CMP_L, CMP_D, SEL_L)         # [BC, NTOP]
+    w_next = _overlap(i, j0 + NTOP, CMP_L, CMP_D, SEL_L)                    # [BC]
+    if BT >= 16:
+        score = tl.dot(pg, w, input_precision="ieee")                       # [BT, NTOP]
+    else:   # tl.dot needs 16 rows; a sum of products is exact and cheap at this size
+        score = tl.sum(pg[:, :, None] * w[None, :, :], axis=1)
+    score += tl.where(jj[None, :] == 0, carry[:, None], 0.0)
+    carry = tl.sum(pg * w_next[None, :], axis=1)
+
+    j = j0 + jj[None, :]
+    cand = (j <= last[:, None]) & (tp[:, None] < Tq)
+    forced = cand & ((j < INIT) | (j > last[:, None] - LOCAL))
+    score = tl.where(forced, float("inf"), score)
+    bits = score.to(tl.int32, bitcast=True).to(tl.int64)
+    key = tl.where(cand, (bits << 32) | (2147483647 - j).to(tl.int64), -1)
+    return _merge_top(top, key), carry
+
+
+@triton.jit
 def nsa_select_kernel(
     q, k, lse, out,             # q [Nq,HQ,DK] k [Nc,H,DK] lse [Nq,HQ] f32  out [Nq,H,N_SEL] int32
     cu_q, cu_k, tiles_q, n_seq, scale_log2,
@@ -50,43 +85,26 @@ def nsa_select_kernel(
         return
     q0, Tq, k0, Tc, t0 = seq_tile(pid, tiles_q, cu_q, cu_k, n_seq, BT)
 
-    R: tl.constexpr = SEL_L // CMP_D          # compressed tokens starting in one block
-    BC: tl.constexpr = NTOP * R               # compressed tokens per chunk
+    BC: tl.constexpr = NTOP * (SEL_L // CMP_D)   # compressed tokens per chunk
     t, head, row_ok = tile_rows(t0, Tq, hk, G, GP, BT)
     rows = (q0 + t).to(tl.int64) * HQ + head
     qa, qb = load_q(q, rows, row_ok, DK, KA, KB)
-    lse2 = tl.load(lse + rows, mask=row_ok, other=0.0) * 1.4426950408889634
+    lse2 = tl.load(lse + rows, mask=row_ok, other=float("inf")) * 1.4426950408889634  # p = 0 off the tile
 
     tp = t0 + tl.arange(0, BT)  # the tile's positions
     last = tp // SEL_L                        # last candidate block of each position
     jj = tl.arange(0, NTOP)
-    ii = tl.arange(0, BC)
     top = tl.full([BT, NTOP], -1, tl.int64)
     carry = tl.zeros([BT], tl.float32)
     n_blocks = (tl.minimum(t0 + BT, Tq) - 1) // SEL_L + 1
-    for j0 in range(0, n_blocks, NTOP):
-        i = j0 * R + ii                                                     # [BC]
-        krow = (k0 + i).to(tl.int64) * H + hk
-        qk = dot_keys(qa, qb, k, krow, i < Tc, DK, KA, KB, PREC) * scale_log2  # [BT*GP, BC]
-        vis = (i[None, :] * CMP_D + CMP_L - 1 <= t[:, None]) & (i[None, :] < Tc) & row_ok[:, None]
-        p = tl.where(vis, tl.exp2(qk - lse2[:, None]), 0.0)
-        pg = tl.sum(tl.reshape(p, [BT, GP, BC]), axis=1)                    # [BT, BC] group sum
-        w = _overlap(i[:, None], j0 + jj[None, :], CMP_L, CMP_D, SEL_L)     # [BC, NTOP]
-        w_next = _overlap(i, j0 + NTOP, CMP_L, CMP_D, SEL_L)                # [BC]
-        if BT >= 16:
-            score = tl.dot(pg, w, input_precision="ieee")                   # [BT, NTOP]
-        else:   # tl.dot needs 16 rows; a sum of products is exact and cheap at this size
-            score = tl.sum(pg[:, :, None] * w[None, :, :], axis=1)
-        score += tl.where(jj[None, :] == 0, carry[:, None], 0.0)
-        carry = tl.sum(pg * w_next[None, :], axis=1)
-
-        j = j0 + jj[None, :]
-        cand = (j <= last[:, None]) & (tp[:, None] < Tq)
-        forced = cand & ((j < INIT) | (j > last[:, None] - LOCAL))
-        score = tl.where(forced, float("inf"), score)
-        bits = score.to(tl.int32, bitcast=True).to(tl.int64)
-        key = tl.where(cand, (bits << 32) | (2147483647 - j).to(tl.int64), -1)
-        top = _merge_top(top, key)
+    # chunks whose compressed tokens every row sees (their last token ends by t0): no mask
+    n_full = tl.where(t0 >= CMP_L - 1, (t0 - CMP_L + 1) // CMP_D + 1, 0) // BC * NTOP
+    for j0 in range(0, n_full, NTOP):
+        top, carry = _chunk(j0, qa, qb, k, k0, hk, t, tp, lse2, last, Tq, Tc, top, carry, scale_log2,
+                            H, DK, KA, KB, BT, GP, CMP_L, CMP_D, SEL_L, NTOP, INIT, LOCAL, PREC, False)
+    for j0 in range(n_full, n_blocks, NTOP):
+        top, carry = _chunk(j0, qa, qb, k, k0, hk, t, tp, lse2, last, Tq, Tc, top, carry, scale_log2,
+                            H, DK, KA, KB, BT, GP, CMP_L, CMP_D, SEL_L, NTOP, INIT, LOCAL, PREC, True)
 
     keep = (top >= 0) & (jj[None, :] < N_SEL)  # top is in descending order: ranks < n
     blk = tl.where(keep, 2147483647 - (top & 0xFFFFFFFF), 2147483647).to(tl.int32)

@@ -38,6 +38,17 @@ def banded(kind: str, bk: int, bv: int, gp: int):
     return _pick(f"banded_{kind}", default)
 
 
+def banded_unmasked(win: int) -> bool:
+    """Whether the banded forward runs the key tiles every row sees without a mask, in a loop of
+    their own. Pays for the compression branch (64k, H100: 14.0 -> 12.1 ms); the window's band
+    is ~9 tiles, split 1 + 7 + 1, and was slower that way (4.25 -> 4.50 ms).
+    NSA_TUNE='{"banded_unmasked": [1]}' forces it on (0: off) for A/B timing. The interpreter
+    always takes it, so that CI checks the unmasked tiles of both branches."""
+    if interpreting():
+        return True
+    return bool(_pick("banded_unmasked", (win == 0,))[0])
+
+
 @functools.lru_cache(maxsize=None)
 def _sm_count(device_index: int) -> int:
     import torch
@@ -83,14 +94,16 @@ def select(bk: int, gp: int):
     """(rows, num_warps, num_stages) of the selection kernel."""
     if interpreting():
         return max(1, 16 // gp) * gp, 4, 1
-    return _pick("select", (64, 4, 2))
+    # 64k sweep after the split head dim and bitonic merge (H100): 128 rows 17.3 ms, 64 rows 18.2
+    return _pick("select", (128, 4, 2))
 
 
 def selected(kind: str, gp: int):
     """(num_warps, num_stages) of the group-centric selected-attention kernels (fwd, dq)."""
     if interpreting():
         return 4, 1
-    return _pick(f"selected_{kind}", (4, 2))
+    # 64k sweep (H100): the forward at 2 warps 21.6 ms, 4 warps 22.0
+    return _pick(f"selected_{kind}", (2, 2) if kind == "fwd" else (4, 2))
 
 
 def selected_bwd_queries(gp: int):
