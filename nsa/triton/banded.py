@@ -17,7 +17,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .utils import dot_keys, load_q, load_rows, seq_tile, softmax_finish, softmax_step, store_rows, tile_rows
+from .utils import (dot2, dot_keys, load_keys_t, load_q, load_rows, seq_tile, softmax_finish, softmax_step,
+                    store_rows, store_rows2, tile_rows, zeros2)
 
 
 @triton.jit
@@ -118,7 +119,7 @@ def nsa_banded_bwd_dq_kernel(
     q, k, v, o, do, lse, dlse, delta, dq,
     cu_q, cu_k, tiles_q, n_seq, scale, scale_log2,
     HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
-    DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    DK: tl.constexpr, DV: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr, BV: tl.constexpr,
     BT: tl.constexpr, BN: tl.constexpr,
     STRIDE: tl.constexpr, OFFSET: tl.constexpr, WIN: tl.constexpr,
     PREC: tl.constexpr,
@@ -130,29 +131,30 @@ def nsa_banded_bwd_dq_kernel(
     q0, Tq, k0, Tk, t0 = seq_tile(pid, tiles_q, cu_q, cu_k, n_seq, BT)
     t, head, row_ok = tile_rows(t0, Tq, hk, G, GP, BT)
     rows = (q0 + t).to(tl.int64) * HQ + head
-    dk = tl.arange(0, BK)
     dv = tl.arange(0, BV)
-    qt = load_rows(q, rows, row_ok, dk, DK)
+    qa, qb = load_q(q, rows, row_ok, DK, KA, KB)
     dot_ = load_rows(do, rows, row_ok, dv, DV)
     lse2 = tl.load(lse + rows, mask=row_ok, other=0.0) * 1.4426950408889634
     dlt = _delta_rows(o, dlse, dot_, rows, row_ok, dv, DV)
     tl.store(delta + rows, dlt, mask=row_ok)
 
     BM: tl.constexpr = BT * GP
-    acc = tl.zeros([BM, BK], tl.float32)
+    acc_a, acc_b = zeros2(BM, KA, KB)
     s_lo, s_hi = _key_range(t0, tl.minimum(t0 + BT, Tq) - 1, Tk, STRIDE, OFFSET, WIN)
     for s0 in range(s_lo, s_hi, BN):
         s = s0 + tl.arange(0, BN)
         krow = (k0 + s).to(tl.int64) * H + hk
-        kt = tl.load(k + krow[None, :] * DK + dk[:, None], mask=(s[None, :] < s_hi) & (dk[:, None] < DK), other=0.0)
+        ka, kb = load_keys_t(k, krow, s < s_hi, DK, KA, KB)
         vt = tl.load(v + krow[None, :] * DV + dv[:, None], mask=(s[None, :] < s_hi) & (dv[:, None] < DV), other=0.0)
-        qk = tl.dot(qt, kt, input_precision=PREC) * scale_log2
+        qk = dot2(qa, qb, ka, kb, KB, PREC) * scale_log2
         vis = _visible(t[:, None], s[None, :], s_hi, STRIDE, OFFSET, WIN) & row_ok[:, None]
         p = tl.where(vis, tl.exp2(qk - lse2[:, None]), 0.0)
         dp = tl.dot(dot_, vt, input_precision=PREC)  # [BM, BN]
         ds = p * (dp - dlt[:, None])
-        acc += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=PREC)
-    store_rows(dq, rows, row_ok, dk, DK, (acc * scale))
+        acc_a = tl.dot(ds.to(ka.dtype), tl.trans(ka), acc_a, input_precision=PREC)
+        if KB > 0:
+            acc_b = tl.dot(ds.to(kb.dtype), tl.trans(kb), acc_b, input_precision=PREC)
+    store_rows2(dq, rows, row_ok, DK, KA, KB, acc_a * scale, acc_b * scale)
 
 
 @triton.jit
@@ -160,7 +162,7 @@ def nsa_banded_bwd_dkv_kernel(
     q, k, v, do, lse, delta, dk_out, dv_out,   # with NSPLIT > 1, dk_out/dv_out are fp32 [NSPLIT, Nk, H, D]
     cu_q, cu_k, tiles_k, n_seq, scale, scale_log2,
     HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
-    DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    DK: tl.constexpr, DV: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr, BV: tl.constexpr,
     BT: tl.constexpr, BN: tl.constexpr,
     STRIDE: tl.constexpr, OFFSET: tl.constexpr, WIN: tl.constexpr, NSPLIT: tl.constexpr,
     PREC: tl.constexpr,
@@ -174,9 +176,8 @@ def nsa_banded_bwd_dkv_kernel(
     s = s0 + tl.arange(0, BN)
     kmask = s < Tk
     krow = (k0 + s).to(tl.int64) * H + hk
-    dk = tl.arange(0, BK)
     dv = tl.arange(0, BV)
-    kk = load_rows(k, krow, kmask, dk, DK)
+    ka, kb = load_q(k, krow, kmask, DK, KA, KB)   # key rows as two column tiles
     vv = load_rows(v, krow, kmask, dv, DV)
 
     s_last = tl.minimum(s0 + BN, Tk) - 1
@@ -189,21 +190,23 @@ def nsa_banded_bwd_dkv_kernel(
         t_lo = t_lo + split * part
         t_hi = tl.minimum(t_hi, t_lo + part)
         krow = krow + split.to(tl.int64) * tl.load(cu_k + n_seq) * H
-    dk_acc = tl.zeros([BN, BK], tl.float32)
+    dk_a, dk_b = zeros2(BN, KA, KB)
     dv_acc = tl.zeros([BN, BV], tl.float32)
     for tq in range(t_lo, t_hi, BT):
         t, head, row_ok = tile_rows(tq, t_hi, hk, G, GP, BT)
         rows = (q0 + t).to(tl.int64) * HQ + head
-        qt = load_rows(q, rows, row_ok, dk, DK)
+        qa, qb = load_q(q, rows, row_ok, DK, KA, KB)
         dot_ = load_rows(do, rows, row_ok, dv, DV)
         lse2 = tl.load(lse + rows, mask=row_ok, other=0.0) * 1.4426950408889634
         dlt = tl.load(delta + rows, mask=row_ok, other=0.0)
-        st = tl.dot(kk, tl.trans(qt), input_precision=PREC) * scale_log2                          # [BN, BM]
+        st = dot2(ka, kb, tl.trans(qa), tl.trans(qb), KB, PREC) * scale_log2    # [BN, BM]
         vis = _visible(t[None, :], s[:, None], Tk, STRIDE, OFFSET, WIN) & row_ok[None, :]
         pt = tl.where(vis, tl.exp2(st - lse2[None, :]), 0.0)
         dv_acc += tl.dot(pt.to(dot_.dtype), dot_, input_precision=PREC)
         dpt = tl.dot(vv, tl.trans(dot_), input_precision=PREC)  # [BN, BM]
         dst = pt * (dpt - dlt[None, :])
-        dk_acc += tl.dot(dst.to(qt.dtype), qt, input_precision=PREC)
-    store_rows(dk_out, krow, kmask, dk, DK, (dk_acc * scale))
+        dk_a = tl.dot(dst.to(qa.dtype), qa, dk_a, input_precision=PREC)
+        if KB > 0:
+            dk_b = tl.dot(dst.to(qb.dtype), qb, dk_b, input_precision=PREC)
+    store_rows2(dk_out, krow, kmask, DK, KA, KB, dk_a * scale, dk_b * scale)
     store_rows(dv_out, krow, kmask, dv, DV, dv_acc)

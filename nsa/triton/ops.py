@@ -38,7 +38,7 @@ def _grad_or_zeros(g, like):
 
 # ----------------------------------------------------------------------------- banded
 def _key_dims(meta):
-    """A forward kernel's meta: the padded BK replaced by the two column tiles KA + KB."""
+    """A kernel's meta: the padded BK replaced by the two column tiles KA + KB."""
     del meta["BK"]
     return {**meta, **dict(zip(("KA", "KB"), tuning.key_tiles(meta["DK"])))}
 
@@ -49,7 +49,8 @@ def _banded_meta(kind, q, v, stride, offset, win):
     meta = dict(HQ=HQ, H=H, G=G, GP=GP, DK=DK, DV=DV, BK=BK, BV=BV, BT=max(1, rows // GP), BN=BN,
                 STRIDE=stride, OFFSET=offset, WIN=win, PREC=_prec(q), num_warps=warps,
                 num_stages=stages)
-    return dict(_key_dims(meta), UNMASKED=tuning.banded_unmasked(win)) if kind == "fwd" else meta
+    meta = _key_dims(meta)
+    return dict(meta, UNMASKED=tuning.banded_unmasked(win)) if kind == "fwd" else meta
 
 
 @custom_op("nsa::banded_fwd", mutates_args=())
@@ -155,16 +156,15 @@ def _(q, k, lse, cu_q, cu_k, scale, cmp_block_size, cmp_stride, sel_block_size, 
 def _selected_meta(kind, q, v, idx, sel_block_size):
     N, HQ, H, G, GP, DK, DV, BK, BV = _dims(q, v)
     warps, stages = tuning.selected(kind, GP)
-    return dict(HQ=HQ, H=H, G=G, BM=max(16, GP), DK=DK, DV=DV, BK=BK, BV=BV,
-                num_warps=warps, num_stages=stages,
-                BS=pow2(sel_block_size, 16), SEL_L=sel_block_size, N_SEL=idx.shape[-1], NP=pow2(idx.shape[-1]),
-                PREC=_prec(q))
+    return _key_dims(dict(HQ=HQ, H=H, G=G, BM=max(16, GP), DK=DK, DV=DV, BK=BK, BV=BV,
+                          num_warps=warps, num_stages=stages, BS=pow2(sel_block_size, 16),
+                          SEL_L=sel_block_size, N_SEL=idx.shape[-1], NP=pow2(idx.shape[-1]), PREC=_prec(q)))
 
 
 @custom_op("nsa::selected_fwd", mutates_args=())
 def selected_fwd(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, cu_q: Tensor, scale: float,
                  sel_block_size: int) -> tuple[Tensor, Tensor]:
-    meta = _key_dims(_selected_meta("fwd", q, v, idx, sel_block_size))
+    meta = _selected_meta("fwd", q, v, idx, sel_block_size)
     N, HQ, H = q.shape[0], q.shape[1], v.shape[1]
     o = empty(N, HQ, v.shape[2], dtype=q.dtype, device=q.device)
     lse = empty(N, HQ, dtype=torch.float32, device=q.device)
@@ -224,13 +224,13 @@ def selected_bwd(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, o: Tensor, lse: T
     dk_part = torch.empty(n_part, BS, DK, dtype=torch.float32, device=q.device)
     dv_part = torch.empty(n_part, BS, DV, dtype=torch.float32, device=q.device)
     grid = (n_buckets + (N * H * idx.shape[-1]) // SEG + 1,)
-    common = dict(H=H, DK=DK, DV=DV, BK=BK, BV=BV, BS=BS, SEL_L=sel_block_size)
+    common = dict(H=H, DK=DK, DV=DV, BV=BV, BS=BS, SEL_L=sel_block_size)
     nsa_selected_bwd_dkv_kernel[grid](
         q, k, v, do, lse, delta, dk, dv, dk_part, dv_part, q_list, list_cu, seg_cu, part_cu,
-        blk_cu, cu_q, n_seq, n_buckets, nbu, *args, HQ=HQ, G=G, GP=GP, BQ=BQ, SEG=SEG,
-        PREC=meta["PREC"], num_warps=warps, num_stages=stages, **common)
+        blk_cu, cu_q, n_seq, n_buckets, nbu, *args, HQ=HQ, G=G, GP=GP, BQ=BQ, SEG=SEG, KA=meta["KA"],
+        KB=meta["KB"], PREC=meta["PREC"], num_warps=warps, num_stages=stages, **common)
     nsa_selected_bwd_reduce_kernel[(n_buckets,)](
-        dk, dv, dk_part, dv_part, seg_cu, part_cu, blk_cu, cu_q, n_seq, nbu, num_warps=4, **common)
+        dk, dv, dk_part, dv_part, seg_cu, part_cu, blk_cu, cu_q, n_seq, nbu, BK=BK, num_warps=4, **common)
     return dq, dk, dv
 
 

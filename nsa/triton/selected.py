@@ -14,7 +14,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .utils import dot_keys, find_segment, load_q, load_rows, softmax_finish, softmax_step, store_rows
+from .utils import (dot2, dot_keys, find_segment, load_keys_t, load_q, load_rows, softmax_finish, softmax_step,
+                    store_rows, store_rows2, zeros2)
 
 
 @triton.jit
@@ -70,34 +71,35 @@ def nsa_selected_bwd_dq_kernel(
     q, k, v, idx, o, do, lse, delta, dq,
     cu_q, n_seq, scale, scale_log2,
     HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, BM: tl.constexpr,
-    DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    DK: tl.constexpr, DV: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr, BV: tl.constexpr,
     BS: tl.constexpr, SEL_L: tl.constexpr, N_SEL: tl.constexpr, NP: tl.constexpr,
     PREC: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     hk = tl.program_id(1)
     q0, t, rows, row_ok = _query_group(pid_t, hk, cu_q, n_seq, HQ, G, BM)
-    dk = tl.arange(0, BK)
     dv = tl.arange(0, BV)
     lane = tl.arange(0, BS)
-    qt = load_rows(q, rows, row_ok, dk, DK)
+    qa, qb = load_q(q, rows, row_ok, DK, KA, KB)
     dot_ = load_rows(do, rows, row_ok, dv, DV)
     lse2 = tl.load(lse + rows, mask=row_ok, other=0.0) * 1.4426950408889634
     ot = load_rows(o, rows, row_ok, dv, DV)
     dlt = tl.sum(ot.to(tl.float32) * dot_.to(tl.float32), 1)     # rowsum(o * dO), stored for dK/dV
     tl.store(delta + rows, dlt, mask=row_ok)
-    acc = tl.zeros([BM, BK], tl.float32)
+    acc_a, acc_b = zeros2(BM, KA, KB)
     slots = tl.arange(0, NP)
     blocks = tl.load(idx + (pid_t.to(tl.int64) * H + hk) * N_SEL + slots, mask=slots < N_SEL, other=-1)
     for slot in range(N_SEL):
         krow, kmask = _slot_keys(blocks, slots, slot, t, q0, lane, hk, H, SEL_L)
-        kt = tl.load(k + krow[None, :] * DK + dk[:, None], mask=kmask[None, :] & (dk[:, None] < DK), other=0.0)
+        ka, kb = load_keys_t(k, krow, kmask, DK, KA, KB)
         vt = tl.load(v + krow[None, :] * DV + dv[:, None], mask=kmask[None, :] & (dv[:, None] < DV), other=0.0)
-        qk = tl.dot(qt, kt, input_precision=PREC) * scale_log2
+        qk = dot2(qa, qb, ka, kb, KB, PREC) * scale_log2
         p = tl.where(kmask[None, :] & row_ok[:, None], tl.exp2(qk - lse2[:, None]), 0.0)
         ds = p * (tl.dot(dot_, vt, input_precision=PREC) - dlt[:, None])
-        acc += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=PREC)
-    store_rows(dq, rows, row_ok, dk, DK, (acc * scale))
+        acc_a = tl.dot(ds.to(ka.dtype), tl.trans(ka), acc_a, input_precision=PREC)
+        if KB > 0:
+            acc_b = tl.dot(ds.to(kb.dtype), tl.trans(kb), acc_b, input_precision=PREC)
+    store_rows2(dq, rows, row_ok, DK, KA, KB, acc_a * scale, acc_b * scale)
 
 
 @triton.jit
@@ -105,7 +107,7 @@ def nsa_selected_bwd_dkv_kernel(
     q, k, v, do, lse, delta, dk_out, dv_out, dk_part, dv_part,
     q_list, list_cu, seg_cu, part_cu, blk_cu, cu_q, n_seq, n_buckets, nbu, scale, scale_log2,
     HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
-    DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    DK: tl.constexpr, DV: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr, BV: tl.constexpr,
     BS: tl.constexpr, SEL_L: tl.constexpr, BQ: tl.constexpr, SEG: tl.constexpr,
     PREC: tl.constexpr,
 ):
@@ -126,40 +128,41 @@ def nsa_selected_bwd_dkv_kernel(
     s = (gb - tl.load(blk_cu + sq)) * SEL_L + lane     # key positions of this block
     kmask = (lane < SEL_L) & (s < Tq)
     krow = (q0 + s).to(tl.int64) * H + hk
-    dk = tl.arange(0, BK)
     dv = tl.arange(0, BV)
-    kk = load_rows(k, krow, kmask, dk, DK)
+    ka, kb = load_q(k, krow, kmask, DK, KA, KB)   # key rows as two column tiles
     vv = load_rows(v, krow, kmask, dv, DV)
 
     lo = tl.load(list_cu + b) + seg * SEG
     hi = tl.minimum(tl.load(list_cu + b + 1), lo + SEG)
     BM: tl.constexpr = BQ * GP
     r = tl.arange(0, BM)
-    dk_acc = tl.zeros([BS, BK], tl.float32)
+    dk_a, dk_b = zeros2(BS, KA, KB)
     dv_acc = tl.zeros([BS, BV], tl.float32)
     for p0 in range(lo, hi, BQ):
         pos = p0 + r // GP
         ok = (pos < hi) & (r % GP < G)
         qrow = tl.load(q_list + pos, mask=ok, other=0)  # packed query row
         rows = qrow.to(tl.int64) * HQ + hk * G + r % GP
-        qt = load_rows(q, rows, ok, dk, DK)
+        qa, qb = load_q(q, rows, ok, DK, KA, KB)
         dot_ = load_rows(do, rows, ok, dv, DV)
         lse2 = tl.load(lse + rows, mask=ok, other=0.0) * 1.4426950408889634
         dlt = tl.load(delta + rows, mask=ok, other=0.0)
-        st = tl.dot(kk, tl.trans(qt), input_precision=PREC) * scale_log2                          # [BS, BM]
+        st = dot2(ka, kb, tl.trans(qa), tl.trans(qb), KB, PREC) * scale_log2    # [BS, BM]
         vis = (s[:, None] <= (qrow - q0)[None, :]) & kmask[:, None] & ok[None, :]
         pt = tl.where(vis, tl.exp2(st - lse2[None, :]), 0.0)
         dv_acc += tl.dot(pt.to(dot_.dtype), dot_, input_precision=PREC)
         dst = pt * (tl.dot(vv, tl.trans(dot_), input_precision=PREC) - dlt[None, :])
-        dk_acc += tl.dot(dst.to(qt.dtype), qt, input_precision=PREC)
-    dk_acc = dk_acc * scale
+        dk_a = tl.dot(dst.to(qa.dtype), qa, dk_a, input_precision=PREC)
+        if KB > 0:
+            dk_b = tl.dot(dst.to(qb.dtype), qb, dk_b, input_precision=PREC)
     if nseg == 1:
-        store_rows(dk_out, krow, kmask, dk, DK, dk_acc)
+        store_rows2(dk_out, krow, kmask, DK, KA, KB, dk_a * scale, dk_b * scale)
         store_rows(dv_out, krow, kmask, dv, DV, dv_acc)
-    else:
+    else:   # fp32 partials [slot, BS, D]
         slot = (tl.load(part_cu + b) + seg).to(tl.int64)
-        tl.store(dk_part + (slot * BS + lane[:, None]) * DK + dk[None, :], dk_acc, mask=dk[None, :] < DK)
-        tl.store(dv_part + (slot * BS + lane[:, None]) * DV + dv[None, :], dv_acc, mask=dv[None, :] < DV)
+        prow = slot * BS + lane
+        store_rows2(dk_part, prow, lane >= 0, DK, KA, KB, dk_a * scale, dk_b * scale)
+        store_rows(dv_part, prow, lane >= 0, dv, DV, dv_acc)
 
 
 @triton.jit

@@ -94,18 +94,54 @@ def load_q(base, rows, ok, D: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr):
 
 
 @triton.jit
+def load_keys_t(k, krow, kmask, D: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr):
+    """Key rows krow [N] of a row-major [*, D] tensor, transposed, as tiles [KA, N] and [KB, N]
+    (KB = 0: one tile, returned twice); zeros outside kmask."""
+    ca = tl.arange(0, KA)
+    a = tl.load(k + krow[None, :] * D + ca[:, None], mask=kmask[None, :] & (ca[:, None] < D), other=0.0)
+    if KB > 0:
+        cb = KA + tl.arange(0, KB)
+        b = tl.load(k + krow[None, :] * D + cb[:, None], mask=kmask[None, :] & (cb[:, None] < D), other=0.0)
+    else:
+        b = a
+    return a, b
+
+
+@triton.jit
+def dot2(xa, xb, ya, yb, KB: tl.constexpr, PREC: tl.constexpr):
+    """xa @ ya + xb @ yb (fp32): a product over a dim held as two tiles (KB = 0: one)."""
+    acc = tl.dot(xa, ya, input_precision=PREC)
+    if KB > 0:
+        acc = tl.dot(xb, yb, acc, input_precision=PREC)
+    return acc
+
+
+@triton.jit
 def dot_keys(qa, qb, k, krow, kmask, D: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr,
              PREC: tl.constexpr):
     """Logits [M, N] (fp32) of query tiles qa, qb (load_q) against the key rows krow [N] of a
     row-major [*, D] tensor; keys outside kmask read as zeros."""
-    ca = tl.arange(0, KA)
-    ka = tl.load(k + krow[None, :] * D + ca[:, None], mask=kmask[None, :] & (ca[:, None] < D), other=0.0)
-    acc = tl.dot(qa, ka, input_precision=PREC)
+    ka, kb = load_keys_t(k, krow, kmask, D, KA, KB)
+    return dot2(qa, qb, ka, kb, KB, PREC)
+
+
+@triton.jit
+def zeros2(M: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr):
+    """fp32 accumulators [M, KA] and [M, KB] for a dim held as two tiles (KB = 0: one, twice)."""
+    a = tl.zeros([M, KA], tl.float32)
     if KB > 0:
-        cb = KA + tl.arange(0, KB)
-        kb = tl.load(k + krow[None, :] * D + cb[:, None], mask=kmask[None, :] & (cb[:, None] < D), other=0.0)
-        acc = tl.dot(qb, kb, acc, input_precision=PREC)
-    return acc
+        b = tl.zeros([M, KB], tl.float32)
+    else:
+        b = a
+    return a, b
+
+
+@triton.jit
+def store_rows2(base, rows, ok, D: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr, va, vb):
+    """store_rows of a [rows, D] value held as two column tiles."""
+    store_rows(base, rows, ok, tl.arange(0, KA), D, va)
+    if KB > 0:
+        store_rows(base, rows, ok, KA + tl.arange(0, KB), D, vb)
 
 
 @triton.jit
