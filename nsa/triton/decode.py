@@ -193,7 +193,7 @@ def _top_blocks(scores, NB, L, SEL_L: tl.constexpr, N_SEL: tl.constexpr, NTOP: t
             mx = tl.max(key, 0)
             best = tl.where(nn == it, mx, best)
             key = tl.where(key == mx, -1, key)
-        top = _merge_top(top, best[None, :], 1, NTOP)
+        top = _merge_top(top, best[None, :])
     keep = (top >= 0) & (nn[None, :] < N_SEL)
     blk = tl.where(keep, 2147483647 - (top & 0xFFFFFFFF), 2147483647).to(tl.int32)
     return tl.sort(blk, dim=1)
