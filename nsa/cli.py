@@ -65,7 +65,8 @@ def _train_cfg(a, out_dir):
     from nsa.train import TrainConfig
     d = {k: getattr(a, k) if getattr(a, k) is not None else v for k, v in PRESET_TRAINING[a.preset].items()}
     return TrainConfig(**d, warmup=max(1, d["steps"] // 10), eval_every=min(a.eval_every, d["steps"]),
-                       seed=a.seed, device=a.device, out_dir=out_dir)
+                       seed=a.seed, device=a.device, out_dir=out_dir,
+                       parallel=getattr(a, "parallel", "ddp"))
 
 
 def _init_distributed():
@@ -139,6 +140,8 @@ def main(argv=None) -> int:
     t.add_argument("--attention", default="nsa", choices=["nsa", "full", "window"])
     t.add_argument("--out", default="runs/train")
     t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    t.add_argument("--parallel", default="ddp", choices=["ddp", "fsdp"],
+                   help="under torchrun: DistributedDataParallel or FSDP2 (fully_shard)")
     t.set_defaults(func=train)
     e = sub.add_parser("eval", help="held-out loss, passkey grid and MQAR of a checkpoint")
     e.add_argument("checkpoint")

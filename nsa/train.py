@@ -5,9 +5,12 @@ resume exactly (model, optimizer, step, data and RNG states), a progress line wi
 tokens/s, metrics as JSONL. Each batch mixes corpus text with passkey examples, so that
 retrieval from long context is part of what the model learns.
 
-Several processes (`torchrun --nproc_per_node N -m nsa.cli train ...`): DistributedDataParallel
-(gloo on CPU, NCCL on GPU). batch_size is the global batch; every rank draws the same global
-batch and trains on its own slice, so N processes compute what one process would.
+Several processes (`torchrun --nproc_per_node N -m nsa.cli train ... [--parallel fsdp]`):
+DistributedDataParallel (`parallel="ddp"`) or FSDP2 (`parallel="fsdp"`: `fully_shard` on every
+block and on the model; parameters, gradients and optimizer state sharded across ranks), gloo on
+CPU, NCCL on GPU. batch_size is the global batch; every rank draws the same global batch and
+trains on its own slice, so N processes compute what one process would. Checkpoints hold full
+(unsharded) state either way, so a run saved under one layout resumes under another.
 """
 from __future__ import annotations
 
@@ -22,6 +25,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
 from torch.nn.parallel import DistributedDataParallel
 
 from .data import Batches, load_corpus, passkey_batch
@@ -43,6 +49,7 @@ class TrainConfig:
     eval_batches: int = 8
     seed: int = 0
     device: str = "auto"
+    parallel: str = "ddp"          # with several processes: "ddp" or "fsdp" (FSDP2, fully_shard)
     out_dir: str = "runs/run"
 
 
@@ -75,9 +82,20 @@ class Trainer:
             if getattr(cfg, name) % self.world:
                 raise ValueError(f"{name} ({getattr(cfg, name)}) must be divisible by the number of "
                                  f"processes ({self.world})")
+        if cfg.parallel not in ("ddp", "fsdp"):
+            raise ValueError(f"parallel must be 'ddp' or 'fsdp', got {cfg.parallel!r}")
         torch.manual_seed(cfg.seed)
         self.model = LanguageModel(model_cfg).to(self.device)
-        self.net = DistributedDataParallel(self.model) if self.world > 1 else self.model
+        self.net = self.model
+        if self.world > 1 and cfg.parallel == "fsdp":
+            from torch.distributed.device_mesh import init_device_mesh
+            from torch.distributed.fsdp import fully_shard
+            mesh = init_device_mesh(self.device.type, (self.world,))
+            for b in self.model.blocks:
+                fully_shard(b, mesh=mesh)
+            fully_shard(self.model, mesh=mesh)    # embeddings, final norm, head
+        elif self.world > 1:
+            self.net = DistributedDataParallel(self.model)
         if self.rank:
             self.log = None
         decay = [p for p in self.model.parameters() if p.dim() >= 2]
@@ -122,6 +140,8 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
+        if hasattr(gnorm, "full_tensor"):   # FSDP2: a DTensor
+            gnorm = gnorm.full_tensor()
         self.opt.step()
         self.step += 1
         if self.world > 1:   # report the global mean, as one process would
@@ -182,14 +202,19 @@ class Trainer:
         self.log.flush()
 
     # ------------------------------------------------------------------ checkpoints
+    _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
     def save(self, path=None):
-        """Rank 0 writes; every rank gets the path back."""
+        """Every rank calls it (FSDP gathers the full state); rank 0 writes; every rank gets the
+        path back."""
         path = Path(path or self.out / "checkpoint.pt")
+        model_sd = get_model_state_dict(self.model, options=self._FULL)
+        opt_sd = get_optimizer_state_dict(self.model, self.opt, options=self._FULL)
         if self.rank:
             dist.barrier()
             return path
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(dict(model=self.model.state_dict(), opt=self.opt.state_dict(), step=self.step,
+        torch.save(dict(model=model_sd, opt=opt_sd, step=self.step,
                         batches=self.batches.state_dict(), pk_rng=self.pk_rng.bit_generator.state,
                         torch_rng=torch.get_rng_state(), history=self.history,
                         model_cfg=asdict(self.model_cfg), nsa_cfg=asdict(self.model_cfg.nsa),
@@ -199,13 +224,14 @@ class Trainer:
         return path
 
     def load(self, path):
-        s = torch.load(path, map_location=self.device, weights_only=False)
-        self.model.load_state_dict(s["model"])
-        self.opt.load_state_dict(s["opt"])
+        s = torch.load(path, map_location="cpu", weights_only=False)
+        full = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(self.model, s["model"], options=full)
+        set_optimizer_state_dict(self.model, self.opt, s["opt"], options=full)
         self.step = s["step"]
         self.batches.load_state_dict(s["batches"])
         self.pk_rng.bit_generator.state = s["pk_rng"]
-        torch.set_rng_state(s["torch_rng"].cpu())   # map_location moved it to the device
+        torch.set_rng_state(s["torch_rng"])
         self.history = s["history"]
         return self
 
