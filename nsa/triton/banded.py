@@ -17,8 +17,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .utils import (dot2, dot_keys, load_keys_t, load_q, load_rows, seq_tile, softmax_finish, softmax_step,
-                    store_rows, store_rows2, tile_rows, zeros2)
+from .utils import (band_keys, band_visible, dot2, dot_keys, load_keys_t, load_rows, load_rows2, seq_tile,
+                    softmax_finish, softmax_step, store_rows, store_rows2, tile_rows, zeros2)
 
 
 @triton.jit
@@ -31,28 +31,6 @@ def _delta_rows(o, dlse, do_tile, rows, row_ok, dv, DV: tl.constexpr):
 
 
 @triton.jit
-def _visible(t, s, Tk, STRIDE: tl.constexpr, OFFSET: tl.constexpr, WIN: tl.constexpr):
-    rel = t - (s * STRIDE + OFFSET)
-    vis = (rel >= 0) & (s < Tk)
-    if WIN > 0:
-        vis = vis & (rel < WIN)
-    return vis
-
-
-@triton.jit
-def _key_range(t_first, t_last, Tk, STRIDE: tl.constexpr, OFFSET: tl.constexpr, WIN: tl.constexpr):
-    """Keys [s_lo, s_hi) that any query in [t_first, t_last] may see (integer division in
-    Triton truncates toward zero, hence the explicit sign cases)."""
-    s_hi = tl.where(t_last >= OFFSET, (t_last - OFFSET) // STRIDE + 1, 0)
-    s_hi = tl.minimum(s_hi, Tk)
-    s_lo = 0
-    if WIN > 0:
-        x = t_first - OFFSET - WIN
-        s_lo = tl.where(x >= 0, x // STRIDE + 1, 0)
-    return s_lo, s_hi
-
-
-@triton.jit
 def _fwd_tile(qa, qb, k, v, k0, s0, s_hi, t, hk, m_i, l_i, acc, scale_log2, H: tl.constexpr,
               DK: tl.constexpr, DV: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr, BV: tl.constexpr,
               BN: tl.constexpr, STRIDE: tl.constexpr, OFFSET: tl.constexpr, WIN: tl.constexpr,
@@ -62,7 +40,7 @@ def _fwd_tile(qa, qb, k, v, k0, s0, s_hi, t, hk, m_i, l_i, acc, scale_log2, H: t
     krow = (k0 + s).to(tl.int64) * H + hk                                   # [BN]
     qk = dot_keys(qa, qb, k, krow, s < s_hi, DK, KA, KB, PREC) * scale_log2  # [BM, BN]
     if MASKED:
-        qk = tl.where(_visible(t[:, None], s[None, :], s_hi, STRIDE, OFFSET, WIN), qk, float("-inf"))
+        qk = tl.where(band_visible(t[:, None], s[None, :], s_hi, STRIDE, OFFSET, WIN), qk, float("-inf"))
     dv = tl.arange(0, BV)
     vt = tl.load(v + krow[:, None] * DV + dv[None, :], mask=(s[:, None] < s_hi) & (dv[None, :] < DV), other=0.0)
     return softmax_step(qk, vt, m_i, l_i, acc, PREC)
@@ -86,20 +64,20 @@ def nsa_banded_fwd_kernel(
     t, head, row_ok = tile_rows(t0, Tq, hk, G, GP, BT)
     rows = (q0 + t).to(tl.int64) * HQ + head                               # [BM]
     dv = tl.arange(0, BV)
-    qa, qb = load_q(q, rows, row_ok, DK, KA, KB)
+    qa, qb = load_rows2(q, rows, row_ok, DK, KA, KB)
 
     BM: tl.constexpr = BT * GP
     m_i = tl.full([BM], float("-inf"), tl.float32)
     l_i = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, BV], tl.float32)
     t_last = tl.minimum(t0 + BT, Tq) - 1
-    s_lo, s_hi = _key_range(t0, t_last, Tk, STRIDE, OFFSET, WIN)
+    s_lo, s_hi = band_keys(t0, t_last, Tk, STRIDE, OFFSET, WIN)
     # key tiles in [a, b) are visible to every row: no mask there (the band's edges keep it)
     a = s_lo
     b = s_lo
     if UNMASKED:
-        a = tl.minimum(s_lo + tl.cdiv(tl.maximum(_key_range(t_last, t_last, Tk, STRIDE, OFFSET, WIN)[0] - s_lo, 0), BN) * BN, s_hi)
-        b = a + tl.maximum(_key_range(t0, t0, Tk, STRIDE, OFFSET, WIN)[1] - a, 0) // BN * BN
+        a = tl.minimum(s_lo + tl.cdiv(tl.maximum(band_keys(t_last, t_last, Tk, STRIDE, OFFSET, WIN)[0] - s_lo, 0), BN) * BN, s_hi)
+        b = a + tl.maximum(band_keys(t0, t0, Tk, STRIDE, OFFSET, WIN)[1] - a, 0) // BN * BN
     for s0 in range(s_lo, a, BN):
         m_i, l_i, acc = _fwd_tile(qa, qb, k, v, k0, s0, s_hi, t, hk, m_i, l_i, acc, scale_log2, H, DK, DV,
                                   KA, KB, BV, BN, STRIDE, OFFSET, WIN, PREC, True)
@@ -132,7 +110,7 @@ def nsa_banded_bwd_dq_kernel(
     t, head, row_ok = tile_rows(t0, Tq, hk, G, GP, BT)
     rows = (q0 + t).to(tl.int64) * HQ + head
     dv = tl.arange(0, BV)
-    qa, qb = load_q(q, rows, row_ok, DK, KA, KB)
+    qa, qb = load_rows2(q, rows, row_ok, DK, KA, KB)
     dot_ = load_rows(do, rows, row_ok, dv, DV)
     lse2 = tl.load(lse + rows, mask=row_ok, other=0.0) * 1.4426950408889634
     dlt = _delta_rows(o, dlse, dot_, rows, row_ok, dv, DV)
@@ -140,14 +118,14 @@ def nsa_banded_bwd_dq_kernel(
 
     BM: tl.constexpr = BT * GP
     acc_a, acc_b = zeros2(BM, KA, KB)
-    s_lo, s_hi = _key_range(t0, tl.minimum(t0 + BT, Tq) - 1, Tk, STRIDE, OFFSET, WIN)
+    s_lo, s_hi = band_keys(t0, tl.minimum(t0 + BT, Tq) - 1, Tk, STRIDE, OFFSET, WIN)
     for s0 in range(s_lo, s_hi, BN):
         s = s0 + tl.arange(0, BN)
         krow = (k0 + s).to(tl.int64) * H + hk
         ka, kb = load_keys_t(k, krow, s < s_hi, DK, KA, KB)
         vt = tl.load(v + krow[None, :] * DV + dv[:, None], mask=(s[None, :] < s_hi) & (dv[:, None] < DV), other=0.0)
         qk = dot2(qa, qb, ka, kb, KB, PREC) * scale_log2
-        vis = _visible(t[:, None], s[None, :], s_hi, STRIDE, OFFSET, WIN) & row_ok[:, None]
+        vis = band_visible(t[:, None], s[None, :], s_hi, STRIDE, OFFSET, WIN) & row_ok[:, None]
         p = tl.where(vis, tl.exp2(qk - lse2[:, None]), 0.0)
         dp = tl.dot(dot_, vt, input_precision=PREC)  # [BM, BN]
         ds = p * (dp - dlt[:, None])
@@ -177,7 +155,7 @@ def nsa_banded_bwd_dkv_kernel(
     kmask = s < Tk
     krow = (k0 + s).to(tl.int64) * H + hk
     dv = tl.arange(0, BV)
-    ka, kb = load_q(k, krow, kmask, DK, KA, KB)   # key rows as two column tiles
+    ka, kb = load_rows2(k, krow, kmask, DK, KA, KB)   # key rows as two column tiles
     vv = load_rows(v, krow, kmask, dv, DV)
 
     s_last = tl.minimum(s0 + BN, Tk) - 1
@@ -195,12 +173,12 @@ def nsa_banded_bwd_dkv_kernel(
     for tq in range(t_lo, t_hi, BT):
         t, head, row_ok = tile_rows(tq, t_hi, hk, G, GP, BT)
         rows = (q0 + t).to(tl.int64) * HQ + head
-        qa, qb = load_q(q, rows, row_ok, DK, KA, KB)
+        qa, qb = load_rows2(q, rows, row_ok, DK, KA, KB)
         dot_ = load_rows(do, rows, row_ok, dv, DV)
         lse2 = tl.load(lse + rows, mask=row_ok, other=0.0) * 1.4426950408889634
         dlt = tl.load(delta + rows, mask=row_ok, other=0.0)
         st = dot2(ka, kb, tl.trans(qa), tl.trans(qb), KB, PREC) * scale_log2    # [BN, BM]
-        vis = _visible(t[None, :], s[:, None], Tk, STRIDE, OFFSET, WIN) & row_ok[None, :]
+        vis = band_visible(t[None, :], s[:, None], Tk, STRIDE, OFFSET, WIN) & row_ok[None, :]
         pt = tl.where(vis, tl.exp2(st - lse2[None, :]), 0.0)
         dv_acc += tl.dot(pt.to(dot_.dtype), dot_, input_precision=PREC)
         dpt = tl.dot(vv, tl.trans(dot_), input_precision=PREC)  # [BN, BM]

@@ -38,9 +38,9 @@ def _grad_or_zeros(g, like):
 
 # ----------------------------------------------------------------------------- banded
 def _key_dims(meta):
-    """A kernel's meta: the padded BK replaced by the two column tiles KA + KB."""
-    del meta["BK"]
-    return {**meta, **dict(zip(("KA", "KB"), tuning.key_tiles(meta["DK"])))}
+    """A kernel's meta with the padded BK replaced by the two column tiles KA + KB."""
+    KA, KB = tuning.key_tiles(meta["DK"])
+    return {**{k: v for k, v in meta.items() if k != "BK"}, "KA": KA, "KB": KB}
 
 
 def _banded_meta(kind, q, v, stride, offset, win):

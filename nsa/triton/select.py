@@ -15,7 +15,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .utils import dot_keys, load_q, seq_tile, tile_rows
+from .utils import band_keys, band_visible, dot_keys, load_rows2, seq_tile, tile_rows
 
 
 @triton.jit
@@ -48,7 +48,7 @@ def _chunk(j0, qa, qb, k, k0, hk, t, tp, lse2, last, Tq, Tc, top, carry, scale_l
     qk = dot_keys(qa, qb, k, krow, i < Tc, DK, KA, KB, PREC) * scale_log2  # [BT*GP, BC]
     p = tl.exp2(qk - lse2[:, None])
     if MASKED:
-        p = tl.where((i[None, :] * CMP_D + CMP_L - 1 <= t[:, None]) & (i[None, :] < Tc), p, 0.0)
+        p = tl.where(band_visible(t[:, None], i[None, :], Tc, CMP_D, CMP_L - 1, 0), p, 0.0)
     pg = tl.sum(tl.reshape(p, [BT, GP, BC]), axis=1)                        # [BT, BC] group sum
     jj = tl.arange(0, NTOP)
     w = _overlap(i[:, None], j0 + jj[None, :], CMP_L, CMP_D, SEL_L)         # [BC, NTOP]
@@ -88,7 +88,7 @@ def nsa_select_kernel(
     BC: tl.constexpr = NTOP * (SEL_L // CMP_D)   # compressed tokens per chunk
     t, head, row_ok = tile_rows(t0, Tq, hk, G, GP, BT)
     rows = (q0 + t).to(tl.int64) * HQ + head
-    qa, qb = load_q(q, rows, row_ok, DK, KA, KB)
+    qa, qb = load_rows2(q, rows, row_ok, DK, KA, KB)
     lse2 = tl.load(lse + rows, mask=row_ok, other=float("inf")) * 1.4426950408889634  # p = 0 off the tile
 
     tp = t0 + tl.arange(0, BT)  # the tile's positions
@@ -98,7 +98,7 @@ def nsa_select_kernel(
     carry = tl.zeros([BT], tl.float32)
     n_blocks = (tl.minimum(t0 + BT, Tq) - 1) // SEL_L + 1
     # chunks whose compressed tokens every row sees (their last token ends by t0): no mask
-    n_full = tl.where(t0 >= CMP_L - 1, (t0 - CMP_L + 1) // CMP_D + 1, 0) // BC * NTOP
+    n_full = band_keys(t0, t0, Tc, CMP_D, CMP_L - 1, 0)[1] // BC * NTOP
     for j0 in range(0, n_full, NTOP):
         top, carry = _chunk(j0, qa, qb, k, k0, hk, t, tp, lse2, last, Tq, Tc, top, carry, scale_log2,
                             H, DK, KA, KB, BT, GP, CMP_L, CMP_D, SEL_L, NTOP, INIT, LOCAL, PREC, False)

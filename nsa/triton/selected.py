@@ -14,7 +14,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .utils import (dot2, dot_keys, find_segment, load_keys_t, load_q, load_rows, softmax_finish, softmax_step,
+from .utils import (dot2, dot_keys, find_segment, load_keys_t, load_rows2, load_rows, softmax_finish, softmax_step,
                     store_rows, store_rows2, zeros2)
 
 
@@ -49,7 +49,7 @@ def nsa_selected_fwd_kernel(
     q0, t, rows, row_ok = _query_group(pid_t, hk, cu_q, n_seq, HQ, G, BM)
     dv = tl.arange(0, BV)
     lane = tl.arange(0, BS)
-    qa, qb = load_q(q, rows, row_ok, DK, KA, KB)
+    qa, qb = load_rows2(q, rows, row_ok, DK, KA, KB)
     m_i = tl.full([BM], float("-inf"), tl.float32)
     l_i = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, BV], tl.float32)
@@ -80,7 +80,7 @@ def nsa_selected_bwd_dq_kernel(
     q0, t, rows, row_ok = _query_group(pid_t, hk, cu_q, n_seq, HQ, G, BM)
     dv = tl.arange(0, BV)
     lane = tl.arange(0, BS)
-    qa, qb = load_q(q, rows, row_ok, DK, KA, KB)
+    qa, qb = load_rows2(q, rows, row_ok, DK, KA, KB)
     dot_ = load_rows(do, rows, row_ok, dv, DV)
     lse2 = tl.load(lse + rows, mask=row_ok, other=0.0) * 1.4426950408889634
     ot = load_rows(o, rows, row_ok, dv, DV)
@@ -129,7 +129,7 @@ def nsa_selected_bwd_dkv_kernel(
     kmask = (lane < SEL_L) & (s < Tq)
     krow = (q0 + s).to(tl.int64) * H + hk
     dv = tl.arange(0, BV)
-    ka, kb = load_q(k, krow, kmask, DK, KA, KB)   # key rows as two column tiles
+    ka, kb = load_rows2(k, krow, kmask, DK, KA, KB)   # key rows as two column tiles
     vv = load_rows(v, krow, kmask, dv, DV)
 
     lo = tl.load(list_cu + b) + seg * SEG
@@ -143,7 +143,7 @@ def nsa_selected_bwd_dkv_kernel(
         ok = (pos < hi) & (r % GP < G)
         qrow = tl.load(q_list + pos, mask=ok, other=0)  # packed query row
         rows = qrow.to(tl.int64) * HQ + hk * G + r % GP
-        qa, qb = load_q(q, rows, ok, DK, KA, KB)
+        qa, qb = load_rows2(q, rows, ok, DK, KA, KB)
         dot_ = load_rows(do, rows, ok, dv, DV)
         lse2 = tl.load(lse + rows, mask=ok, other=0.0) * 1.4426950408889634
         dlt = tl.load(delta + rows, mask=ok, other=0.0)

@@ -41,7 +41,7 @@ def banded(kind: str, bk: int, bv: int, gp: int):
 def banded_unmasked(win: int) -> bool:
     """Whether the banded forward runs the key tiles every row sees without a mask, in a loop of
     their own. Pays for the compression branch (64k, H100: 14.0 -> 12.1 ms); the window's band
-    is ~9 tiles, split 1 + 7 + 1, and was slower that way (4.25 -> 4.50 ms).
+    is ~9 tiles, split 1 + 7 + 1, and was slower that way (4.23 -> 4.55 ms).
     NSA_TUNE='{"banded_unmasked": [1]}' forces it on (0: off) for A/B timing. The interpreter
     always takes it, so that CI checks the unmasked tiles of both branches."""
     if interpreting():
@@ -76,18 +76,14 @@ def banded_query_splits(n_queries: int, key_tiles: int, win: int, device) -> int
 
 
 def key_tiles(dk: int):
-    """(KA, KB): the forward kernels' q/k head dim as two power-of-two column tiles, so that a
-    dim between powers of two is not padded to the next one (192 = 128 + 64: a quarter less QK
-    work than 256). KB = 0 for powers of two. NSA_TUNE='{"key_tiles": [256, 0]}' forces one
-    padded tile (for A/B timing)."""
-    ka = pow2(dk, 16)
-    if ka != dk:
-        ka //= 2
-        kb = pow2(dk - ka, 16)
-        ka, kb = (ka, kb) if ka + kb < pow2(dk, 16) else (pow2(dk, 16), 0)
-    else:
-        kb = 0
-    return _pick("key_tiles", (ka, kb))
+    """(KA, KB): the kernels' q/k head dim as two power-of-two column tiles, so that a dim
+    between powers of two is not padded to the next one (192 = 128 + 64: a quarter less QK work
+    than 256). KB = 0 when one tile is as small (powers of two, or 100 -> 128).
+    NSA_TUNE='{"key_tiles": [256, 0]}' forces one padded tile (for A/B timing)."""
+    full = pow2(dk, 16)
+    ka = full // 2
+    kb = pow2(dk - ka, 16)
+    return _pick("key_tiles", (ka, kb) if full != dk and ka + kb < full else (full, 0))
 
 
 def select(bk: int, gp: int):

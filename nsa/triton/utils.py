@@ -55,6 +55,30 @@ def find_segment(cu_ptr, nseg, x):
 
 
 @triton.jit
+def band_visible(t, s, Tk, STRIDE: tl.constexpr, OFFSET: tl.constexpr, WIN: tl.constexpr):
+    """Key s (of Tk) is visible to query t: 0 <= t - (s * STRIDE + OFFSET) (< WIN when WIN > 0).
+    The compressed keys are the band with STRIDE = d, OFFSET = l - 1, WIN = 0 (banded.py)."""
+    rel = t - (s * STRIDE + OFFSET)
+    vis = (rel >= 0) & (s < Tk)
+    if WIN > 0:
+        vis = vis & (rel < WIN)
+    return vis
+
+
+@triton.jit
+def band_keys(t_first, t_last, Tk, STRIDE: tl.constexpr, OFFSET: tl.constexpr, WIN: tl.constexpr):
+    """Keys [s_lo, s_hi) that any query in [t_first, t_last] may see (integer division in
+    Triton truncates toward zero, hence the explicit sign cases)."""
+    s_hi = tl.where(t_last >= OFFSET, (t_last - OFFSET) // STRIDE + 1, 0)
+    s_hi = tl.minimum(s_hi, Tk)
+    s_lo = 0
+    if WIN > 0:
+        x = t_first - OFFSET - WIN
+        s_lo = tl.where(x >= 0, x // STRIDE + 1, 0)
+    return s_lo, s_hi
+
+
+@triton.jit
 def tile_rows(t0, Tq, hk, G: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr):
     """Rows of a (positions x heads) tile: local position t, query head, validity. Row r is
     position t0 + r // GP, head hk*G + r % GP (GP = G rounded up to a power of two)."""
@@ -82,9 +106,9 @@ def load_rows(base, rows, ok, cols, D: tl.constexpr):
 
 
 @triton.jit
-def load_q(base, rows, ok, D: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr):
-    """Query rows [rows, D] as two column tiles [rows, KA] and [rows, KB] (KB = 0: one tile,
-    returned twice), so that D = 192 runs as 128 + 64 instead of padding to 256."""
+def load_rows2(base, rows, ok, D: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr):
+    """load_rows of a row-major [*, D] tensor as two column tiles [rows, KA] and [rows, KB]
+    (KB = 0: one tile, returned twice), so that D = 192 runs as 128 + 64, not padded to 256."""
     a = load_rows(base, rows, ok, tl.arange(0, KA), D)
     if KB > 0:
         b = load_rows(base, rows, ok, KA + tl.arange(0, KB), D)
@@ -119,7 +143,7 @@ def dot2(xa, xb, ya, yb, KB: tl.constexpr, PREC: tl.constexpr):
 @triton.jit
 def dot_keys(qa, qb, k, krow, kmask, D: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr,
              PREC: tl.constexpr):
-    """Logits [M, N] (fp32) of query tiles qa, qb (load_q) against the key rows krow [N] of a
+    """Logits [M, N] (fp32) of query tiles qa, qb (load_rows2) against the key rows krow [N] of a
     row-major [*, D] tensor; keys outside kmask read as zeros."""
     ka, kb = load_keys_t(k, krow, kmask, D, KA, KB)
     return dot2(qa, qb, ka, kb, KB, PREC)
