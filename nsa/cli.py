@@ -54,6 +54,8 @@ def _train_args(p):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--corpus", nargs="*", default=None, help="text files (default: Python's stdlib sources)")
+    p.add_argument("--passkey-rows", type=int, default=2, help="rows of each batch that are passkey examples")
+    p.add_argument("--passkey-needles", type=int, default=1, help="needles (each with its question) per passkey row")
 
 
 # tiny: the three twins train on a 2-core CPU in a few minutes; small: one GPU, long context
@@ -65,8 +67,8 @@ def _train_cfg(a, out_dir):
     from nsa.train import TrainConfig
     d = {k: getattr(a, k) if getattr(a, k) is not None else v for k, v in PRESET_TRAINING[a.preset].items()}
     return TrainConfig(**d, warmup=max(1, d["steps"] // 10), eval_every=min(a.eval_every, d["steps"]),
-                       seed=a.seed, device=a.device, out_dir=out_dir,
-                       parallel=getattr(a, "parallel", "ddp"))
+                       seed=a.seed, device=a.device, out_dir=out_dir, passkey_rows=a.passkey_rows,
+                       passkey_needles=a.passkey_needles, parallel=getattr(a, "parallel", "ddp"))
 
 
 def _init_distributed():

@@ -61,33 +61,58 @@ class Batches:
         self.rng.bit_generator.state = s["rng"]
 
 
+# Each key follows a marker byte that no text file holds (control bytes 0x10-0x1f): a byte-level
+# model cannot find "the pass key is " by one byte where a token-level one can; the marker plays
+# the part of that token (and names the key when a row holds several), so retrieval is one lookup.
+MARKS = bytes(range(0x10, 0x20))
 QUESTION = b"\nWhat is the pass key? The pass key is "
 
 
-def passkey_example(filler: np.ndarray, length: int, depth: float, rng, digits: int = 5):
-    """A haystack of `length` bytes of filler with 'The pass key is NNNNN. Remember it.' at
-    relative depth `depth`, ending with the question. Returns (prompt bytes, answer bytes)."""
-    key = "".join(str(d) for d in rng.integers(0, 10, digits)).encode()
-    needle = b" The pass key is " + key + b". Remember it. " + key + b" is the pass key. "
-    room = length - len(needle) - len(QUESTION)
+def passkey_example(filler: np.ndarray, length: int, depth: float | None, rng, digits: int = 5,
+                    needles: int = 1):
+    """`length` bytes: a haystack of filler holding `needles` needles 'The pass key is
+    <marker>NNNNN. Remember it.' (the first at relative depth `depth`, the others, or all when
+    depth is None, at random depths), then one question per needle, in random order, each
+    answered: '...The pass key is <marker>NNNNN'. Returns (bytes, [(start, end) of each answer])."""
+    if not 1 <= needles <= len(MARKS):
+        raise ValueError(f"needles must be in [1, {len(MARKS)}], got {needles}")
+    marks = [bytes([m]) for m in rng.choice(list(MARKS), needles, replace=False)]
+    keys = ["".join(str(d) for d in rng.integers(0, 10, digits)).encode() for _ in range(needles)]
+    needle = [b" The pass key is " + m + k + b". Remember it. " for m, k in zip(marks, keys)]
+    room = length - sum(map(len, needle)) - needles * (len(QUESTION) + 1 + digits)
     if room < 1:
-        raise ValueError(f"length {length} too short for a passkey example")
+        raise ValueError(f"length {length} too short for {needles} passkey needle(s)")
     start = int(rng.integers(0, len(filler) - room))
     hay = filler[start:start + room].tobytes()
-    at = int(round(depth * room))
-    return hay[:at] + needle + hay[at:] + QUESTION, key
+    for m in MARKS:   # a user corpus may hold a marker byte: only the needles do
+        hay = hay.replace(bytes([m]), b" ")
+    depths = rng.random(needles)
+    if depth is not None:
+        depths[0] = depth
+    at = np.round(depths * room).astype(int)
+    parts, prev = [], 0
+    for i in np.argsort(at, kind="stable"):
+        parts += [hay[prev:at[i]], needle[i]]
+        prev = at[i]
+    text, spans = b"".join(parts + [hay[prev:]]), []
+    for i in rng.permutation(needles):
+        text += QUESTION + marks[i]
+        spans.append((len(text), len(text) + digits))
+        text += keys[i]
+    return text, spans
 
 
-def passkey_batch(filler, batch_size, length, rng, depth=None, digits=5):
+def passkey_batch(filler, batch_size, length, rng, depth=None, digits=5, needles=1):
     """Training/eval tensors: x [B, length], y [B, length] with the loss masked (-100) to the
     answer digits. depth None: uniform random per example."""
     xs, ys = [], []
     for _ in range(batch_size):
-        d = rng.random() if depth is None else depth
-        prompt, key = passkey_example(filler, length - digits + 1, d, rng, digits)
-        seq = np.frombuffer(prompt + key, dtype=np.uint8).astype(np.int64)
-        y = np.full(len(seq) - 1, -100, dtype=np.int64)
-        y[-digits:] = seq[-digits:]
+        d = rng.random() if depth is None and needles == 1 else depth
+        text, spans = passkey_example(filler, length + 1, d, rng, digits, needles)
+        seq = np.frombuffer(text, dtype=np.uint8).astype(np.int64)
+        y = np.full(length, -100, dtype=np.int64)
+        for a, b in spans:
+            y[a - 1:b - 1] = seq[a:b]
         xs.append(seq[:-1])
         ys.append(y)
     return torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys))

@@ -45,6 +45,7 @@ class TrainConfig:
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     passkey_rows: int = 2          # rows of each batch that are passkey examples
+    passkey_needles: int = 1       # needles (and questions) per passkey row
     eval_every: int = 100
     eval_batches: int = 8
     seed: int = 0
@@ -133,7 +134,8 @@ class Trainer:
         for g in self.opt.param_groups:
             g["lr"] = lr_at(self.step, c)
         x, y = self.batches.next()
-        px, py = passkey_batch(self.train_data, c.passkey_rows, c.seq_len, self.pk_rng) if c.passkey_rows else (None, None)
+        px, py = passkey_batch(self.train_data, c.passkey_rows, c.seq_len, self.pk_rng,
+                               needles=c.passkey_needles) if c.passkey_rows else (None, None)
         self.model.train()
         lm, pk = self.losses(x, y, px, py)
         loss = lm + (pk if pk is not None else 0.0)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from nsa.data import Batches, mqar_batch, passkey_batch, passkey_example
+from nsa.data import MARKS, QUESTION, Batches, mqar_batch, passkey_batch, passkey_example
 from nsa.eval import compare, passkey_accuracy, verdict_table
 from nsa.model import ATTENTIONS, PRESETS, LanguageModel
 from nsa.train import TrainConfig, Trainer, lr_at
@@ -76,12 +76,26 @@ def test_progress_and_metrics(tmp_path):
 def test_passkey_and_mqar_data():
     filler, _ = _corpus()
     rng = np.random.default_rng(0)
-    prompt, key = passkey_example(filler, 300, 0.5, rng)
-    assert len(prompt) == 300 and key in prompt and prompt.endswith(b"The pass key is ")
+    for needles in (1, 3):
+        text, spans = passkey_example(filler, 300, 0.5, rng, needles=needles)
+        assert len(text) == 300 and len(spans) == needles and text.endswith(text[spans[-1][0]:])
+        marks = set()
+        for a, b in spans:   # each answer: the digits after its marker's first (needle) occurrence
+            mark = text[a - 1:a]
+            assert mark in MARKS and text.count(mark) == 2 and text[a - 1 - len(QUESTION):a - 1] == QUESTION
+            key = text[a:b]
+            assert key.isdigit() and len(key) == 5 and text[text.index(mark) + 1:][:5] == key
+            marks.add(mark)
+        assert len(marks) == needles
     x, y = passkey_batch(filler, 3, 128, rng)
     assert x.shape == y.shape == (3, 128) and ((y >= 0).sum(1) == 5).all()
     for i in range(3):   # the answer tokens are the key digits, the last 5 targets
         assert bytes(y[i, -5:].tolist()).isdigit()
+    x, y = passkey_batch(filler, 2, 300, rng, needles=2)
+    assert ((y >= 0).sum(1) == 10).all()
+    for i in range(2):   # each target is the next byte of the row
+        m = (y[i, :-1] >= 0)
+        assert torch.equal(y[i, :-1][m], x[i, 1:][m])
     x, y = mqar_batch(2, 6, 3, rng)
     assert ((y >= 0).sum(1) == 3).all()
     for i in range(2):   # each target value follows its query key in the context part
@@ -105,7 +119,7 @@ def test_passkey_accuracy_of_an_oracle():
             out = torch.zeros(*x.shape, 256)
             for i, row in enumerate(x.tolist()):
                 s = bytes(row)
-                k = s.index(b"The pass key is ") + len(b"The pass key is ")
+                k = s.index(b"The pass key is ") + len(b"The pass key is ") + 1   # after the marker
                 key = s[k:k + 5]
                 for j in range(5):
                     out[i, len(row) - 5 + j, key[j]] = 1.0
