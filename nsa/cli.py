@@ -54,6 +54,7 @@ def _train_args(p):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--corpus", nargs="*", default=None, help="text files (default: Python's stdlib sources)")
+    p.add_argument("--save-every", type=int, default=0, help="also checkpoint every N steps (default: at the end)")
     p.add_argument("--passkey-rows", type=int, default=2, help="rows of each batch that are passkey examples")
     p.add_argument("--passkey-needles", type=int, default=1, help="needles (each with its question) per passkey row")
 
@@ -67,7 +68,7 @@ def _train_cfg(a, out_dir):
     from nsa.train import TrainConfig
     d = {k: getattr(a, k) if getattr(a, k) is not None else v for k, v in PRESET_TRAINING[a.preset].items()}
     return TrainConfig(**d, warmup=max(1, d["steps"] // 10), eval_every=min(a.eval_every, d["steps"]),
-                       seed=a.seed, device=a.device, out_dir=out_dir, passkey_rows=a.passkey_rows,
+                       seed=a.seed, device=a.device, out_dir=out_dir, passkey_rows=a.passkey_rows, save_every=a.save_every,
                        passkey_needles=a.passkey_needles, parallel=getattr(a, "parallel", "ddp"))
 
 

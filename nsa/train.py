@@ -47,6 +47,7 @@ class TrainConfig:
     passkey_rows: int = 2          # rows of each batch that are passkey examples
     passkey_needles: int = 1       # needles (and questions) per passkey row
     eval_every: int = 100
+    save_every: int = 0            # also checkpoint every this many steps (0: only when fit ends)
     eval_batches: int = 8
     seed: int = 0
     device: str = "auto"
@@ -170,7 +171,9 @@ class Trainer:
     def fit(self):
         c = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
-        metrics = open(self.out / "metrics.jsonl", "a") if self.rank == 0 else None
+        metrics = open(self.out / "metrics.jsonl", "w") if self.rank == 0 else None
+        for rec in self.history if metrics else ():   # a resumed run: the steps its checkpoint holds
+            metrics.write(json.dumps(rec) + "\n")
         tokens = c.batch_size * c.seq_len
         t0, last = time.time(), self.step
         while self.step < c.steps:
@@ -183,6 +186,8 @@ class Trainer:
             if metrics:
                 metrics.write(json.dumps(rec) + "\n")
             self._progress(rec)
+            if c.save_every and self.step % c.save_every == 0 and self.step < c.steps:
+                self.save()
         if metrics:
             metrics.close()
         if self.log is not None:
@@ -216,11 +221,13 @@ class Trainer:
             dist.barrier()
             return path
         path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")   # a run killed while saving keeps the last checkpoint
         torch.save(dict(model=model_sd, opt=opt_sd, step=self.step,
                         batches=self.batches.state_dict(), pk_rng=self.pk_rng.bit_generator.state,
                         torch_rng=torch.get_rng_state(), history=self.history,
                         model_cfg=asdict(self.model_cfg), nsa_cfg=asdict(self.model_cfg.nsa),
-                        train_cfg=asdict(self.cfg)), path)
+                        train_cfg=asdict(self.cfg)), tmp)
+        tmp.replace(path)
         if self.world > 1:
             dist.barrier()
         return path

@@ -1,5 +1,6 @@
 """The tiny LM, the trainer (schedule, exact resume, learning), data tasks and `compare`."""
 import io
+import json
 
 import numpy as np
 import pytest
@@ -46,14 +47,17 @@ def test_resume_is_exact(tmp_path):
     corpus = _corpus()
     a = Trainer(TINY, _cfg(tmp_path / "a"), corpus=corpus, log=None)
     a.fit()
-    b = Trainer(TINY, _cfg(tmp_path / "b", steps=2), corpus=corpus, log=None)
-    b.fit()
-    path = b.save()
+    b = Trainer(TINY, _cfg(tmp_path / "b", save_every=2), corpus=corpus, log=None)
+    b.fit()   # as if killed after step 3: what is left is the checkpoint of step 2
+    path = tmp_path / "b" / "checkpoint.pt"
     c = Trainer(TINY, _cfg(tmp_path / "b"), corpus=corpus, log=None).load(path)
+    assert c.step == 2
     c.fit()
     for (n, p), q in zip(a.model.named_parameters(), c.model.parameters()):
         assert torch.equal(p, q), n
     assert [r["loss"] for r in a.history] == [r["loss"] for r in c.history]
+    lines = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()   # no step twice
+    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4]
 
 
 def test_training_lowers_the_loss(tmp_path):
