@@ -37,6 +37,7 @@ class NSACache:
         tc = config.num_compressed(capacity)
         self.k_cmp, self.v_cmp = z(tc, head_dim_qk), z(tc, head_dim_v)
         self.lengths = [0] * B
+        self.last_input = None   # [B, hidden]: the model's token shift (nsa.model.Block), all rows at once
         self.seqlens = torch.zeros(B, dtype=torch.int32, device=device)
 
     @property
@@ -57,6 +58,8 @@ class NSACache:
         rows = range(self.batch_size) if rows is None else rows
         for r in rows:
             self.lengths[r] = 0
+        if self.last_input is not None:
+            self.last_input[list(rows)] = 0
         self.seqlens[torch.as_tensor(list(rows), dtype=torch.long, device=self.device)] = 0
 
     def check(self, x, rows, hidden):

@@ -27,6 +27,7 @@ class ModelConfig:
     attention: str = "nsa"
     nsa: NSAConfig = field(default_factory=NSAConfig)
     rope_theta: float = 10000.0
+    token_shift: bool = True     # attention input += a learned per-channel share of the previous one
 
     def __post_init__(self):
         if self.attention not in ATTENTIONS:
@@ -91,15 +92,37 @@ _ATTN = {"nsa": NativeSparseAttention, "full": FullAttention, "window": WindowAt
 
 
 class Block(nn.Module):
+    """Pre-norm block. With cfg.token_shift, the attention input at position t is
+    h_t + s * h_{t-1} (s a learned per-channel weight, starting at 0.5; h_{-1} = 0): every key
+    also describes the token before it (Olsson et al. 2022's "smeared keys"), so a lookup such as
+    "the byte after this marker" is one attention step instead of two composed layers. The same
+    in all three attentions; it shortened the copy-task plateau of the tiny model ~3x
+    (benchmarks/NOTES.md)."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.norm1, self.norm2 = RMSNorm(cfg.hidden), RMSNorm(cfg.hidden)
         self.attn = _ATTN[cfg.attention](cfg.hidden, cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.head_dim,
                                          config=cfg.nsa, rope_theta=cfg.rope_theta)
         self.mlp = SwiGLU(cfg.hidden)
+        self.shift = nn.Parameter(torch.full((cfg.hidden,), 0.5)) if cfg.token_shift else None
+
+    def _shifted(self, h, cache):
+        """h + shift * (h one position back); with a cache, the row's last input of the previous
+        call comes first (zeros for an empty row), and this call's last one is kept."""
+        if self.shift is None:
+            return h
+        if cache is None:
+            prev = F.pad(h, (0, 0, 1, 0))[:, :-1]
+        else:
+            if cache.last_input is None:
+                cache.last_input = h.new_zeros(cache.batch_size, h.shape[-1])
+            prev = torch.cat([cache.last_input[:, None], h[:, :-1]], 1)
+            cache.last_input = h[:, -1].detach().clone()
+        return h + self.shift.to(h.dtype) * prev
 
     def forward(self, x, cache=None):
-        h = self.norm1(x)
+        h = self._shifted(self.norm1(x), cache)
         x = x + (self.attn(h) if cache is None else self.attn(h, cache=cache))
         return x + self.mlp(self.norm2(x))
 

@@ -247,4 +247,5 @@ class Trainer:
 
 def model_config_from(d):
     from .config import NSAConfig
+    d = {"token_shift": False, **d}   # checkpoints written before token_shift existed
     return ModelConfig(**{**d, "nsa": NSAConfig(**d["nsa"])})
