@@ -56,7 +56,9 @@ def _train_args(p):
     p.add_argument("--corpus", nargs="*", default=None, help="text files (default: Python's stdlib sources)")
     p.add_argument("--save-every", type=int, default=0, help="also checkpoint every N steps (default: at the end)")
     p.add_argument("--passkey-rows", type=int, default=2, help="rows of each batch that are passkey examples")
-    p.add_argument("--passkey-needles", type=int, default=1, help="needles (each with its question) per passkey row")
+    p.add_argument("--passkey-needles", type=int, default=1, help="needles (each with its question) per passkey example")
+    p.add_argument("--passkey-len", type=int, default=0,
+                   help="bytes per passkey example (default: seq-len); a passkey row holds seq-len // this many")
 
 
 # tiny: the three twins train on a 2-core CPU in a few minutes; small: one GPU, long context
@@ -69,7 +71,7 @@ def _train_cfg(a, out_dir):
     d = {k: getattr(a, k) if getattr(a, k) is not None else v for k, v in PRESET_TRAINING[a.preset].items()}
     return TrainConfig(**d, warmup=max(1, d["steps"] // 10), eval_every=min(a.eval_every, d["steps"]),
                        seed=a.seed, device=a.device, out_dir=out_dir, passkey_rows=a.passkey_rows, save_every=a.save_every,
-                       passkey_needles=a.passkey_needles, parallel=getattr(a, "parallel", "ddp"))
+                       passkey_needles=a.passkey_needles, passkey_len=a.passkey_len, parallel=getattr(a, "parallel", "ddp"))
 
 
 def _init_distributed():
@@ -112,7 +114,7 @@ def evaluate(a) -> int:
     L = tr.cfg.seq_len
     lengths = a.lengths or [L // 2, L, 2 * L]
     depths = [0.1, 0.3, 0.5, 0.7, 0.9]
-    grid = needle_grid(tr.model, tr.val_data, lengths, depths, device=tr.device)
+    grid = needle_grid(tr.model, tr.val_data, lengths, depths, n=a.samples, device=tr.device)
     print(f"held-out loss {tr.val_loss():.4f}; MQAR accuracy {mqar_accuracy(tr.model, device=tr.device):.2f}")
     print("passkey accuracy (rows: length; columns: depth " + ", ".join(f"{d:.0%}" for d in depths) + ")")
     for L_, row in zip(lengths, grid):
@@ -149,6 +151,7 @@ def main(argv=None) -> int:
     e = sub.add_parser("eval", help="held-out loss, passkey grid and MQAR of a checkpoint")
     e.add_argument("checkpoint")
     e.add_argument("--lengths", type=int, nargs="*", default=None)
+    e.add_argument("--samples", type=int, default=8, help="passkey examples per (length, depth) cell")
     e.add_argument("--device", default="auto")
     e.add_argument("--corpus", nargs="*", default=None)
     e.set_defaults(func=evaluate)

@@ -45,7 +45,9 @@ class TrainConfig:
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     passkey_rows: int = 2          # rows of each batch that are passkey examples
-    passkey_needles: int = 1       # needles (and questions) per passkey row
+    passkey_needles: int = 1       # needles (and questions) per passkey example
+    passkey_len: int = 0           # bytes per passkey example (0: seq_len); each passkey row of
+                                   # seq_len bytes then holds seq_len // passkey_len examples
     eval_every: int = 100
     save_every: int = 0            # also checkpoint every this many steps (0: only when fit ends)
     eval_batches: int = 8
@@ -106,6 +108,8 @@ class Trainer:
                                       {"params": rest, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
         self.train_data, self.val_data = corpus if corpus is not None else load_corpus()
         text_rows = cfg.batch_size - cfg.passkey_rows
+        if not 0 <= cfg.passkey_len <= cfg.seq_len:
+            raise ValueError(f"passkey_len ({cfg.passkey_len}) must be in [0, seq_len={cfg.seq_len}]")
         if text_rows < 1:
             raise ValueError(f"batch_size ({cfg.batch_size}) must exceed passkey_rows ({cfg.passkey_rows})")
         self.batches = Batches(self.train_data, text_rows, cfg.seq_len, seed=cfg.seed)
@@ -130,13 +134,22 @@ class Trainer:
                                      ignore_index=-100)
         return lm, pk
 
+    def passkey_batch(self):
+        """The step's passkey examples: passkey_rows rows of seq_len bytes, each cut into
+        seq_len // passkey_len examples of passkey_len bytes (so tokens per step do not change)."""
+        c = self.cfg
+        if not c.passkey_rows:
+            return None, None
+        n = c.passkey_len or c.seq_len
+        return passkey_batch(self.train_data, c.passkey_rows * (c.seq_len // n), n, self.pk_rng,
+                             needles=c.passkey_needles)
+
     def train_step(self):
         c = self.cfg
         for g in self.opt.param_groups:
             g["lr"] = lr_at(self.step, c)
         x, y = self.batches.next()
-        px, py = passkey_batch(self.train_data, c.passkey_rows, c.seq_len, self.pk_rng,
-                               needles=c.passkey_needles) if c.passkey_rows else (None, None)
+        px, py = self.passkey_batch()
         self.model.train()
         lm, pk = self.losses(x, y, px, py)
         loss = lm + (pk if pk is not None else 0.0)

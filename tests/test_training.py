@@ -77,6 +77,15 @@ def test_progress_and_metrics(tmp_path):
     assert len(lines) == 4 and '"val_loss"' in lines[1]
 
 
+def test_short_passkey_examples(tmp_path):
+    tr = Trainer(TINY, _cfg(tmp_path, seq_len=300, passkey_rows=2, passkey_len=100), corpus=_corpus(), log=None)
+    x, y = tr.passkey_batch()
+    assert x.shape == y.shape == (6, 100) and ((y >= 0).sum(1) == 5).all()
+    assert np.isfinite(tr.train_step()["passkey_loss"])
+    with pytest.raises(ValueError, match="passkey_len"):
+        Trainer(TINY, _cfg(tmp_path, passkey_len=129), corpus=_corpus(), log=None)
+
+
 def test_passkey_and_mqar_data():
     filler, _ = _corpus()
     rng = np.random.default_rng(0)
