@@ -27,10 +27,11 @@ def positions(batch, seqlen, cu_seqlens, device):
 def rotary(x, pos, theta):
     """Rotary embedding (rotate-half form) of x [B, T, H, D] at positions pos [B, T]."""
     d = x.shape[-1]
-    inv = theta ** (-torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d)
-    ang = pos.to(torch.float32)[..., None, None] * inv                 # [B, T, 1, D/2]
+    cdt = reference.compute_dtype(x.dtype)                                # float64 stays float64
+    inv = theta ** (-torch.arange(0, d, 2, device=x.device, dtype=cdt) / d)
+    ang = pos.to(cdt)[..., None, None] * inv                           # [B, T, 1, D/2]
     cos, sin = ang.cos(), ang.sin()
-    x1, x2 = x.float().chunk(2, -1)
+    x1, x2 = x.to(cdt).chunk(2, -1)
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).to(x.dtype)
 
 

@@ -12,6 +12,7 @@ from torch import nn
 from .api import sliding_window_attention
 from .config import NSAConfig
 from .layer import FullAttention, NativeSparseAttention
+from .reference import compute_dtype
 
 ATTENTIONS = ("nsa", "full", "window")
 
@@ -56,7 +57,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        xf = x.float()
+        xf = x.to(compute_dtype(x.dtype))
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
 
 
@@ -152,7 +153,7 @@ class LanguageModel(nn.Module):
         logits = F.linear(self.norm(x), self.embed.weight)   # tied embeddings
         if targets is None:
             return logits
-        return logits, F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+        return logits, F.cross_entropy(logits.to(compute_dtype(logits.dtype)).flatten(0, 1), targets.flatten())
 
 
 def _sample(logits, temperature, top_p, generator):

@@ -32,6 +32,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .data import Batches, load_corpus, passkey_batch
 from .model import LanguageModel, ModelConfig
+from .reference import compute_dtype
 
 
 @dataclass
@@ -125,14 +126,18 @@ class Trainer:
         return t[self.rank * n:(self.rank + 1) * n]
 
     def losses(self, x, y, px, py):
+        """(LM loss, passkey answer loss, share of answer digits that are the argmax); the
+        passkey terms are None without passkey rows."""
         with autocast(self.device):
             lm = self.net(self._mine(x).to(self.device), self._mine(y).to(self.device))[1]
-            pk = None
+            pk = acc = None
             if px is not None:
                 logits = self.net(self._mine(px).to(self.device))
-                pk = F.cross_entropy(logits.float().flatten(0, 1), self._mine(py).to(self.device).flatten(),
-                                     ignore_index=-100)
-        return lm, pk
+                logits = logits.to(compute_dtype(logits.dtype)).flatten(0, 1)
+                t = self._mine(py).to(self.device).flatten()
+                pk = F.cross_entropy(logits, t, ignore_index=-100)
+                acc = (logits.argmax(-1) == t)[t >= 0].float().mean()
+        return lm, pk, acc
 
     def passkey_batch(self):
         """The step's passkey examples: passkey_rows rows of seq_len bytes, each cut into
@@ -151,7 +156,7 @@ class Trainer:
         x, y = self.batches.next()
         px, py = self.passkey_batch()
         self.model.train()
-        lm, pk = self.losses(x, y, px, py)
+        lm, pk, acc = self.losses(x, y, px, py)
         loss = lm + (pk if pk is not None else 0.0)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -160,12 +165,16 @@ class Trainer:
             gnorm = gnorm.full_tensor()
         self.opt.step()
         self.step += 1
+        vals = torch.stack([lm.detach()] + ([pk.detach(), acc] if pk is not None else [])).double()
         if self.world > 1:   # report the global mean, as one process would
-            vals = torch.stack([lm.detach(), pk.detach() if pk is not None else lm.detach() * 0]).float()
             dist.all_reduce(vals)
-            lm, pk = vals[0] / self.world, (vals[1] / self.world if pk is not None else None)
-        return dict(step=self.step, loss=lm.item(), passkey_loss=pk.item() if pk is not None else None,
-                    grad_norm=float(gnorm), lr=self.opt.param_groups[0]["lr"])
+            vals /= self.world
+        vals = vals.tolist()
+        rec = dict(step=self.step, loss=vals[0], passkey_loss=None, grad_norm=float(gnorm),
+                   lr=self.opt.param_groups[0]["lr"])
+        if pk is not None:
+            rec.update(passkey_loss=vals[1], passkey_digit_acc=vals[2])
+        return rec
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
@@ -213,8 +222,9 @@ class Trainer:
         width = 24
         done = int(width * self.step / self.cfg.steps)
         extra = f" val {r['val_loss']:.3f}" if "val_loss" in r else ""
+        pk = f" passkey {r['passkey_loss']:.3f} ({r['passkey_digit_acc']:.0%} digits)" if r["passkey_loss"] is not None else ""
         line = (f"[{'#' * done}{'.' * (width - done)}] {self.step}/{self.cfg.steps} "
-                f"loss {r['loss']:.3f}{extra} | {r['tokens_per_s']:.0f} tok/s")
+                f"loss {r['loss']:.3f}{extra}{pk} | {r['tokens_per_s']:.0f} tok/s")
         end = "\r" if self.log.isatty() and "val_loss" not in r else "\n"
         if end == "\n" and self.step % max(1, self.cfg.steps // 20) and "val_loss" not in r:
             return   # not a terminal: print about 20 lines per run

@@ -81,7 +81,8 @@ def test_short_passkey_examples(tmp_path):
     tr = Trainer(TINY, _cfg(tmp_path, seq_len=300, passkey_rows=2, passkey_len=100), corpus=_corpus(), log=None)
     x, y = tr.passkey_batch()
     assert x.shape == y.shape == (6, 100) and ((y >= 0).sum(1) == 5).all()
-    assert np.isfinite(tr.train_step()["passkey_loss"])
+    r = tr.train_step()
+    assert np.isfinite(r["passkey_loss"]) and 0 <= r["passkey_digit_acc"] <= 1
     with pytest.raises(ValueError, match="passkey_len"):
         Trainer(TINY, _cfg(tmp_path, passkey_len=129), corpus=_corpus(), log=None)
 
