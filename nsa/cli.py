@@ -59,6 +59,9 @@ def _train_args(p):
     p.add_argument("--passkey-needles", type=int, default=1, help="needles (each with its question) per passkey example")
     p.add_argument("--passkey-len", type=int, default=0,
                    help="bytes per passkey example (default: seq-len); a passkey row holds seq-len // this many")
+    p.add_argument("--passkey-len-from", type=int, default=0,
+                   help="curriculum: passkey examples start this long and double, over the first half "
+                        "of training, up to --passkey-len")
 
 
 # tiny: the three twins train on a 2-core CPU in a few minutes; small: one GPU, long context
@@ -71,7 +74,8 @@ def _train_cfg(a, out_dir):
     d = {k: getattr(a, k) if getattr(a, k) is not None else v for k, v in PRESET_TRAINING[a.preset].items()}
     return TrainConfig(**d, warmup=max(1, d["steps"] // 10), eval_every=min(a.eval_every, d["steps"]),
                        seed=a.seed, device=a.device, out_dir=out_dir, passkey_rows=a.passkey_rows, save_every=a.save_every,
-                       passkey_needles=a.passkey_needles, passkey_len=a.passkey_len, parallel=getattr(a, "parallel", "ddp"))
+                       passkey_needles=a.passkey_needles, passkey_len=a.passkey_len,
+                       passkey_len_from=a.passkey_len_from, parallel=getattr(a, "parallel", "ddp"))
 
 
 def _init_distributed():

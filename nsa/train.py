@@ -49,6 +49,8 @@ class TrainConfig:
     passkey_needles: int = 1       # needles (and questions) per passkey example
     passkey_len: int = 0           # bytes per passkey example (0: seq_len); each passkey row of
                                    # seq_len bytes then holds seq_len // passkey_len examples
+    passkey_len_from: int = 0      # curriculum (0: none): examples start at this length and double,
+                                   # in equal phases over the first half of training, up to passkey_len
     eval_every: int = 100
     save_every: int = 0            # also checkpoint every this many steps (0: only when fit ends)
     eval_batches: int = 8
@@ -111,6 +113,8 @@ class Trainer:
         text_rows = cfg.batch_size - cfg.passkey_rows
         if not 0 <= cfg.passkey_len <= cfg.seq_len:
             raise ValueError(f"passkey_len ({cfg.passkey_len}) must be in [0, seq_len={cfg.seq_len}]")
+        if not 0 <= cfg.passkey_len_from <= (cfg.passkey_len or cfg.seq_len):
+            raise ValueError(f"passkey_len_from ({cfg.passkey_len_from}) must be in [0, passkey_len]")
         if text_rows < 1:
             raise ValueError(f"batch_size ({cfg.batch_size}) must exceed passkey_rows ({cfg.passkey_rows})")
         self.batches = Batches(self.train_data, text_rows, cfg.seq_len, seed=cfg.seed)
@@ -139,13 +143,27 @@ class Trainer:
                 acc = (logits.argmax(-1) == t)[t >= 0].float().mean()
         return lm, pk, acc
 
+    def passkey_len_at(self, step: int) -> int:
+        """Passkey example length at a step: passkey_len (or seq_len); with a curriculum,
+        passkey_len_from * 2^k in equal phases over the first half of training, then the full
+        length."""
+        c = self.cfg
+        full = c.passkey_len or c.seq_len
+        if not c.passkey_len_from:
+            return full
+        lens = [c.passkey_len_from]
+        while lens[-1] * 2 < full:
+            lens.append(lens[-1] * 2)
+        phase = (c.steps / 2) / len(lens)
+        return lens[int(step // phase)] if step < c.steps / 2 else full
+
     def passkey_batch(self):
         """The step's passkey examples: passkey_rows rows of seq_len bytes, each cut into
-        seq_len // passkey_len examples of passkey_len bytes (so tokens per step do not change)."""
+        seq_len // n examples of n = passkey_len_at(step) bytes (tokens per step do not change)."""
         c = self.cfg
         if not c.passkey_rows:
             return None, None
-        n = c.passkey_len or c.seq_len
+        n = self.passkey_len_at(self.step)
         return passkey_batch(self.train_data, c.passkey_rows * (c.seq_len // n), n, self.pk_rng,
                              needles=c.passkey_needles)
 

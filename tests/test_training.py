@@ -85,6 +85,11 @@ def test_short_passkey_examples(tmp_path):
     assert np.isfinite(r["passkey_loss"]) and 0 <= r["passkey_digit_acc"] <= 1
     with pytest.raises(ValueError, match="passkey_len"):
         Trainer(TINY, _cfg(tmp_path, passkey_len=129), corpus=_corpus(), log=None)
+    cur = Trainer(TINY, _cfg(tmp_path, steps=12, seq_len=800, passkey_len=800, passkey_len_from=100),
+                  corpus=_corpus(), log=None)   # 100, 200, 400 over steps 0-5, then 800
+    assert [cur.passkey_len_at(s) for s in range(12)] == [100, 100, 200, 200, 400, 400] + [800] * 6
+    cur.step = 3
+    assert cur.passkey_batch()[0].shape == (4, 200)
 
 
 def test_passkey_and_mqar_data():
