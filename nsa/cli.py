@@ -116,7 +116,7 @@ def evaluate(a) -> int:
                  corpus=load_corpus(a.corpus))
     tr.load(a.checkpoint)
     L = tr.cfg.seq_len
-    lengths = a.lengths or [L // 2, L, 2 * L]
+    lengths = a.lengths or sorted({tr.cfg.passkey_len or L, L // 2, L, 2 * L})   # + the passkey training length
     depths = [0.1, 0.3, 0.5, 0.7, 0.9]
     grid = needle_grid(tr.model, tr.val_data, lengths, depths, n=a.samples, device=tr.device)
     print(f"held-out loss {tr.val_loss():.4f}; MQAR accuracy {mqar_accuracy(tr.model, device=tr.device):.2f}")
