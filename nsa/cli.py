@@ -53,7 +53,8 @@ def _train_args(p):
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
-    p.add_argument("--corpus", nargs="*", default=None, help="text files (default: Python's stdlib sources)")
+    p.add_argument("--corpus", nargs="*", default=None, help="text files and/or Hugging Face datasets as hf:NAME[?config=C&split=S&column=COL] "
+                        "(default: Python's stdlib sources)")
     p.add_argument("--save-every", type=int, default=0, help="also checkpoint every N steps (default: at the end)")
     p.add_argument("--passkey-rows", type=int, default=2, help="rows of each batch that are passkey examples")
     p.add_argument("--passkey-needles", type=int, default=1, help="needles (each with its question) per passkey example")
@@ -128,7 +129,8 @@ def evaluate(a) -> int:
 
 def compare_cmd(a) -> int:
     from nsa.eval import compare, verdict_table
-    summary = compare(a.preset, _train_cfg(a, a.out), out_dir=a.out)
+    from nsa.data import load_corpus
+    summary = compare(a.preset, _train_cfg(a, a.out), out_dir=a.out, corpus=load_corpus(a.corpus) if a.corpus else None)
     print(verdict_table(summary))
     print(f"plots and summary.json in {a.out}/")
     return 0

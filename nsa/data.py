@@ -17,25 +17,78 @@ def stdlib_files():
 
 
 def load_corpus(paths=None, val_every: int = 20, max_bytes: int = 64 << 20):
-    """(train, val) uint8 arrays. Default: the stdlib sources; every `val_every`-th file is
-    held out whole, so validation text is never seen in training."""
-    files = [Path(p) for p in paths] if paths else stdlib_files()
-    if not files:
-        raise ValueError("no text files found for the corpus")
+    """(train, val) uint8 arrays. Default: the stdlib sources. `paths`: text files, and/or
+    Hugging Face datasets as 'hf:NAME[?config=C&split=S&column=COL]' (see hf_documents). Every
+    `val_every`-th document (file or dataset row) is held out whole, so validation text is never
+    seen in training."""
+    default = not paths
+    if default:
+        paths = stdlib_files()
+        if not paths:
+            raise ValueError("no text files found for the corpus")
     train, val, total = [], [], 0
-    for i, f in enumerate(files):
-        try:
-            b = f.read_bytes()
-        except OSError:
-            continue
+    for i, b in enumerate(_documents(paths, skip_unreadable=default)):
         (val if i % val_every == val_every - 1 else train).append(b)
         total += len(b)
         if total >= max_bytes:
             break
-    if not val:
+    if not train and not val:
+        raise ValueError(f"the corpus {[str(p) for p in paths][:3]} holds no text")
+    if len(train) == 1 and not val:   # one document: its last 1/val_every is held out
+        cut = len(train[0]) - len(train[0]) // val_every
+        train, val = [train[0][:cut]], [train[0][cut:]]
+    elif not val:
         val.append(train.pop())
     join = lambda parts: np.frombuffer(b"\n".join(parts), dtype=np.uint8).copy()
     return join(train), join(val)
+
+
+def _documents(paths, skip_unreadable=False):
+    """Each file's bytes, each dataset row's text. A user's file that cannot be read is an
+    error; the stdlib scan skips such files."""
+    for p in paths:
+        if str(p).startswith("hf:"):
+            yield from hf_documents(str(p))
+            continue
+        try:
+            yield Path(p).read_bytes()
+        except OSError as e:
+            if not skip_unreadable:
+                raise ValueError(f"cannot read corpus file {p}: {e}") from e
+
+
+def hf_documents(spec: str):
+    """The rows of a Hugging Face dataset as UTF-8 bytes. spec: 'hf:NAME' with optional
+    '?config=C&split=S&column=COL' (defaults: no config, split 'train', column 'text'). NAME is a
+    hub dataset (streamed, so only what is read is downloaded) or a folder written by
+    `save_to_disk`. Needs the `datasets` package (pip install "nsa[hf]")."""
+    from urllib.parse import parse_qsl
+    try:
+        import datasets
+    except ImportError as e:
+        raise ImportError(f"{spec}: Hugging Face corpora need the datasets package: pip install 'nsa[hf]'") from e
+    name, _, query = spec[3:].partition("?")
+    opts = dict(parse_qsl(query, strict_parsing=bool(query)))
+    if set(opts) - {"config", "split", "column"}:
+        raise ValueError(f"{spec}: unknown option(s) {sorted(set(opts) - {'config', 'split', 'column'})}; "
+                         f"use config, split, column")
+    split, column = opts.get("split", "train"), opts.get("column", "text")
+    if Path(name).is_dir():
+        ds = datasets.load_from_disk(name)
+        if isinstance(ds, datasets.DatasetDict):
+            if split not in ds:
+                raise ValueError(f"{spec}: no split {split!r}; the dataset has {sorted(ds)}")
+            ds = ds[split]
+    else:
+        ds = datasets.load_dataset(name, opts.get("config"), split=split, streaming=True)
+    names = ds.column_names
+    if names is not None and column not in names:
+        raise ValueError(f"{spec}: no column {column!r}; the dataset has {names} (choose one with ?column=)")
+    for row in ds:
+        text = row[column]
+        if not isinstance(text, str):
+            raise ValueError(f"{spec}: column {column!r} holds {type(text).__name__}, not text")
+        yield text.encode()
 
 
 class Batches:

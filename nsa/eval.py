@@ -92,14 +92,13 @@ def plot_curves(histories, path):
 
 
 def compare(preset="tiny", train_cfg: TrainConfig | None = None, out_dir="runs/compare",
-            attentions=ATTENTIONS, grid_n=8, log=sys.stderr):
+            attentions=ATTENTIONS, grid_n=8, log=sys.stderr, corpus=None):
     """Train one twin per attention kind (same seed: identical initial data order and steps),
     evaluate, plot, and return the summary."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     base = train_cfg or TrainConfig()
     mcfg = PRESETS[preset]
-    corpus = None
     summary, histories, grids = {}, {}, {}
     L = base.seq_len
     lengths, depths = [L // 2, L, 2 * L], [0.1, 0.3, 0.5, 0.7, 0.9]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from nsa.data import MARKS, QUESTION, Batches, mqar_batch, passkey_batch, passkey_example
+from nsa.data import MARKS, QUESTION, Batches, load_corpus, mqar_batch, passkey_batch, passkey_example
 from nsa.eval import compare, passkey_accuracy, verdict_table
 from nsa.model import ATTENTIONS, PRESETS, LanguageModel
 from nsa.train import TrainConfig, Trainer, lr_at
@@ -90,6 +90,30 @@ def test_short_passkey_examples(tmp_path):
     assert [cur.passkey_len_at(s) for s in range(12)] == [100, 100, 200, 200, 400, 400] + [800] * 6
     cur.step = 3
     assert cur.passkey_batch()[0].shape == (4, 200)
+
+
+def test_corpus_from_files_and_hf_datasets(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    docs = [f"document {i} " * 20 for i in range(40)]
+    for i, d in enumerate(docs[:20]):
+        (tmp_path / f"{i}.txt").write_text(d)
+    train, val = load_corpus([tmp_path / f"{i}.txt" for i in range(20)])
+    assert bytes(val) == docs[19].encode() and bytes(train) == "\n".join(docs[:19]).encode()
+    folder = tmp_path / "ds"
+    datasets.DatasetDict(train=datasets.Dataset.from_dict({"body": docs, "n": list(range(40))})).save_to_disk(folder)
+    train, val = load_corpus([f"hf:{folder}?column=body"])
+    assert bytes(val) == "\n".join([docs[19], docs[39]]).encode()
+    assert bytes(train) == "\n".join(d for i, d in enumerate(docs) if i % 20 != 19).encode()
+    one, _ = load_corpus([tmp_path / "0.txt", f"hf:{folder}?column=body&split=train"])   # files and rows mix
+    assert bytes(one).startswith(docs[0].encode() + b"\n" + docs[0].encode())
+    for spec, msg in [(f"hf:{folder}", "no column 'text'"), (f"hf:{folder}?column=n", "not text"),
+                      (f"hf:{folder}?column=body&split=test", "no split 'test'"), (f"hf:{folder}?colum=body", "unknown")]:
+        with pytest.raises(ValueError, match=msg):
+            load_corpus([spec])
+    with pytest.raises(ValueError, match="cannot read"):
+        load_corpus([tmp_path / "missing.txt"])
+    train, val = load_corpus([tmp_path / "0.txt"])   # one document: its tail is held out
+    assert bytes(train) + bytes(val) == docs[0].encode() and 0 < len(val) < len(train)
 
 
 def test_passkey_and_mqar_data():
