@@ -110,15 +110,13 @@ def evaluate(a) -> int:
     import torch
 
     from nsa.data import load_corpus
-    from nsa.eval import mqar_accuracy, needle_grid
+    from nsa.eval import DEPTHS, mqar_accuracy, needle_grid, passkey_lengths
     from nsa.train import TrainConfig, Trainer, model_config_from
     s = torch.load(a.checkpoint, map_location="cpu", weights_only=False)
     tr = Trainer(model_config_from(s["model_cfg"]), TrainConfig(**{**s["train_cfg"], "device": a.device}),
                  corpus=load_corpus(a.corpus))
     tr.load(a.checkpoint)
-    L = tr.cfg.seq_len
-    lengths = a.lengths or sorted({tr.cfg.passkey_len or L, L // 2, L, 2 * L})   # + the passkey training length
-    depths = [0.1, 0.3, 0.5, 0.7, 0.9]
+    lengths, depths = a.lengths or passkey_lengths(tr.cfg), DEPTHS
     grid = needle_grid(tr.model, tr.val_data, lengths, depths, n=a.samples, device=tr.device)
     print(f"held-out loss {tr.val_loss():.4f}; MQAR accuracy {mqar_accuracy(tr.model, device=tr.device):.2f}")
     print("passkey accuracy (rows: length; columns: depth " + ", ".join(f"{d:.0%}" for d in depths) + ")")
@@ -128,9 +126,9 @@ def evaluate(a) -> int:
 
 
 def compare_cmd(a) -> int:
-    from nsa.eval import compare, verdict_table
     from nsa.data import load_corpus
-    summary = compare(a.preset, _train_cfg(a, a.out), out_dir=a.out, corpus=load_corpus(a.corpus) if a.corpus else None)
+    from nsa.eval import compare, verdict_table
+    summary = compare(a.preset, _train_cfg(a, a.out), out_dir=a.out, corpus=load_corpus(a.corpus))
     print(verdict_table(summary))
     print(f"plots and summary.json in {a.out}/")
     return 0

@@ -69,9 +69,9 @@ def hf_documents(spec: str):
         raise ImportError(f"{spec}: Hugging Face corpora need the datasets package: pip install 'nsa[hf]'") from e
     name, _, query = spec[3:].partition("?")
     opts = dict(parse_qsl(query, strict_parsing=bool(query)))
-    if set(opts) - {"config", "split", "column"}:
-        raise ValueError(f"{spec}: unknown option(s) {sorted(set(opts) - {'config', 'split', 'column'})}; "
-                         f"use config, split, column")
+    unknown = set(opts) - {"config", "split", "column"}
+    if unknown:
+        raise ValueError(f"{spec}: unknown option(s) {sorted(unknown)}; use config, split, column")
     split, column = opts.get("split", "train"), opts.get("column", "text")
     if Path(name).is_dir():
         ds = datasets.load_from_disk(name)

@@ -33,6 +33,16 @@ def passkey_accuracy(model, filler, length, depth, n, seed=0, device="cpu"):
     return float(((pred == y) | ~mask).all(-1).float().mean())
 
 
+DEPTHS = [0.1, 0.3, 0.5, 0.7, 0.9]   # needle depths of the passkey grid
+
+
+def passkey_lengths(cfg: TrainConfig):
+    """Context lengths of the passkey grid: half, once and twice the trained sequence length,
+    and the passkey example length when training used shorter examples."""
+    L = cfg.seq_len
+    return sorted({cfg.passkey_len or L, L // 2, L, 2 * L})
+
+
 def needle_grid(model, filler, lengths, depths, n=8, device="cpu"):
     return [[passkey_accuracy(model, filler, L, d, n, seed=i * 100 + j, device=device)
              for j, d in enumerate(depths)] for i, L in enumerate(lengths)]
@@ -101,7 +111,7 @@ def compare(preset="tiny", train_cfg: TrainConfig | None = None, out_dir="runs/c
     mcfg = PRESETS[preset]
     summary, histories, grids = {}, {}, {}
     L = base.seq_len
-    lengths, depths = [L // 2, L, 2 * L], [0.1, 0.3, 0.5, 0.7, 0.9]
+    lengths, depths = passkey_lengths(base), DEPTHS
     for kind in attentions:
         if log is not None:
             log.write(f"== training {kind} ({preset}) ==\n")
@@ -113,7 +123,8 @@ def compare(preset="tiny", train_cfg: TrainConfig | None = None, out_dir="runs/c
         grids[kind] = needle_grid(tr.model, tr.val_data, lengths, depths, n=grid_n, device=dev)
         g = np.array(grids[kind])
         summary[kind] = dict(params=tr.model.num_params(), val_loss=tr.val_loss(batches=2 * base.eval_batches),
-                             passkey_at_trained=float(g[1].mean()), passkey_at_2x=float(g[2].mean()),
+                             passkey_at_trained=float(g[lengths.index(L)].mean()),
+                             passkey_at_2x=float(g[lengths.index(2 * L)].mean()),
                              mqar=mqar_accuracy(tr.model, device=dev),
                              tokens_per_s=float(np.median([r["tokens_per_s"] for r in hist])))
         histories[kind] = hist
