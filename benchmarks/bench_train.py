@@ -94,6 +94,9 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--lengths", type=int, nargs="+", default=LENGTHS)
     p.add_argument("--quick", action="store_true", help="paper shape 192/128 only")
+    p.add_argument("--settings", nargs="+", default=["paper", "G4", "G1", "fla-comparable"],
+                   help="which shape families to time (default: all)")
+    p.add_argument("--name", default="train", help="results file stem (benchmarks/results/<name>_<gpu>.json)")
     a = p.parse_args()
     rows = []
 
@@ -103,7 +106,7 @@ def main():
               ("  ".join(f"{k}={v:.2f}" for k, v in r.items() if isinstance(v, float)) or r.get("error", "")), flush=True)
 
     dims = {"192/128": DIMS["192/128"]} if a.quick else DIMS
-    for dname, (dk, dv) in dims.items():
+    for dname, (dk, dv) in dims.items() if "paper" in a.settings else ():
         HQ, H = HEADS["paper"]
         for T in a.lengths:
             record("paper", T, HQ, H, dk, dv, "nsa", time_nsa(T, HQ, H, dk, dv, PAPER))
@@ -111,18 +114,18 @@ def main():
                 record("paper", T, HQ, H, dk, dv, f"sdpa-{b}", time_sdpa(T, HQ, H, dk, dv, b))
             torch.cuda.empty_cache()
     if not a.quick:
-        for hname in ("G4", "G1"):
+        for hname in [h for h in ("G4", "G1") if h in a.settings]:
             HQ, H = HEADS[hname]
             for T in a.lengths[-2:]:
                 record(hname, T, HQ, H, 128, 128, "nsa", time_nsa(T, HQ, H, 128, 128, PAPER))
                 record(hname, T, HQ, H, 128, 128, "sdpa-flash", time_sdpa(T, HQ, H, 128, 128, "flash"))
         HQ, H = HEADS["paper"]
-        for T in a.lengths[-2:]:
+        for T in a.lengths[-2:] if "fla-comparable" in a.settings else ():
             record("fla-comparable", T, HQ, H, 128, 128, "nsa", time_nsa(T, HQ, H, 128, 128, FLA_COMPARABLE))
             record("fla-comparable", T, HQ, H, 128, 128, "fla", time_fla(T, HQ, H, 128, 128))
     summary = ratios(rows)
-    save("train", dict(env=environment(), rows=rows, ratios=summary))
-    plot(rows)
+    save(a.name, dict(env=environment(), rows=rows, ratios=summary))
+    plot(rows, a.name)
     print("\nspeed-up of NSA (other / nsa), medians in one run:")
     for s in summary:
         print(f"  {s['setting']:>14} T={s['T']:6d} {s['dk']}/{s['dv']} vs {s['vs']:>10}: fwd {s['fwd']:.2f}x"
@@ -143,7 +146,9 @@ def ratios(rows):
     return out
 
 
-def plot(rows):
+def plot(rows, name):
+    if not any(r["setting"] == "paper" and r["dk"] == 192 for r in rows):
+        return   # the plot shows the paper shape only
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -168,7 +173,7 @@ def plot(rows):
     fig.tight_layout()
     gpu = torch.cuda.get_device_name().replace(" ", "_")
     for d in ["benchmarks/results"] + ([os.environ["OUT"]] if os.environ.get("OUT") else []):
-        fig.savefig(os.path.join(d, f"train_{gpu}.png"), dpi=120)
+        fig.savefig(os.path.join(d, f"{name}_{gpu}.png"), dpi=120)
 
 
 if __name__ == "__main__":

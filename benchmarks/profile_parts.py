@@ -26,6 +26,10 @@ SWEEPS = {
     "select": [(64, 4, 2), (64, 4, 3), (64, 4, 1), (32, 4, 2), (32, 2, 2), (128, 4, 2), (128, 8, 2),
                (128, 8, 3), (64, 8, 2), (16, 4, 2)],
     "selected_fwd": [(4, 2), (4, 1), (4, 3), (4, 4), (2, 2), (2, 1), (8, 2), (8, 3), (2, 3), (1, 2)],
+    "selected_kc": [(0,), (1,)],   # A/B: group-centric vs key-centric forward
+    "selected_kc_shape": [(64, 1024, 16, 4, 2), (32, 1024, 16, 4, 2), (128, 1024, 16, 8, 2), (64, 4096, 16, 4, 2),
+                          (64, 1024, 16, 4, 3), (64, 1024, 16, 8, 2), (32, 1024, 16, 2, 2), (64, 256, 16, 4, 2)],
+    "selected_kc_mib": [(64,), (256,), (1024,)],
     "selected_dq": [(4, 2), (4, 1), (4, 3), (2, 2), (8, 2)],
     "selected_dkv": [(64, 2048, 4, 2), (64, 2048, 4, 3), (128, 2048, 8, 2), (32, 2048, 4, 2), (64, 1024, 4, 2)],
 }
@@ -70,7 +74,8 @@ def parts(T, HQ, H, dk, dv, cfg):
 
 # which ops a kernel's override affects
 AFFECTS = {"banded_fwd": ["cmp_fwd", "win_fwd"], "banded_dq": ["cmp_bwd", "win_bwd"], "banded_dkv": ["cmp_bwd", "win_bwd"],
-           "select": ["select"], "selected_fwd": ["slc_fwd"], "selected_dq": ["slc_bwd"], "selected_dkv": ["slc_bwd"]}
+           "select": ["select"], "selected_fwd": ["slc_fwd"], "selected_kc": ["slc_fwd", "api_fwd"],
+           "selected_kc_shape": ["slc_fwd"], "selected_kc_mib": ["slc_fwd"], "selected_dq": ["slc_bwd"], "selected_dkv": ["slc_bwd"]}
 
 
 def main():
@@ -86,6 +91,7 @@ def main():
     a = p.parse_args()
     start = time.time()
     fns = parts(a.T, a.HQ, a.H, a.dk, a.dv, PAPER)
+    print(f"T={a.T} HQ={a.HQ} H={a.H} dk={a.dk} dv={a.dv}", flush=True)
     base = {}
     for name, fn in fns.items():
         if a.ops and name not in a.ops:
@@ -114,7 +120,7 @@ def main():
                 print(f"  {kern:>13} {str(cfg):>20}: " + "  ".join(
                     f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in res.items()), flush=True)
             os.environ.pop("NSA_TUNE", None)
-    save(f"profile_T{a.T}", dict(env=environment(), shape=vars(a), base=base, sweeps=sweeps))
+    save(f"profile_T{a.T}_HQ{a.HQ}_H{a.H}", dict(env=environment(), shape=vars(a), base=base, sweeps=sweeps))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@ Tensors here are packed: [N, heads, dim] rows of all sequences, with cu_seqlens 
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 from torch import Tensor
@@ -16,7 +18,8 @@ from .decode import (nsa_decode_cmp_win_kernel, nsa_decode_merge_kernel,
 from .banded import nsa_banded_bwd_dkv_kernel, nsa_banded_bwd_dq_kernel, nsa_banded_fwd_kernel
 from .select import nsa_select_kernel
 from .selected import (nsa_selected_bwd_dkv_kernel, nsa_selected_bwd_dq_kernel,
-                       nsa_selected_bwd_reduce_kernel, nsa_selected_fwd_kernel)
+                       nsa_selected_bwd_reduce_kernel, nsa_selected_fwd_kc_kernel,
+                       nsa_selected_fwd_kernel, nsa_selected_merge_kernel)
 from .utils import LOG2E, empty, pow2, tile_cu, tile_grid_bound
 
 
@@ -168,10 +171,36 @@ def selected_fwd(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, cu_q: Tensor, sca
     N, HQ, H = q.shape[0], q.shape[1], v.shape[1]
     o = empty(N, HQ, v.shape[2], dtype=q.dtype, device=q.device)
     lse = empty(N, HQ, dtype=torch.float32, device=q.device)
-    if N:
+    if N and tuning.selected_key_centric(meta["G"]):
+        _selected_fwd_key_centric(q, k, v, idx, o, lse, cu_q, scale, sel_block_size, meta)
+    elif N:
         nsa_selected_fwd_kernel[(N, H)](q, k, v, idx, o, lse, cu_q, cu_q.numel() - 1,
                                         scale * LOG2E, **meta)
     return o, lse
+
+
+def _selected_fwd_key_centric(q, k, v, idx, o, lse, cu_q, scale, sel_block_size, meta):
+    """The small-group forward (selected.py): chunks of rows, each an inverse index, the
+    key-centric kernel writing per-(query, slot) partials in q's dtype, and their merge. The
+    chunks bound the partial buffer (tuning.selected_key_centric_rows)."""
+    N, H, n = idx.shape
+    HQ, G, GP, DV = meta["HQ"], meta["G"], pow2(meta["G"]), meta["DV"]
+    rows, SEG, BT, warps, stages = tuning.selected_key_centric_shape(GP)
+    chunk = tuning.selected_key_centric_rows(H, n, G, DV, q.element_size())
+    n_seq = cu_q.numel() - 1
+    for row0 in range(0, N, chunk):
+        R = min(chunk, N - row0)
+        ii = inverse_index(idx[row0:row0 + R], cu_q, sel_block_size, SEG, row0=row0, n_rows=N)
+        o_part = empty(R * H * n, G, DV, dtype=q.dtype, device=q.device)
+        lse_part = empty(R * H * n, G, dtype=torch.float32, device=q.device)
+        nsa_selected_fwd_kc_kernel[(ii.grid,)](
+            q, k, v, o_part, lse_part, ii.q_list, ii.list_cu, ii.seg_cu, ii.blk_cu, cu_q, n_seq,
+            ii.n_buckets, ii.nbu, scale * LOG2E, HQ=HQ, H=H, G=G, GP=GP, DK=meta["DK"], DV=DV,
+            KA=meta["KA"], KB=meta["KB"], BV=meta["BV"], BS=meta["BS"], SEL_L=sel_block_size,
+            BQ=max(1, rows // GP), SEG=SEG, PREC=meta["PREC"], num_warps=warps, num_stages=stages)
+        nsa_selected_merge_kernel[(triton.cdiv(R, BT), H)](
+            idx, ii.pos_of, o_part, lse_part, o, lse, row0, R, HQ=HQ, H=H, G=G, GP=GP, DV=DV,
+            BV=meta["BV"], BT=BT, N_SEL=n, num_warps=4)
 
 
 @selected_fwd.register_fake
@@ -179,29 +208,45 @@ def _(q, k, v, idx, cu_q, scale, sel_block_size):
     return q.new_empty(q.shape[0], q.shape[1], v.shape[2]), q.new_empty(q.shape[:2], dtype=torch.float32)
 
 
-def inverse_index(idx, cu_q, sel_block_size, seg):
-    """For every (KV head, block) bucket, the query rows that selected it, in row order.
-    Returns (q_list, list_cu, seg_cu, part_cu, blk_cu, n_buckets, nbu, n_part) without a host
-    sync: the number of blocks is bounded by nbu = N // l' + n_seq (>= the real count)."""
-    N, H, n = idx.shape
+class InverseIndex(NamedTuple):
+    q_list: Tensor    # [L] query rows, grouped by bucket, in row order within one
+    pos_of: Tensor    # [rows, H, n] the list position of each (row, head, slot)
+    list_cu: Tensor   # [buckets + 2] where each bucket's list starts (the last: empty slots)
+    seg_cu: Tensor    # [buckets + 1] where each bucket's segments start in the launch
+    part_cu: Tensor   # [buckets + 1] first fp32 partial slot of buckets with several segments
+    blk_cu: Tensor    # [n_seq + 1] first global block of each sequence
+    n_buckets: int    # H * nbu
+    nbu: int          # blocks per head, an upper bound (no host sync)
+    n_part: int       # bound on the partial slots
+    grid: int         # bound on the segments: the launch size
+
+
+def inverse_index(idx, cu_q, sel_block_size, seg, row0=0, n_rows=None):
+    """For every (KV head, block) bucket, the query rows that selected it, in row order; idx
+    holds the selections of rows row0 .. row0 + len(idx) of a packed input of n_rows rows (all
+    of it by default). Built without a host sync: the number of blocks is bounded by
+    nbu = n_rows // l' + n_seq (>= the real count)."""
+    R, H, n = idx.shape
     n_seq = cu_q.numel() - 1
     blk_cu = tile_cu(cu_q, sel_block_size)                                   # blocks per sequence
-    nbu = N // sel_block_size + n_seq
-    rows = torch.arange(N, device=idx.device)
+    nbu = (R if n_rows is None else n_rows) // sel_block_size + n_seq
+    rows = row0 + torch.arange(R, device=idx.device)
     seq = torch.searchsorted(cu_q[1:].long(), rows, right=True)
     gb = blk_cu.long()[seq][:, None, None] + idx.long()                      # global block
     heads = torch.arange(H, device=idx.device)[None, :, None]
     bucket = torch.where(idx >= 0, heads * nbu + gb, H * nbu).flatten()      # H*nbu: empty slot
     order = torch.sort(bucket, stable=True).indices
-    q_list = (order // (H * n)).to(torch.int32)
+    q_list = (row0 + order // (H * n)).to(torch.int32)
+    pos_of = torch.empty_like(order)
+    pos_of[order] = torch.arange(order.numel(), device=idx.device)
     counts = torch.zeros(H * nbu + 1, dtype=torch.long, device=idx.device)
     counts.scatter_add_(0, bucket, torch.ones_like(bucket))
     list_cu = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(torch.int32)
     nseg = ((counts[:-1] + seg - 1) // seg).clamp(min=1)
     seg_cu = torch.cat([nseg.new_zeros(1), nseg.cumsum(0)]).to(torch.int32)
     part_cu = torch.cat([nseg.new_zeros(1), torch.where(nseg > 1, nseg, 0).cumsum(0)]).to(torch.int32)
-    n_part = 2 * (N * H * n) // seg + 1                                     # bound on partial slots
-    return q_list, list_cu, seg_cu, part_cu, blk_cu, H * nbu, nbu, n_part
+    return InverseIndex(q_list, pos_of.view(R, H, n).to(torch.int32), list_cu, seg_cu, part_cu, blk_cu,
+                        H * nbu, nbu, 2 * (R * H * n) // seg + 1, H * nbu + (R * H * n) // seg + 1)
 
 
 @custom_op("nsa::selected_bwd", mutates_args=())
@@ -218,19 +263,18 @@ def selected_bwd(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, o: Tensor, lse: T
     nsa_selected_bwd_dq_kernel[(N, H)](q, k, v, idx, o, do, lse, delta, dq, cu_q, n_seq, *args, **meta)
     rows, SEG, warps, stages = tuning.selected_bwd_queries(GP)
     BQ = max(1, rows // GP)
-    q_list, list_cu, seg_cu, part_cu, blk_cu, n_buckets, nbu, n_part = inverse_index(
-        idx, cu_q, sel_block_size, SEG)
+    ii = inverse_index(idx, cu_q, sel_block_size, SEG)
     BS = meta["BS"]
-    dk_part = torch.empty(n_part, BS, DK, dtype=torch.float32, device=q.device)
-    dv_part = torch.empty(n_part, BS, DV, dtype=torch.float32, device=q.device)
-    grid = (n_buckets + (N * H * idx.shape[-1]) // SEG + 1,)
+    dk_part = torch.empty(ii.n_part, BS, DK, dtype=torch.float32, device=q.device)
+    dv_part = torch.empty(ii.n_part, BS, DV, dtype=torch.float32, device=q.device)
     common = dict(H=H, DK=DK, DV=DV, BV=BV, BS=BS, SEL_L=sel_block_size)
-    nsa_selected_bwd_dkv_kernel[grid](
-        q, k, v, do, lse, delta, dk, dv, dk_part, dv_part, q_list, list_cu, seg_cu, part_cu,
-        blk_cu, cu_q, n_seq, n_buckets, nbu, *args, HQ=HQ, G=G, GP=GP, BQ=BQ, SEG=SEG, KA=meta["KA"],
+    nsa_selected_bwd_dkv_kernel[(ii.grid,)](
+        q, k, v, do, lse, delta, dk, dv, dk_part, dv_part, ii.q_list, ii.list_cu, ii.seg_cu, ii.part_cu,
+        ii.blk_cu, cu_q, n_seq, ii.n_buckets, ii.nbu, *args, HQ=HQ, G=G, GP=GP, BQ=BQ, SEG=SEG, KA=meta["KA"],
         KB=meta["KB"], PREC=meta["PREC"], num_warps=warps, num_stages=stages, **common)
-    nsa_selected_bwd_reduce_kernel[(n_buckets,)](
-        dk, dv, dk_part, dv_part, seg_cu, part_cu, blk_cu, cu_q, n_seq, nbu, BK=BK, num_warps=4, **common)
+    nsa_selected_bwd_reduce_kernel[(ii.n_buckets,)](
+        dk, dv, dk_part, dv_part, ii.seg_cu, ii.part_cu, ii.blk_cu, cu_q, n_seq, ii.nbu, BK=BK,
+        num_warps=4, **common)
     return dq, dk, dv
 
 

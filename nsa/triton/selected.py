@@ -195,3 +195,99 @@ def nsa_selected_bwd_reduce_kernel(
             dv_acc += tl.load(dv_part + (slot * BS + lane[:, None]) * DV + dv[None, :], mask=dv[None, :] < DV, other=0.0)
         store_rows(dk_out, krow, kmask, dk, DK, dk_acc)
         store_rows(dv_out, krow, kmask, dv, DV, dv_acc)
+
+
+# ----------------------------------------------------------------------------- small groups
+# With G < 16 query heads per KV head, the group-centric forward pads each query's G rows to the
+# 16-row MMA minimum and loads every selected block once per query. Key-centric instead: one
+# program per (KV head, block) segment loads the block once and runs the queries that selected
+# it (inverse index) in dense tiles of BQ queries x G heads, writing for every (query, slot) a
+# normalised partial output and its lse; a merge kernel then combines each query's n partials.
+
+@triton.jit
+def nsa_selected_fwd_kc_kernel(
+    q, k, v, o_part, lse_part,   # o_part [L, G, DV] lse_part [L, G]: one entry per list position
+    q_list, list_cu, seg_cu, blk_cu, cu_q, n_seq, n_buckets, nbu, scale_log2,
+    HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
+    DK: tl.constexpr, DV: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr, BV: tl.constexpr,
+    BS: tl.constexpr, SEL_L: tl.constexpr, BQ: tl.constexpr, SEG: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    if pid >= tl.load(seg_cu + n_buckets):
+        return
+    b = find_segment(seg_cu, n_buckets, pid)
+    seg = pid - tl.load(seg_cu + b)
+    hk = b // nbu
+    gb = b % nbu
+    if gb >= tl.load(blk_cu + n_seq):
+        return
+    sq = find_segment(blk_cu, n_seq, gb)
+    q0 = tl.load(cu_q + sq)
+    Tq = tl.load(cu_q + sq + 1) - q0
+    lane = tl.arange(0, BS)
+    s = (gb - tl.load(blk_cu + sq)) * SEL_L + lane
+    kmask = (lane < SEL_L) & (s < Tq)
+    krow = (q0 + s).to(tl.int64) * H + hk
+    dv = tl.arange(0, BV)
+    ka, kb = load_keys_t(k, krow, kmask, DK, KA, KB)
+    vv = load_rows(v, krow, kmask, dv, DV)
+    lo = tl.load(list_cu + b) + seg * SEG
+    hi = tl.minimum(tl.load(list_cu + b + 1), lo + SEG)
+    BM: tl.constexpr = BQ * GP
+    r = tl.arange(0, BM)
+    for p0 in range(lo, hi, BQ):
+        pos = p0 + r // GP
+        ok = (pos < hi) & (r % GP < G)
+        qrow = tl.load(q_list + pos, mask=ok, other=0)
+        rows = qrow.to(tl.int64) * HQ + hk * G + r % GP
+        qa, qb = load_rows2(q, rows, ok, DK, KA, KB)
+        qk = dot2(qa, qb, ka, kb, KB, PREC) * scale_log2                        # [BM, BS]
+        vis = (s[None, :] <= (qrow - q0)[:, None]) & kmask[None, :] & ok[:, None]
+        qk = tl.where(vis, qk, float("-inf"))
+        m = tl.max(qk, 1)
+        m_use = tl.where(m == float("-inf"), 0.0, m)
+        p = tl.exp2(qk - m_use[:, None])
+        l = tl.sum(p, 1)
+        seen = l > 0
+        out = tl.dot(p.to(vv.dtype), vv, input_precision=PREC) / tl.where(seen, l, 1.0)[:, None]
+        prow = pos.to(tl.int64) * G + r % GP
+        store_rows(o_part, prow, ok, dv, DV, out)
+        tl.store(lse_part + prow, tl.where(seen, m_use + tl.log2(tl.where(seen, l, 1.0)), float("-inf")), mask=ok)
+
+
+@triton.jit
+def nsa_selected_merge_kernel(
+    idx, pos_of, o_part, lse_part, o, lse, row0, n_rows,   # rows row0 .. row0 + n_rows of idx/o/lse
+    HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, DV: tl.constexpr,
+    BV: tl.constexpr, BT: tl.constexpr, N_SEL: tl.constexpr,
+):
+    """o, lse of BT positions x G heads from their n partials (list positions pos_of [rows, H, n]
+    relative to the chunk), in slot order: deterministic."""
+    hk = tl.program_id(1)
+    r = tl.arange(0, BT * GP)
+    t = tl.program_id(0) * BT + r // GP
+    g = r % GP
+    ok = (t < n_rows) & (g < G)
+    dv = tl.arange(0, BV)
+    m_i = tl.full([BT * GP], float("-inf"), tl.float32)
+    l_i = tl.zeros([BT * GP], tl.float32)
+    acc = tl.zeros([BT * GP, BV], tl.float32)
+    sel = (t.to(tl.int64) * H + hk) * N_SEL
+    for slot in range(N_SEL):
+        j = tl.load(idx + (row0 * H) * N_SEL + sel + slot, mask=ok, other=-1)
+        valid = ok & (j >= 0)
+        prow = tl.load(pos_of + sel + slot, mask=valid, other=0).to(tl.int64) * G + g
+        lj = tl.load(lse_part + prow, mask=valid, other=float("-inf"))
+        oj = load_rows(o_part, prow, valid, dv, DV).to(tl.float32)
+        m_new = tl.maximum(m_i, lj)
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_use)
+        w = tl.exp2(lj - m_use)
+        acc = acc * alpha[:, None] + w[:, None] * oj
+        l_i = l_i * alpha + w
+        m_i = m_new
+    out, lse_val = softmax_finish(m_i, l_i, acc)
+    rows = (row0 + t).to(tl.int64) * HQ + hk * G + g
+    store_rows(o, rows, ok, dv, DV, out)
+    tl.store(lse + rows, lse_val, mask=ok)

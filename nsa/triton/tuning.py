@@ -102,6 +102,34 @@ def selected(kind: str, gp: int):
     return _pick(f"selected_{kind}", (2, 2) if kind == "fwd" else (4, 2))
 
 
+def selected_key_centric(g: int) -> bool:
+    """Whether the selected-attention forward runs key-centric (selected.py): for small groups,
+    whose group-centric tiles would be mostly padding. NSA_TUNE='{"selected_kc": [0]}' (or 1)
+    forces it for A/B timing; the interpreter takes it for every G < 16, so CI checks both."""
+    forced = _pick("selected_kc", None)
+    if forced is not None:
+        return bool(forced[0])
+    return g < 16 if interpreting() else g <= 4
+
+
+def selected_key_centric_shape(gp: int):
+    """(rows per tile, SEG queries per program, BT merge positions, num_warps, num_stages) of the
+    key-centric forward. The interpreter uses short segments so that CI sees long lists split."""
+    if interpreting():
+        return 16, int(os.environ.get("NSA_SEL_SEGMENT", "8")), max(1, 4 // gp), 4, 1
+    return _pick("selected_kc_shape", (64, 1024, max(1, 16 // gp), 4, 2))
+
+
+def selected_key_centric_rows(h: int, n: int, g: int, dv: int, esize: int) -> int:
+    """Query rows per chunk of the key-centric forward: its partials (an output row in q's dtype
+    and an fp32 lse per (row, KV head, slot, head)) stay under NSA_TUNE selected_kc_mib MiB
+    (default 256; the interpreter: 48 rows, so that CI runs several chunks)."""
+    if interpreting():
+        return 48
+    mib = _pick("selected_kc_mib", (256,))[0]
+    return max(1, (mib << 20) // (h * n * g * (dv * esize + 4)))
+
+
 def selected_bwd_queries(gp: int):
     """(rows per step, SEG queries per segment, num_warps, num_stages) of the dK/dV kernel. SEG
     bounds how long one program runs (the first block is selected by every query); the fp32
@@ -131,4 +159,4 @@ def decode(programs: int, cmp_tokens: int, win_tokens: int, sel_tokens: int, blo
     return {**t, **over}
 
 
-__all__ = ["banded", "key_tiles", "select", "selected", "selected_bwd_queries", "decode", "interpreting", "pow2"]
+__all__ = ["banded", "key_tiles", "select", "selected", "selected_key_centric", "selected_key_centric_shape", "selected_key_centric_rows", "selected_bwd_queries", "decode", "interpreting", "pow2"]
