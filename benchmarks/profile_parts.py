@@ -29,7 +29,8 @@ SWEEPS = {
     "selected_kc": [(0,), (1,)],   # A/B: group-centric vs key-centric forward
     "selected_kc_shape": [(64, 1024, 16, 4, 2), (32, 1024, 16, 4, 2), (128, 1024, 16, 8, 2), (64, 4096, 16, 4, 2),
                           (64, 1024, 16, 4, 3), (64, 1024, 16, 8, 2), (32, 1024, 16, 2, 2), (64, 256, 16, 4, 2)],
-    "selected_kc_mib": [(64,), (256,), (1024,)],
+    "selected_kc_mib": [(128,), (256,), (512,), (1024,)],
+    "selected_kc_bwd": [(0,), (1,)],   # A/B of the dQ: group-centric vs key-centric partials
     "selected_dq": [(4, 2), (4, 1), (4, 3), (2, 2), (8, 2)],
     "selected_dkv": [(64, 2048, 4, 2), (64, 2048, 4, 3), (128, 2048, 8, 2), (32, 2048, 4, 2), (64, 1024, 4, 2)],
 }
@@ -75,7 +76,8 @@ def parts(T, HQ, H, dk, dv, cfg):
 # which ops a kernel's override affects
 AFFECTS = {"banded_fwd": ["cmp_fwd", "win_fwd"], "banded_dq": ["cmp_bwd", "win_bwd"], "banded_dkv": ["cmp_bwd", "win_bwd"],
            "select": ["select"], "selected_fwd": ["slc_fwd"], "selected_kc": ["slc_fwd", "api_fwd"],
-           "selected_kc_shape": ["slc_fwd"], "selected_kc_mib": ["slc_fwd"], "selected_dq": ["slc_bwd"], "selected_dkv": ["slc_bwd"]}
+           "selected_kc_shape": ["slc_fwd"], "selected_kc_mib": ["slc_fwd", "slc_bwd"],
+           "selected_kc_bwd": ["slc_bwd", "api_fwd_bwd"], "selected_dq": ["slc_bwd"], "selected_dkv": ["slc_bwd"]}
 
 
 def main():

@@ -173,27 +173,36 @@ def test_selected_dkv_segments_and_determinism(segment, monkeypatch):
 
 
 @pytest.mark.parametrize("HQ,H", [(2, 2), (4, 2), (8, 2), (16, 1)], ids=["G1", "G2", "G4", "G16"])
-def test_selected_forward_layouts(HQ, H, monkeypatch):
-    """Both selected-attention forwards (per query; per key block with a merge of partials, here
-    over several row chunks and list segments) on packed sequences with empty slots equal the
-    float64 reference, and their lse (it feeds the backward) agree."""
+def test_selected_layouts(HQ, H, monkeypatch):
+    """Both selected-attention layouts (per query; per key block with partials merged, here over
+    several row chunks and list segments) on packed sequences with empty slots: output and
+    gradients equal the float64 reference, and the forwards' lse (it feeds the backward) agree."""
     lens = [70, 3, 45]
-    t, cu = make_inputs(0, HQ, H, 16, 8, CFG, seqlens=lens, device=DEV, dtype=torch.float32, seed=HQ)
-    tr = {k: v.double() for k, v in t.items()}
-    _, lse = nsa.compressed_attention(tr["q"], tr["k_cmp"], tr["v_cmp"], cmp_block_size=CFG.cmp_block_size,
-                                      cmp_stride=CFG.cmp_stride, cu_seqlens=cu, backend="torch")
-    idx = nsa.select_blocks(tr["q"], tr["k_cmp"], lse, **cfg_kwargs(CFG), cu_seqlens=cu, backend="torch")
+    t, cu = make_inputs(0, HQ, H, 16, 8, CFG, seqlens=lens, device=DEV, dtype=torch.float32, seed=HQ,
+                        requires_grad=True)
+    tr = {k: v.detach().double().requires_grad_() for k, v in t.items()}
+    with torch.no_grad():
+        _, lse = nsa.compressed_attention(tr["q"], tr["k_cmp"], tr["v_cmp"], cmp_block_size=CFG.cmp_block_size,
+                                          cmp_stride=CFG.cmp_stride, cu_seqlens=cu, backend="torch")
+        idx = nsa.select_blocks(tr["q"], tr["k_cmp"], lse, **cfg_kwargs(CFG), cu_seqlens=cu, backend="torch")
     assert (idx < 0).any()
-    o_r = nsa.selected_attention(tr["q"], tr["k_slc"], tr["v_slc"], idx, sel_block_size=CFG.sel_block_size,
-                                 scale=0.25, cu_seqlens=cu, backend="torch")
+    names = ["q", "k_slc", "v_slc"]
+    run = lambda x, backend: nsa.selected_attention(*(x[n] for n in names), idx, sel_block_size=CFG.sel_block_size,
+                                                    scale=0.25, cu_seqlens=cu, backend=backend)
+    o_r = run(tr, "torch")
+    g = torch.randn(o_r.shape, dtype=torch.float64, device=DEV)
+    grads_r = torch.autograd.grad((o_r * g).sum(), [tr[n] for n in names])
     from nsa.triton import ops
-    P = lambda x: x.reshape(-1, x.shape[2], x.shape[3]).contiguous()
+    P = lambda x: x.detach().reshape(-1, x.shape[2], x.shape[3]).contiguous()
     lses = []
-    for key_centric in (0, 1):
-        monkeypatch.setenv("NSA_TUNE", f'{{"selected_kc": [{key_centric}]}}')
-        o, lse_k = ops.selected_fwd(P(t["q"]), P(t["k_slc"]), P(t["v_slc"]), P(idx), cu, 0.25, CFG.sel_block_size)
-        assert rel_err(o, P(o_r)) < TOL[torch.float32], key_centric
-        lses.append(lse_k)
+    for kc in (0, 1):
+        monkeypatch.setenv("NSA_TUNE", f'{{"selected_kc": [{kc}], "selected_kc_bwd": [{kc}]}}')
+        o = run(t, "triton")
+        assert rel_err(o, o_r) < TOL[torch.float32], kc
+        grads = torch.autograd.grad((o.double() * g).sum(), [t[n] for n in names])
+        for n, x, y in zip(names, grads, grads_r):
+            assert rel_err(x, y) < TOL[torch.float32], (kc, n)
+        lses.append(ops.selected_fwd(P(t["q"]), P(t["k_slc"]), P(t["v_slc"]), P(idx), cu, 0.25, CFG.sel_block_size)[1])
     assert torch.isfinite(lses[0]).all()
     torch.testing.assert_close(lses[1], lses[0], rtol=1e-5, atol=1e-5)
 

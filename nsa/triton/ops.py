@@ -19,7 +19,8 @@ from .banded import nsa_banded_bwd_dkv_kernel, nsa_banded_bwd_dq_kernel, nsa_ban
 from .select import nsa_select_kernel
 from .selected import (nsa_selected_bwd_dkv_kernel, nsa_selected_bwd_dq_kernel,
                        nsa_selected_bwd_reduce_kernel, nsa_selected_fwd_kc_kernel,
-                       nsa_selected_fwd_kernel, nsa_selected_merge_kernel)
+                       nsa_selected_dq_sum_kernel, nsa_selected_fwd_kernel, nsa_selected_merge_kernel,
+                       nsa_row_dot_kernel)
 from .utils import LOG2E, empty, pow2, tile_cu, tile_grid_bound
 
 
@@ -171,7 +172,7 @@ def selected_fwd(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, cu_q: Tensor, sca
     N, HQ, H = q.shape[0], q.shape[1], v.shape[1]
     o = empty(N, HQ, v.shape[2], dtype=q.dtype, device=q.device)
     lse = empty(N, HQ, dtype=torch.float32, device=q.device)
-    if N and tuning.selected_key_centric(meta["G"]):
+    if N and tuning.selected_key_centric(meta["G"], "fwd"):
         _selected_fwd_key_centric(q, k, v, idx, o, lse, cu_q, scale, sel_block_size, meta)
     elif N:
         nsa_selected_fwd_kernel[(N, H)](q, k, v, idx, o, lse, cu_q, cu_q.numel() - 1,
@@ -186,7 +187,7 @@ def _selected_fwd_key_centric(q, k, v, idx, o, lse, cu_q, scale, sel_block_size,
     N, H, n = idx.shape
     HQ, G, GP, DV = meta["HQ"], meta["G"], pow2(meta["G"]), meta["DV"]
     rows, SEG, BT, warps, stages = tuning.selected_key_centric_shape(GP)
-    chunk = tuning.selected_key_centric_rows(H, n, G, DV, q.element_size())
+    chunk = tuning.selected_key_centric_rows(H, n, G, DV, q.element_size(), lse=True)
     n_seq = cu_q.numel() - 1
     for row0 in range(0, N, chunk):
         R = min(chunk, N - row0)
@@ -252,29 +253,56 @@ def inverse_index(idx, cu_q, sel_block_size, seg, row0=0, n_rows=None):
 @custom_op("nsa::selected_bwd", mutates_args=())
 def selected_bwd(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, o: Tensor, lse: Tensor, do: Tensor,
                  cu_q: Tensor, scale: float, sel_block_size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """dK/dV key-centric (inverse index, no atomics). dQ either group-centric (its own kernel,
+    which also writes delta = rowsum(o * dO)) or, for small groups, key-centric: the dK/dV
+    kernel writes one dQ partial per (query, slot) and a second kernel sums them; the rows then
+    go in chunks that bound the partials, dK/dV summed over the chunks in fp32."""
     meta = _selected_meta("dq", q, v, idx, sel_block_size)
     N, HQ, H, G, GP, DK, DV, BK, BV = _dims(q, v)
+    n = idx.shape[-1]
     n_seq = cu_q.numel() - 1
     delta = empty(N, HQ, dtype=torch.float32, device=q.device)
     dq, dk, dv = (empty(*x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v))
     if N == 0:
         return dq, dk, dv
     args = (scale, scale * LOG2E)
-    nsa_selected_bwd_dq_kernel[(N, H)](q, k, v, idx, o, do, lse, delta, dq, cu_q, n_seq, *args, **meta)
+    kc = tuning.selected_key_centric(G, "bwd")
+    if kc:
+        BR = max(1, 4096 // BV)
+        nsa_row_dot_kernel[(triton.cdiv(N * HQ, BR),)](o, do, delta, N * HQ, D=DV, BD=BV, BR=BR)
+        chunk = tuning.selected_key_centric_rows(H, n, G, DK, q.element_size())
+    else:
+        nsa_selected_bwd_dq_kernel[(N, H)](q, k, v, idx, o, do, lse, delta, dq, cu_q, n_seq, *args, **meta)
+        chunk = N
     rows, SEG, warps, stages = tuning.selected_bwd_queries(GP)
     BQ = max(1, rows // GP)
-    ii = inverse_index(idx, cu_q, sel_block_size, SEG)
     BS = meta["BS"]
-    dk_part = torch.empty(ii.n_part, BS, DK, dtype=torch.float32, device=q.device)
-    dv_part = torch.empty(ii.n_part, BS, DV, dtype=torch.float32, device=q.device)
     common = dict(H=H, DK=DK, DV=DV, BV=BV, BS=BS, SEL_L=sel_block_size)
-    nsa_selected_bwd_dkv_kernel[(ii.grid,)](
-        q, k, v, do, lse, delta, dk, dv, dk_part, dv_part, ii.q_list, ii.list_cu, ii.seg_cu, ii.part_cu,
-        ii.blk_cu, cu_q, n_seq, ii.n_buckets, ii.nbu, *args, HQ=HQ, G=G, GP=GP, BQ=BQ, SEG=SEG, KA=meta["KA"],
-        KB=meta["KB"], PREC=meta["PREC"], num_warps=warps, num_stages=stages, **common)
-    nsa_selected_bwd_reduce_kernel[(ii.n_buckets,)](
-        dk, dv, dk_part, dv_part, ii.seg_cu, ii.part_cu, ii.blk_cu, cu_q, n_seq, ii.nbu, BK=BK,
-        num_warps=4, **common)
+    accum = chunk < N
+    dk_sum, dv_sum = (torch.empty(*x.shape, dtype=torch.float32, device=x.device) for x in (k, v)) if accum else (dk, dv)
+    for row0 in range(0, N, chunk):
+        R = min(chunk, N - row0)
+        ii = inverse_index(idx[row0:row0 + R], cu_q, sel_block_size, SEG, row0=row0, n_rows=N)
+        dk_part = torch.empty(ii.n_part, BS, DK, dtype=torch.float32, device=q.device)
+        dv_part = torch.empty(ii.n_part, BS, DV, dtype=torch.float32, device=q.device)
+        dq_part = empty(R * H * n, G, DK, dtype=q.dtype, device=q.device) if kc else dq
+        add = accum and row0 > 0
+        nsa_selected_bwd_dkv_kernel[(ii.grid,)](
+            q, k, v, do, lse, delta, dk_sum, dv_sum, dk_part, dv_part, dq_part, ii.q_list, ii.list_cu,
+            ii.seg_cu, ii.part_cu, ii.blk_cu, cu_q, n_seq, ii.n_buckets, ii.nbu, *args, HQ=HQ, G=G, GP=GP,
+            BQ=BQ, SEG=SEG, KA=meta["KA"], KB=meta["KB"], PREC=meta["PREC"], DQ_PART=kc, ACCUM=add,
+            num_warps=warps, num_stages=stages, **common)
+        nsa_selected_bwd_reduce_kernel[(ii.n_buckets,)](
+            dk_sum, dv_sum, dk_part, dv_part, ii.seg_cu, ii.part_cu, ii.blk_cu, cu_q, n_seq, ii.nbu, BK=BK,
+            ACCUM=add, num_warps=4, **common)
+        if kc:
+            BT = max(1, 16 // GP)
+            nsa_selected_dq_sum_kernel[(triton.cdiv(R, BT), H)](
+                idx, ii.pos_of, dq_part, dq, row0, R, scale, HQ=HQ, H=H, G=G, GP=GP, DK=DK, BK=BK, BT=BT,
+                N_SEL=n, num_warps=4)
+    if accum:
+        dk.copy_(dk_sum)
+        dv.copy_(dv_sum)
     return dq, dk, dv
 
 

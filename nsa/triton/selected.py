@@ -104,13 +104,15 @@ def nsa_selected_bwd_dq_kernel(
 
 @triton.jit
 def nsa_selected_bwd_dkv_kernel(
-    q, k, v, do, lse, delta, dk_out, dv_out, dk_part, dv_part,
+    q, k, v, do, lse, delta, dk_out, dv_out, dk_part, dv_part, dq_part,
     q_list, list_cu, seg_cu, part_cu, blk_cu, cu_q, n_seq, n_buckets, nbu, scale, scale_log2,
     HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr, BV: tl.constexpr,
     BS: tl.constexpr, SEL_L: tl.constexpr, BQ: tl.constexpr, SEG: tl.constexpr,
-    PREC: tl.constexpr,
+    PREC: tl.constexpr, DQ_PART: tl.constexpr, ACCUM: tl.constexpr,
 ):
+    """DQ_PART: also the key-centric dQ, one unscaled partial [G, DK] per list position (summed
+    by nsa_selected_dq_sum_kernel). ACCUM: dk_out/dv_out are fp32 sums over row chunks, added to."""
     pid = tl.program_id(0)
     if pid >= tl.load(seg_cu + n_buckets):
         return
@@ -155,13 +157,24 @@ def nsa_selected_bwd_dkv_kernel(
         dk_a = tl.dot(dst.to(qa.dtype), qa, dk_a, input_precision=PREC)
         if KB > 0:
             dk_b = tl.dot(dst.to(qb.dtype), qb, dk_b, input_precision=PREC)
+        if DQ_PART:
+            ds_q = tl.trans(dst).to(ka.dtype)                                    # [BM, BS]
+            prow = pos.to(tl.int64) * G + r % GP
+            store_rows2(dq_part, prow, ok, DK, KA, KB, tl.dot(ds_q, ka, input_precision=PREC),
+                        tl.dot(ds_q, kb, input_precision=PREC))
+    dk_a, dk_b = dk_a * scale, dk_b * scale
     if nseg == 1:
-        store_rows2(dk_out, krow, kmask, DK, KA, KB, dk_a * scale, dk_b * scale)
+        if ACCUM:
+            dk_a += load_rows(dk_out, krow, kmask, tl.arange(0, KA), DK)
+            dv_acc += load_rows(dv_out, krow, kmask, dv, DV)
+            if KB > 0:
+                dk_b += load_rows(dk_out, krow, kmask, KA + tl.arange(0, KB), DK)
+        store_rows2(dk_out, krow, kmask, DK, KA, KB, dk_a, dk_b)
         store_rows(dv_out, krow, kmask, dv, DV, dv_acc)
     else:   # fp32 partials [slot, BS, D]
         slot = (tl.load(part_cu + b) + seg).to(tl.int64)
         prow = slot * BS + lane
-        store_rows2(dk_part, prow, lane >= 0, DK, KA, KB, dk_a * scale, dk_b * scale)
+        store_rows2(dk_part, prow, lane >= 0, DK, KA, KB, dk_a, dk_b)
         store_rows(dv_part, prow, lane >= 0, dv, DV, dv_acc)
 
 
@@ -169,9 +182,10 @@ def nsa_selected_bwd_dkv_kernel(
 def nsa_selected_bwd_reduce_kernel(
     dk_out, dv_out, dk_part, dv_part, seg_cu, part_cu, blk_cu, cu_q, n_seq, nbu,
     H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    BS: tl.constexpr, SEL_L: tl.constexpr,
+    BS: tl.constexpr, SEL_L: tl.constexpr, ACCUM: tl.constexpr,
 ):
-    """Adds, in segment order, the partial dK/dV of buckets that had several segments."""
+    """Adds, in segment order, the partial dK/dV of buckets that had several segments (ACCUM:
+    to what dk_out/dv_out hold)."""
     b = tl.program_id(0)
     nseg = tl.load(seg_cu + b + 1) - tl.load(seg_cu + b)
     hk = b // nbu
@@ -188,6 +202,9 @@ def nsa_selected_bwd_reduce_kernel(
         dv = tl.arange(0, BV)
         dk_acc = tl.zeros([BS, BK], tl.float32)
         dv_acc = tl.zeros([BS, BV], tl.float32)
+        if ACCUM:
+            dk_acc = load_rows(dk_out, krow, kmask, dk, DK)
+            dv_acc = load_rows(dv_out, krow, kmask, dv, DV)
         first = tl.load(part_cu + b).to(tl.int64)
         for i in range(nseg):
             slot = first + i
@@ -291,3 +308,37 @@ def nsa_selected_merge_kernel(
     rows = (row0 + t).to(tl.int64) * HQ + hk * G + g
     store_rows(o, rows, ok, dv, DV, out)
     tl.store(lse + rows, lse_val, mask=ok)
+
+
+@triton.jit
+def nsa_selected_dq_sum_kernel(
+    idx, pos_of, dq_part, dq, row0, n_rows, scale,
+    HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, DK: tl.constexpr,
+    BK: tl.constexpr, BT: tl.constexpr, N_SEL: tl.constexpr,
+):
+    """dQ of BT positions x G heads: the sum of their n partials, in slot order (deterministic)."""
+    hk = tl.program_id(1)
+    r = tl.arange(0, BT * GP)
+    t = tl.program_id(0) * BT + r // GP
+    g = r % GP
+    ok = (t < n_rows) & (g < G)
+    dk = tl.arange(0, BK)
+    acc = tl.zeros([BT * GP, BK], tl.float32)
+    sel = (t.to(tl.int64) * H + hk) * N_SEL
+    for slot in range(N_SEL):
+        j = tl.load(idx + (row0 * H) * N_SEL + sel + slot, mask=ok, other=-1)
+        valid = ok & (j >= 0)
+        prow = tl.load(pos_of + sel + slot, mask=valid, other=0).to(tl.int64) * G + g
+        acc += load_rows(dq_part, prow, valid, dk, DK).to(tl.float32)
+    store_rows(dq, (row0 + t).to(tl.int64) * HQ + hk * G + g, ok, dk, DK, acc * scale)
+
+
+@triton.jit
+def nsa_row_dot_kernel(x, y, out, n_rows, D: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr):
+    """out[i] = sum_j x[i, j] * y[i, j] in fp32 (delta = rowsum(o * dO) of the backward)."""
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    ok = rows < n_rows
+    c = tl.arange(0, BD)
+    a = load_rows(x, rows.to(tl.int64), ok, c, D).to(tl.float32)
+    b = load_rows(y, rows.to(tl.int64), ok, c, D).to(tl.float32)
+    tl.store(out + rows, tl.sum(a * b, 1), mask=ok)

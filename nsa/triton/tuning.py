@@ -102,14 +102,17 @@ def selected(kind: str, gp: int):
     return _pick(f"selected_{kind}", (2, 2) if kind == "fwd" else (4, 2))
 
 
-def selected_key_centric(g: int) -> bool:
-    """Whether the selected-attention forward runs key-centric (selected.py): for small groups,
-    whose group-centric tiles would be mostly padding. NSA_TUNE='{"selected_kc": [0]}' (or 1)
-    forces it for A/B timing; the interpreter takes it for every G < 16, so CI checks both."""
-    forced = _pick("selected_kc", None)
+def selected_key_centric(g: int, kind: str) -> bool:
+    """Whether the selected-attention forward (kind "fwd") or dQ ("bwd") runs key-centric
+    (selected.py): for small groups, whose group-centric tiles are mostly padding. Measured at
+    64k on an H100 (benchmarks/results/small_groups): the forward at G=1 32.9 -> 12.0 ms (5.3 with
+    1 GiB of partials), at G=4 16.7 -> 21.7 ms (slower). NSA_TUNE='{"selected_kc": [0]}' (or 1;
+    "selected_kc_bwd" for dQ) forces it for A/B timing; the interpreter takes it for every
+    G < 16, so that CI checks both."""
+    forced = _pick("selected_kc" if kind == "fwd" else "selected_kc_bwd", None)
     if forced is not None:
         return bool(forced[0])
-    return g < 16 if interpreting() else g <= 4
+    return g < 16 if interpreting() else g <= 2
 
 
 def selected_key_centric_shape(gp: int):
@@ -117,17 +120,18 @@ def selected_key_centric_shape(gp: int):
     key-centric forward. The interpreter uses short segments so that CI sees long lists split."""
     if interpreting():
         return 16, int(os.environ.get("NSA_SEL_SEGMENT", "8")), max(1, 4 // gp), 4, 1
-    return _pick("selected_kc_shape", (64, 1024, max(1, 16 // gp), 4, 2))
+    return _pick("selected_kc_shape", (64, 256, max(1, 16 // gp), 4, 2))
 
 
-def selected_key_centric_rows(h: int, n: int, g: int, dv: int, esize: int) -> int:
-    """Query rows per chunk of the key-centric forward: its partials (an output row in q's dtype
-    and an fp32 lse per (row, KV head, slot, head)) stay under NSA_TUNE selected_kc_mib MiB
-    (default 256; the interpreter: 48 rows, so that CI runs several chunks)."""
+def selected_key_centric_rows(h: int, n: int, g: int, d: int, esize: int, lse: bool = False) -> int:
+    """Query rows per chunk of a key-centric pass: its partials (a row of d in q's dtype, plus an
+    fp32 lse for the forward, per (row, KV head, slot, head)) stay under NSA_TUNE
+    selected_kc_mib MiB (default 256; the interpreter: 48 rows, so that CI runs several
+    chunks)."""
     if interpreting():
         return 48
     mib = _pick("selected_kc_mib", (256,))[0]
-    return max(1, (mib << 20) // (h * n * g * (dv * esize + 4)))
+    return max(1, (mib << 20) // (h * n * g * (d * esize + 4 * lse)))
 
 
 def selected_bwd_queries(gp: int):
