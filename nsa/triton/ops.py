@@ -191,7 +191,8 @@ def _selected_fwd_key_centric(q, k, v, idx, o, lse, cu_q, scale, sel_block_size,
     n_seq = cu_q.numel() - 1
     for row0 in range(0, N, chunk):
         R = min(chunk, N - row0)
-        ii = inverse_index(idx[row0:row0 + R], cu_q, sel_block_size, SEG, row0=row0, n_rows=N)
+        ii = inverse_index(idx[row0:row0 + R], cu_q, sel_block_size, SEG, row0=row0, n_rows=N,
+                           keep_empty=False)
         o_part = empty(R * H * n, G, DV, dtype=q.dtype, device=q.device)
         lse_part = empty(R * H * n, G, dtype=torch.float32, device=q.device)
         nsa_selected_fwd_kc_kernel[(ii.grid,)](
@@ -222,11 +223,12 @@ class InverseIndex(NamedTuple):
     grid: int         # bound on the segments: the launch size
 
 
-def inverse_index(idx, cu_q, sel_block_size, seg, row0=0, n_rows=None):
+def inverse_index(idx, cu_q, sel_block_size, seg, row0=0, n_rows=None, keep_empty=True):
     """For every (KV head, block) bucket, the query rows that selected it, in row order; idx
     holds the selections of rows row0 .. row0 + len(idx) of a packed input of n_rows rows (all
     of it by default). Built without a host sync: the number of blocks is bounded by
-    nbu = n_rows // l' + n_seq (>= the real count)."""
+    nbu = n_rows // l' + n_seq (>= the real count). Every bucket gets a segment (a program that
+    writes its keys' zero gradients) when keep_empty; else buckets no row selected get none."""
     R, H, n = idx.shape
     n_seq = cu_q.numel() - 1
     blk_cu = tile_cu(cu_q, sel_block_size)                                   # blocks per sequence
@@ -236,14 +238,15 @@ def inverse_index(idx, cu_q, sel_block_size, seg, row0=0, n_rows=None):
     gb = blk_cu.long()[seq][:, None, None] + idx.long()                      # global block
     heads = torch.arange(H, device=idx.device)[None, :, None]
     bucket = torch.where(idx >= 0, heads * nbu + gb, H * nbu).flatten()      # H*nbu: empty slot
-    order = torch.sort(bucket, stable=True).indices
+    order = torch.sort(bucket.to(torch.int32), stable=True).indices          # 32-bit keys: fewer radix passes
     q_list = (row0 + order // (H * n)).to(torch.int32)
     pos_of = torch.empty_like(order)
     pos_of[order] = torch.arange(order.numel(), device=idx.device)
     counts = torch.zeros(H * nbu + 1, dtype=torch.long, device=idx.device)
     counts.scatter_add_(0, bucket, torch.ones_like(bucket))
     list_cu = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(torch.int32)
-    nseg = ((counts[:-1] + seg - 1) // seg).clamp(min=1)
+    nseg = (counts[:-1] + seg - 1) // seg
+    nseg = nseg.clamp(min=1) if keep_empty else nseg
     seg_cu = torch.cat([nseg.new_zeros(1), nseg.cumsum(0)]).to(torch.int32)
     part_cu = torch.cat([nseg.new_zeros(1), torch.where(nseg > 1, nseg, 0).cumsum(0)]).to(torch.int32)
     return InverseIndex(q_list, pos_of.view(R, H, n).to(torch.int32), list_cu, seg_cu, part_cu, blk_cu,
@@ -279,14 +282,15 @@ def selected_bwd(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, o: Tensor, lse: T
     BS = meta["BS"]
     common = dict(H=H, DK=DK, DV=DV, BV=BV, BS=BS, SEL_L=sel_block_size)
     accum = chunk < N
-    dk_sum, dv_sum = (torch.empty(*x.shape, dtype=torch.float32, device=x.device) for x in (k, v)) if accum else (dk, dv)
+    dk_sum, dv_sum = (empty(*x.shape, dtype=torch.float32, device=x.device) for x in (k, v)) if accum else (dk, dv)
     for row0 in range(0, N, chunk):
         R = min(chunk, N - row0)
-        ii = inverse_index(idx[row0:row0 + R], cu_q, sel_block_size, SEG, row0=row0, n_rows=N)
+        add = accum and row0 > 0   # chunks after the first add to dk/dv: unselected keys add nothing
+        ii = inverse_index(idx[row0:row0 + R], cu_q, sel_block_size, SEG, row0=row0, n_rows=N,
+                           keep_empty=not add)
         dk_part = torch.empty(ii.n_part, BS, DK, dtype=torch.float32, device=q.device)
         dv_part = torch.empty(ii.n_part, BS, DV, dtype=torch.float32, device=q.device)
         dq_part = empty(R * H * n, G, DK, dtype=q.dtype, device=q.device) if kc else dq
-        add = accum and row0 > 0
         nsa_selected_bwd_dkv_kernel[(ii.grid,)](
             q, k, v, do, lse, delta, dk_sum, dv_sum, dk_part, dv_part, dq_part, ii.q_list, ii.list_cu,
             ii.seg_cu, ii.part_cu, ii.blk_cu, cu_q, n_seq, ii.n_buckets, ii.nbu, *args, HQ=HQ, G=G, GP=GP,

@@ -105,14 +105,17 @@ def selected(kind: str, gp: int):
 def selected_key_centric(g: int, kind: str) -> bool:
     """Whether the selected-attention forward (kind "fwd") or dQ ("bwd") runs key-centric
     (selected.py): for small groups, whose group-centric tiles are mostly padding. Measured at
-    64k on an H100 (benchmarks/results/small_groups): the forward at G=1 32.9 -> 12.0 ms (5.3 with
-    1 GiB of partials), at G=4 16.7 -> 21.7 ms (slower). NSA_TUNE='{"selected_kc": [0]}' (or 1;
+    64k, dk = dv = 128, on an H100 (benchmarks/results/small_groups/call2): the forward at G=1
+    33.1 -> 11.8 ms, G=2 17.0 -> 13.1, G=4 16.7 -> 24.3 (slower); the backward at G=1
+    53.1 -> 13.5 ms, G=2 28.3 -> 13.4, G=4 30.0 -> 26.6. NSA_TUNE='{"selected_kc": [0]}' (or 1;
     "selected_kc_bwd" for dQ) forces it for A/B timing; the interpreter takes it for every
     G < 16, so that CI checks both."""
     forced = _pick("selected_kc" if kind == "fwd" else "selected_kc_bwd", None)
     if forced is not None:
         return bool(forced[0])
-    return g < 16 if interpreting() else g <= 2
+    if interpreting():
+        return g < 16
+    return g <= (2 if kind == "fwd" else 4)
 
 
 def selected_key_centric_shape(gp: int):
