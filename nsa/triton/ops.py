@@ -212,7 +212,7 @@ def _(q, k, v, idx, cu_q, scale, sel_block_size):
 
 class InverseIndex(NamedTuple):
     q_list: Tensor    # [L] query rows, grouped by bucket, in row order within one
-    pos_of: Tensor    # [rows, H, n] the list position of each (row, head, slot)
+    pos_of: Tensor | None   # [rows, H, n] the list position of each (row, head, slot)
     list_cu: Tensor   # [buckets + 2] where each bucket's list starts (the last: empty slots)
     seg_cu: Tensor    # [buckets + 1] where each bucket's segments start in the launch
     part_cu: Tensor   # [buckets + 1] first fp32 partial slot of buckets with several segments
@@ -223,12 +223,13 @@ class InverseIndex(NamedTuple):
     grid: int         # bound on the segments: the launch size
 
 
-def inverse_index(idx, cu_q, sel_block_size, seg, row0=0, n_rows=None, keep_empty=True):
+def inverse_index(idx, cu_q, sel_block_size, seg, row0=0, n_rows=None, keep_empty=True, with_pos=True):
     """For every (KV head, block) bucket, the query rows that selected it, in row order; idx
     holds the selections of rows row0 .. row0 + len(idx) of a packed input of n_rows rows (all
     of it by default). Built without a host sync: the number of blocks is bounded by
     nbu = n_rows // l' + n_seq (>= the real count). Every bucket gets a segment (a program that
-    writes its keys' zero gradients) when keep_empty; else buckets no row selected get none."""
+    writes its keys' zero gradients) when keep_empty; else buckets no row selected get none.
+    pos_of (the key-centric merges' map) is None unless with_pos."""
     R, H, n = idx.shape
     n_seq = cu_q.numel() - 1
     blk_cu = tile_cu(cu_q, sel_block_size)                                   # blocks per sequence
@@ -240,8 +241,11 @@ def inverse_index(idx, cu_q, sel_block_size, seg, row0=0, n_rows=None, keep_empt
     bucket = torch.where(idx >= 0, heads * nbu + gb, H * nbu).flatten()      # H*nbu: empty slot
     order = torch.sort(bucket.to(torch.int32), stable=True).indices          # 32-bit keys: fewer radix passes
     q_list = (row0 + order // (H * n)).to(torch.int32)
-    pos_of = torch.empty_like(order)
-    pos_of[order] = torch.arange(order.numel(), device=idx.device)
+    pos_of = None
+    if with_pos:
+        pos_of = torch.empty_like(order)
+        pos_of[order] = torch.arange(order.numel(), device=idx.device)
+        pos_of = pos_of.view(R, H, n).to(torch.int32)
     counts = torch.zeros(H * nbu + 1, dtype=torch.long, device=idx.device)
     counts.scatter_add_(0, bucket, torch.ones_like(bucket))
     list_cu = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(torch.int32)
@@ -249,7 +253,7 @@ def inverse_index(idx, cu_q, sel_block_size, seg, row0=0, n_rows=None, keep_empt
     nseg = nseg.clamp(min=1) if keep_empty else nseg
     seg_cu = torch.cat([nseg.new_zeros(1), nseg.cumsum(0)]).to(torch.int32)
     part_cu = torch.cat([nseg.new_zeros(1), torch.where(nseg > 1, nseg, 0).cumsum(0)]).to(torch.int32)
-    return InverseIndex(q_list, pos_of.view(R, H, n).to(torch.int32), list_cu, seg_cu, part_cu, blk_cu,
+    return InverseIndex(q_list, pos_of, list_cu, seg_cu, part_cu, blk_cu,
                         H * nbu, nbu, 2 * (R * H * n) // seg + 1, H * nbu + (R * H * n) // seg + 1)
 
 
@@ -287,7 +291,7 @@ def selected_bwd(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, o: Tensor, lse: T
         R = min(chunk, N - row0)
         add = accum and row0 > 0   # chunks after the first add to dk/dv: unselected keys add nothing
         ii = inverse_index(idx[row0:row0 + R], cu_q, sel_block_size, SEG, row0=row0, n_rows=N,
-                           keep_empty=not add)
+                           keep_empty=not add, with_pos=kc)
         dk_part = torch.empty(ii.n_part, BS, DK, dtype=torch.float32, device=q.device)
         dv_part = torch.empty(ii.n_part, BS, DV, dtype=torch.float32, device=q.device)
         dq_part = empty(R * H * n, G, DK, dtype=q.dtype, device=q.device) if kc else dq
