@@ -181,24 +181,23 @@ def selected_fwd(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, cu_q: Tensor, sca
 
 
 def _selected_fwd_key_centric(q, k, v, idx, o, lse, cu_q, scale, sel_block_size, meta):
-    """The small-group forward (selected.py): chunks of rows, each an inverse index, the
-    key-centric kernel writing per-(query, slot) partials in q's dtype, and their merge. The
-    chunks bound the partial buffer (tuning.selected_key_centric_rows)."""
+    """The small-group forward (selected.py): one inverse index for all row chunks, then per
+    chunk the key-centric kernel writing per-(query, slot) partials in q's dtype, and their
+    merge. The chunks bound the partial buffer (tuning.selected_key_centric_rows)."""
     N, H, n = idx.shape
     HQ, G, GP, DV = meta["HQ"], meta["G"], pow2(meta["G"]), meta["DV"]
     rows, SEG, BT, warps, stages = tuning.selected_key_centric_shape(GP)
-    chunk = tuning.selected_key_centric_rows(H, n, G, DV, q.element_size(), lse=True)
+    chunk = min(N, tuning.selected_key_centric_rows(H, n, G, DV, q.element_size(), lse=True))
     n_seq = cu_q.numel() - 1
-    for row0 in range(0, N, chunk):
+    ii = inverse_index(idx, cu_q, sel_block_size, SEG, chunk=chunk, keep_empty=False)
+    o_part = empty(chunk * H * n, G, DV, dtype=q.dtype, device=q.device)
+    lse_part = empty(chunk * H * n, G, dtype=torch.float32, device=q.device)
+    for c, row0 in enumerate(range(0, N, chunk)):
         R = min(chunk, N - row0)
-        ii = inverse_index(idx[row0:row0 + R], cu_q, sel_block_size, SEG, row0=row0, n_rows=N,
-                           keep_empty=False)
-        o_part = empty(R * H * n, G, DV, dtype=q.dtype, device=q.device)
-        lse_part = empty(R * H * n, G, dtype=torch.float32, device=q.device)
         nsa_selected_fwd_kc_kernel[(ii.grid,)](
-            q, k, v, o_part, lse_part, ii.q_list, ii.list_cu, ii.seg_cu, ii.blk_cu, cu_q, n_seq,
-            ii.n_buckets, ii.nbu, scale * LOG2E, HQ=HQ, H=H, G=G, GP=GP, DK=meta["DK"], DV=DV,
-            KA=meta["KA"], KB=meta["KB"], BV=meta["BV"], BS=meta["BS"], SEL_L=sel_block_size,
+            q, k, v, o_part, lse_part, ii.q_list, ii.lists(c), ii.seg_cu[c], ii.blk_cu, cu_q, n_seq,
+            ii.n_buckets, ii.nbu, row0 * H * n, scale * LOG2E, HQ=HQ, H=H, G=G, GP=GP, DK=meta["DK"],
+            DV=DV, KA=meta["KA"], KB=meta["KB"], BV=meta["BV"], BS=meta["BS"], SEL_L=sel_block_size,
             BQ=max(1, rows // GP), SEG=SEG, PREC=meta["PREC"], num_warps=warps, num_stages=stages)
         nsa_selected_merge_kernel[(triton.cdiv(R, BT), H)](
             idx, ii.pos_of, o_part, lse_part, o, lse, row0, R, HQ=HQ, H=H, G=G, GP=GP, DV=DV,
@@ -211,50 +210,63 @@ def _(q, k, v, idx, cu_q, scale, sel_block_size):
 
 
 class InverseIndex(NamedTuple):
-    q_list: Tensor    # [L] query rows, grouped by bucket, in row order within one
-    pos_of: Tensor | None   # [rows, H, n] the list position of each (row, head, slot)
-    list_cu: Tensor   # [buckets + 2] where each bucket's list starts (the last: empty slots)
-    seg_cu: Tensor    # [buckets + 1] where each bucket's segments start in the launch
-    part_cu: Tensor   # [buckets + 1] first fp32 partial slot of buckets with several segments
-    blk_cu: Tensor    # [n_seq + 1] first global block of each sequence
-    n_buckets: int    # H * nbu
-    nbu: int          # blocks per head, an upper bound (no host sync)
-    n_part: int       # bound on the partial slots
-    grid: int         # bound on the segments: the launch size
+    """Per chunk of `chunk` rows and (KV head, block) bucket, the query rows that selected it.
+    Chunk c's lists are q_list[c*chunk*H*n : (c+1)*chunk*H*n] (every row has H*n entries; a
+    chunk's last bucket holds its empty slots)."""
+    q_list: Tensor          # [N*H*n] query rows, by (chunk, bucket), in row order within one
+    pos_of: Tensor | None   # [N, H, n] the list position of each (row, head, slot)
+    list_cu: Tensor         # [C * (buckets + 1) + 1] where each (chunk, bucket) list starts
+    seg_cu: Tensor          # [C, buckets + 1] per chunk: where each bucket's segments start
+    part_cu: Tensor         # [C, buckets + 1] per chunk: first fp32 partial slot of buckets
+                            # with several segments
+    blk_cu: Tensor          # [n_seq + 1] first global block of each sequence
+    n_buckets: int          # H * nbu
+    nbu: int                # blocks per head, an upper bound (no host sync)
+    n_part: int             # bound on the partial slots of one chunk
+    grid: int               # bound on the segments of one chunk: its launch size
+
+    def lists(self, c: int) -> Tensor:
+        """list_cu of chunk c (absolute list positions), as the kernels index it."""
+        return self.list_cu[c * (self.n_buckets + 1):]
 
 
-def inverse_index(idx, cu_q, sel_block_size, seg, row0=0, n_rows=None, keep_empty=True, with_pos=True):
-    """For every (KV head, block) bucket, the query rows that selected it, in row order; idx
-    holds the selections of rows row0 .. row0 + len(idx) of a packed input of n_rows rows (all
-    of it by default). Built without a host sync: the number of blocks is bounded by
-    nbu = n_rows // l' + n_seq (>= the real count). Every bucket gets a segment (a program that
-    writes its keys' zero gradients) when keep_empty; else buckets no row selected get none.
-    pos_of (the key-centric merges' map) is None unless with_pos."""
-    R, H, n = idx.shape
+def inverse_index(idx, cu_q, sel_block_size, seg, chunk=None, keep_empty=True, with_pos=True):
+    """The inverse index of the selections idx [N, H, n], for row chunks of `chunk` rows (all
+    rows by default), built by one stable sort and without a host sync: the number of blocks is
+    bounded by nbu = N // l' + n_seq (>= the real count). With keep_empty, every bucket of the
+    first chunk gets a segment (a program that writes its keys' zero gradients); other buckets
+    no row selected get none. pos_of (the key-centric merges' map) is None unless with_pos."""
+    N, H, n = idx.shape
+    chunk = N if chunk is None else max(1, chunk)
+    C = -(-N // chunk)
     n_seq = cu_q.numel() - 1
     blk_cu = tile_cu(cu_q, sel_block_size)                                   # blocks per sequence
-    nbu = (R if n_rows is None else n_rows) // sel_block_size + n_seq
-    rows = row0 + torch.arange(R, device=idx.device)
+    nbu = N // sel_block_size + n_seq
+    NB1 = H * nbu + 1                                                        # + empty slots
+    rows = torch.arange(N, device=idx.device)
     seq = torch.searchsorted(cu_q[1:].long(), rows, right=True)
     gb = blk_cu.long()[seq][:, None, None] + idx.long()                      # global block
     heads = torch.arange(H, device=idx.device)[None, :, None]
-    bucket = torch.where(idx >= 0, heads * nbu + gb, H * nbu).flatten()      # H*nbu: empty slot
-    order = torch.sort(bucket.to(torch.int32), stable=True).indices          # 32-bit keys: fewer radix passes
-    q_list = (row0 + order // (H * n)).to(torch.int32)
+    bucket = torch.where(idx >= 0, heads * nbu + gb, H * nbu)                # H*nbu: empty slot
+    key = ((rows // chunk)[:, None, None] * NB1 + bucket).flatten()
+    order = torch.sort(key.to(torch.int32) if C * NB1 < 2 ** 31 else key, stable=True).indices
+    q_list = (order // (H * n)).to(torch.int32)
     pos_of = None
     if with_pos:
         pos_of = torch.empty_like(order)
         pos_of[order] = torch.arange(order.numel(), device=idx.device)
-        pos_of = pos_of.view(R, H, n).to(torch.int32)
-    counts = torch.zeros(H * nbu + 1, dtype=torch.long, device=idx.device)
-    counts.scatter_add_(0, bucket, torch.ones_like(bucket))
+        pos_of = pos_of.view(N, H, n).to(torch.int32)
+    counts = torch.zeros(C * NB1, dtype=torch.long, device=idx.device)
+    counts.scatter_add_(0, key, torch.ones_like(key))
     list_cu = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(torch.int32)
-    nseg = (counts[:-1] + seg - 1) // seg
-    nseg = nseg.clamp(min=1) if keep_empty else nseg
-    seg_cu = torch.cat([nseg.new_zeros(1), nseg.cumsum(0)]).to(torch.int32)
-    part_cu = torch.cat([nseg.new_zeros(1), torch.where(nseg > 1, nseg, 0).cumsum(0)]).to(torch.int32)
-    return InverseIndex(q_list, pos_of, list_cu, seg_cu, part_cu, blk_cu,
-                        H * nbu, nbu, 2 * (R * H * n) // seg + 1, H * nbu + (R * H * n) // seg + 1)
+    nseg = (counts.view(C, NB1)[:, :-1] + seg - 1) // seg
+    if keep_empty:
+        nseg[0] = nseg[0].clamp(min=1)
+    zero = nseg.new_zeros(C, 1)
+    seg_cu = torch.cat([zero, nseg.cumsum(1)], 1).to(torch.int32)
+    part_cu = torch.cat([zero, torch.where(nseg > 1, nseg, 0).cumsum(1)], 1).to(torch.int32)
+    return InverseIndex(q_list, pos_of, list_cu, seg_cu, part_cu, blk_cu, H * nbu, nbu,
+                        2 * (chunk * H * n) // seg + 1, H * nbu + (chunk * H * n) // seg + 1)
 
 
 @custom_op("nsa::selected_bwd", mutates_args=())
@@ -285,24 +297,25 @@ def selected_bwd(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, o: Tensor, lse: T
     BQ = max(1, rows // GP)
     BS = meta["BS"]
     common = dict(H=H, DK=DK, DV=DV, BV=BV, BS=BS, SEL_L=sel_block_size)
+    chunk = min(chunk, N)
     accum = chunk < N
     dk_sum, dv_sum = (empty(*x.shape, dtype=torch.float32, device=x.device) for x in (k, v)) if accum else (dk, dv)
-    for row0 in range(0, N, chunk):
+    # chunks after the first add to dk/dv, so their unselected keys need no program
+    ii = inverse_index(idx, cu_q, sel_block_size, SEG, chunk=chunk, keep_empty=True, with_pos=kc)
+    dk_part = torch.empty(ii.n_part, BS, DK, dtype=torch.float32, device=q.device)
+    dv_part = torch.empty(ii.n_part, BS, DV, dtype=torch.float32, device=q.device)
+    dq_part = empty(chunk * H * n, G, DK, dtype=q.dtype, device=q.device) if kc else dq
+    for c, row0 in enumerate(range(0, N, chunk)):
         R = min(chunk, N - row0)
-        add = accum and row0 > 0   # chunks after the first add to dk/dv: unselected keys add nothing
-        ii = inverse_index(idx[row0:row0 + R], cu_q, sel_block_size, SEG, row0=row0, n_rows=N,
-                           keep_empty=not add, with_pos=kc)
-        dk_part = torch.empty(ii.n_part, BS, DK, dtype=torch.float32, device=q.device)
-        dv_part = torch.empty(ii.n_part, BS, DV, dtype=torch.float32, device=q.device)
-        dq_part = empty(R * H * n, G, DK, dtype=q.dtype, device=q.device) if kc else dq
+        add = c > 0
         nsa_selected_bwd_dkv_kernel[(ii.grid,)](
-            q, k, v, do, lse, delta, dk_sum, dv_sum, dk_part, dv_part, dq_part, ii.q_list, ii.list_cu,
-            ii.seg_cu, ii.part_cu, ii.blk_cu, cu_q, n_seq, ii.n_buckets, ii.nbu, *args, HQ=HQ, G=G, GP=GP,
-            BQ=BQ, SEG=SEG, KA=meta["KA"], KB=meta["KB"], PREC=meta["PREC"], DQ_PART=kc, ACCUM=add,
-            num_warps=warps, num_stages=stages, **common)
+            q, k, v, do, lse, delta, dk_sum, dv_sum, dk_part, dv_part, dq_part, ii.q_list, ii.lists(c),
+            ii.seg_cu[c], ii.part_cu[c], ii.blk_cu, cu_q, n_seq, ii.n_buckets, ii.nbu, row0 * H * n, *args,
+            HQ=HQ, G=G, GP=GP, BQ=BQ, SEG=SEG, KA=meta["KA"], KB=meta["KB"], PREC=meta["PREC"], DQ_PART=kc,
+            ACCUM=add, num_warps=warps, num_stages=stages, **common)
         nsa_selected_bwd_reduce_kernel[(ii.n_buckets,)](
-            dk_sum, dv_sum, dk_part, dv_part, ii.seg_cu, ii.part_cu, ii.blk_cu, cu_q, n_seq, ii.nbu, BK=BK,
-            ACCUM=add, num_warps=4, **common)
+            dk_sum, dv_sum, dk_part, dv_part, ii.seg_cu[c], ii.part_cu[c], ii.blk_cu, cu_q, n_seq, ii.nbu,
+            BK=BK, ACCUM=add, num_warps=4, **common)
         if kc:
             BT = max(1, 16 // GP)
             nsa_selected_dq_sum_kernel[(triton.cdiv(R, BT), H)](

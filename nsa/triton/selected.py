@@ -105,14 +105,15 @@ def nsa_selected_bwd_dq_kernel(
 @triton.jit
 def nsa_selected_bwd_dkv_kernel(
     q, k, v, do, lse, delta, dk_out, dv_out, dk_part, dv_part, dq_part,
-    q_list, list_cu, seg_cu, part_cu, blk_cu, cu_q, n_seq, n_buckets, nbu, scale, scale_log2,
+    q_list, list_cu, seg_cu, part_cu, blk_cu, cu_q, n_seq, n_buckets, nbu, base, scale, scale_log2,
     HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr, BV: tl.constexpr,
     BS: tl.constexpr, SEL_L: tl.constexpr, BQ: tl.constexpr, SEG: tl.constexpr,
     PREC: tl.constexpr, DQ_PART: tl.constexpr, ACCUM: tl.constexpr,
 ):
-    """DQ_PART: also the key-centric dQ, one unscaled partial [G, DK] per list position (summed
-    by nsa_selected_dq_sum_kernel). ACCUM: dk_out/dv_out are fp32 sums over row chunks, added to."""
+    """DQ_PART: also the key-centric dQ, one unscaled partial [G, DK] per list position minus
+    base (the chunk's first; summed by nsa_selected_dq_sum_kernel). ACCUM: dk_out/dv_out are
+    fp32 sums over row chunks, added to."""
     pid = tl.program_id(0)
     if pid >= tl.load(seg_cu + n_buckets):
         return
@@ -159,7 +160,7 @@ def nsa_selected_bwd_dkv_kernel(
             dk_b = tl.dot(dst.to(qb.dtype), qb, dk_b, input_precision=PREC)
         if DQ_PART:
             ds_q = tl.trans(dst).to(ka.dtype)                                    # [BM, BS]
-            prow = pos.to(tl.int64) * G + r % GP
+            prow = (pos - base).to(tl.int64) * G + r % GP
             store_rows2(dq_part, prow, ok, DK, KA, KB, tl.dot(ds_q, ka, input_precision=PREC),
                         tl.dot(ds_q, kb, input_precision=PREC))
     dk_a, dk_b = dk_a * scale, dk_b * scale
@@ -224,7 +225,7 @@ def nsa_selected_bwd_reduce_kernel(
 @triton.jit
 def nsa_selected_fwd_kc_kernel(
     q, k, v, o_part, lse_part,   # o_part [L, G, DV] lse_part [L, G]: one entry per list position
-    q_list, list_cu, seg_cu, blk_cu, cu_q, n_seq, n_buckets, nbu, scale_log2,
+    q_list, list_cu, seg_cu, blk_cu, cu_q, n_seq, n_buckets, nbu, base, scale_log2,
     HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr, BV: tl.constexpr,
     BS: tl.constexpr, SEL_L: tl.constexpr, BQ: tl.constexpr, SEG: tl.constexpr,
@@ -268,7 +269,7 @@ def nsa_selected_fwd_kc_kernel(
         l = tl.sum(p, 1)
         seen = l > 0
         out = tl.dot(p.to(vv.dtype), vv, input_precision=PREC) / tl.where(seen, l, 1.0)[:, None]
-        prow = pos.to(tl.int64) * G + r % GP
+        prow = (pos - base).to(tl.int64) * G + r % GP       # partial rows of this chunk
         store_rows(o_part, prow, ok, dv, DV, out)
         tl.store(lse_part + prow, tl.where(seen, m_use + tl.log2(tl.where(seen, l, 1.0)), float("-inf")), mask=ok)
 
@@ -279,8 +280,9 @@ def nsa_selected_merge_kernel(
     HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, DV: tl.constexpr,
     BV: tl.constexpr, BT: tl.constexpr, N_SEL: tl.constexpr,
 ):
-    """o, lse of BT positions x G heads from their n partials (list positions pos_of [rows, H, n]
-    relative to the chunk), in slot order: deterministic."""
+    """o, lse of BT positions x G heads of the chunk from their n partials (list positions
+    pos_of [N, H, n]; the chunk's partials start at list position row0 * H * n), in slot
+    order: deterministic."""
     hk = tl.program_id(1)
     r = tl.arange(0, BT * GP)
     t = tl.program_id(0) * BT + r // GP
@@ -290,11 +292,12 @@ def nsa_selected_merge_kernel(
     m_i = tl.full([BT * GP], float("-inf"), tl.float32)
     l_i = tl.zeros([BT * GP], tl.float32)
     acc = tl.zeros([BT * GP, BV], tl.float32)
-    sel = (t.to(tl.int64) * H + hk) * N_SEL
+    sel = ((row0 + t).to(tl.int64) * H + hk) * N_SEL
+    base = row0 * H * N_SEL   # int32: pos_of is int32
     for slot in range(N_SEL):
-        j = tl.load(idx + (row0 * H) * N_SEL + sel + slot, mask=ok, other=-1)
+        j = tl.load(idx + sel + slot, mask=ok, other=-1)
         valid = ok & (j >= 0)
-        prow = tl.load(pos_of + sel + slot, mask=valid, other=0).to(tl.int64) * G + g
+        prow = (tl.load(pos_of + sel + slot, mask=valid, other=0) - base).to(tl.int64) * G + g
         lj = tl.load(lse_part + prow, mask=valid, other=float("-inf"))
         oj = load_rows(o_part, prow, valid, dv, DV).to(tl.float32)
         m_new = tl.maximum(m_i, lj)
@@ -324,11 +327,12 @@ def nsa_selected_dq_sum_kernel(
     ok = (t < n_rows) & (g < G)
     dk = tl.arange(0, BK)
     acc = tl.zeros([BT * GP, BK], tl.float32)
-    sel = (t.to(tl.int64) * H + hk) * N_SEL
+    sel = ((row0 + t).to(tl.int64) * H + hk) * N_SEL
+    base = row0 * H * N_SEL   # int32: pos_of is int32
     for slot in range(N_SEL):
-        j = tl.load(idx + (row0 * H) * N_SEL + sel + slot, mask=ok, other=-1)
+        j = tl.load(idx + sel + slot, mask=ok, other=-1)
         valid = ok & (j >= 0)
-        prow = tl.load(pos_of + sel + slot, mask=valid, other=0).to(tl.int64) * G + g
+        prow = (tl.load(pos_of + sel + slot, mask=valid, other=0) - base).to(tl.int64) * G + g
         acc += load_rows(dq_part, prow, valid, dk, DK).to(tl.float32)
     store_rows(dq, (row0 + t).to(tl.int64) * HQ + hk * G + g, ok, dk, DK, acc * scale)
 
