@@ -129,12 +129,11 @@ def selected_key_centric_shape(gp: int):
 def selected_key_centric_rows(h: int, n: int, g: int, d: int, esize: int, lse: bool = False) -> int:
     """Query rows per chunk of a key-centric pass: its partials (a row of d in q's dtype, plus an
     fp32 lse for the forward, per (row, KV head, slot, head)) stay under NSA_TUNE
-    selected_kc_mib MiB. Fewer chunks are faster (each reloads the K/V blocks and costs ~1 ms
-    of host time: torch.profiler in benchmarks/profile_key_centric.py), more use less memory.
-    64k, G=1, H100 (results/small_groups/call3), forward / backward: 128 MiB 23.4 / 23.3 ms,
-    256 MiB 12.7 / 10.1, 512 MiB 8.0 / 7.9, 1024 MiB 4.9 / 6.8; fwd+bwd peak memory 2.9 GB at
-    512, 4.0 GB at 1024. Default 512. The interpreter: 48 rows, so that CI runs several
-    chunks."""
+    selected_kc_mib MiB. Fewer chunks are faster (each reloads the K/V blocks; the backward adds
+    to fp32 dK/dV per chunk), more use less memory. 64k, G=1, H100 (results/small_groups/call6),
+    forward / backward: 128 MiB 5.5 / 12.5 ms, 256 MiB 4.8 / 9.0, 512 MiB 4.6 / 7.4, 1024 MiB
+    4.5 / 6.6; fwd+bwd peak memory 2.4 GB at 512. Default 512. The interpreter: 48 rows, so that
+    CI runs several chunks."""
     if interpreting():
         return 48
     mib = _pick("selected_kc_mib", (512,))[0]
