@@ -103,6 +103,20 @@ def nsa_selected_bwd_dq_kernel(
 
 
 @triton.jit
+def _bucket_keys(b, nbu, blk_cu, cu_q, n_seq, H: tl.constexpr, BS: tl.constexpr, SEL_L: tl.constexpr):
+    """Bucket b = hk * nbu + global block (a real block) -> (hk, the sequence's first row q0, the
+    block's key positions s in it, their mask, their key rows)."""
+    hk = b // nbu
+    gb = b % nbu
+    sq = find_segment(blk_cu, n_seq, gb)
+    q0 = tl.load(cu_q + sq)
+    lane = tl.arange(0, BS)
+    s = (gb - tl.load(blk_cu + sq)) * SEL_L + lane
+    kmask = (lane < SEL_L) & (s < tl.load(cu_q + sq + 1) - q0)
+    return hk, q0, s, kmask, (q0 + s).to(tl.int64) * H + hk
+
+
+@triton.jit
 def nsa_selected_bwd_dkv_kernel(
     q, k, v, do, lse, delta, dk_out, dv_out, dk_part, dv_part, dq_part,
     q_list, list_cu, seg_cu, part_cu, blk_cu, cu_q, n_seq, n_buckets, nbu, base, scale, scale_log2,
@@ -120,17 +134,10 @@ def nsa_selected_bwd_dkv_kernel(
     b = find_segment(seg_cu, n_buckets, pid)  # bucket = hk * nbu + global block
     seg = pid - tl.load(seg_cu + b)
     nseg = tl.load(seg_cu + b + 1) - tl.load(seg_cu + b)
-    hk = b // nbu
-    gb = b % nbu
-    if gb >= tl.load(blk_cu + n_seq):                 # beyond the last real block
+    if b % nbu >= tl.load(blk_cu + n_seq):            # beyond the last real block
         return
-    sq = find_segment(blk_cu, n_seq, gb)
-    q0 = tl.load(cu_q + sq)
-    Tq = tl.load(cu_q + sq + 1) - q0
+    hk, q0, s, kmask, krow = _bucket_keys(b, nbu, blk_cu, cu_q, n_seq, H, BS, SEL_L)
     lane = tl.arange(0, BS)
-    s = (gb - tl.load(blk_cu + sq)) * SEL_L + lane     # key positions of this block
-    kmask = (lane < SEL_L) & (s < Tq)
-    krow = (q0 + s).to(tl.int64) * H + hk
     dv = tl.arange(0, BV)
     ka, kb = load_rows2(k, krow, kmask, DK, KA, KB)   # key rows as two column tiles
     vv = load_rows(v, krow, kmask, dv, DV)
@@ -189,16 +196,9 @@ def nsa_selected_bwd_reduce_kernel(
     to what dk_out/dv_out hold)."""
     b = tl.program_id(0)
     nseg = tl.load(seg_cu + b + 1) - tl.load(seg_cu + b)
-    hk = b // nbu
-    gb = b % nbu
-    if (nseg > 1) & (gb < tl.load(blk_cu + n_seq)):
-        sq = find_segment(blk_cu, n_seq, gb)
-        q0 = tl.load(cu_q + sq)
-        Tq = tl.load(cu_q + sq + 1) - q0
+    if (nseg > 1) & (b % nbu < tl.load(blk_cu + n_seq)):
+        hk, q0, s, kmask, krow = _bucket_keys(b, nbu, blk_cu, cu_q, n_seq, H, BS, SEL_L)
         lane = tl.arange(0, BS)
-        s = (gb - tl.load(blk_cu + sq)) * SEL_L + lane
-        kmask = (lane < SEL_L) & (s < Tq)
-        krow = (q0 + s).to(tl.int64) * H + hk
         dk = tl.arange(0, BK)
         dv = tl.arange(0, BV)
         dk_acc = tl.zeros([BS, BK], tl.float32)
@@ -236,17 +236,9 @@ def nsa_selected_fwd_kc_kernel(
         return
     b = find_segment(seg_cu, n_buckets, pid)
     seg = pid - tl.load(seg_cu + b)
-    hk = b // nbu
-    gb = b % nbu
-    if gb >= tl.load(blk_cu + n_seq):
+    if b % nbu >= tl.load(blk_cu + n_seq):
         return
-    sq = find_segment(blk_cu, n_seq, gb)
-    q0 = tl.load(cu_q + sq)
-    Tq = tl.load(cu_q + sq + 1) - q0
-    lane = tl.arange(0, BS)
-    s = (gb - tl.load(blk_cu + sq)) * SEL_L + lane
-    kmask = (lane < SEL_L) & (s < Tq)
-    krow = (q0 + s).to(tl.int64) * H + hk
+    hk, q0, s, kmask, krow = _bucket_keys(b, nbu, blk_cu, cu_q, n_seq, H, BS, SEL_L)
     dv = tl.arange(0, BV)
     ka, kb = load_keys_t(k, krow, kmask, DK, KA, KB)
     vv = load_rows(v, krow, kmask, dv, DV)
