@@ -63,6 +63,10 @@ def _train_args(p):
     p.add_argument("--passkey-len-from", type=int, default=0,
                    help="curriculum: passkey examples start this long and double, over the first half "
                         "of training, up to --passkey-len")
+    p.add_argument("--mqar-rows", type=int, default=0,
+                   help="rows of each batch that are multi-query associative recall examples (cut like "
+                        "the passkey rows: pairs, a gap of text, then the queries)")
+    p.add_argument("--mqar-pairs", type=int, default=16, help="key-value pairs per MQAR example")
 
 
 # tiny: the three twins train on a 2-core CPU in a few minutes; small: one GPU, long context
@@ -76,7 +80,8 @@ def _train_cfg(a, out_dir):
     return TrainConfig(**d, warmup=max(1, d["steps"] // 10), eval_every=min(a.eval_every, d["steps"]),
                        seed=a.seed, device=a.device, out_dir=out_dir, passkey_rows=a.passkey_rows, save_every=a.save_every,
                        passkey_needles=a.passkey_needles, passkey_len=a.passkey_len,
-                       passkey_len_from=a.passkey_len_from, parallel=getattr(a, "parallel", "ddp"))
+                       passkey_len_from=a.passkey_len_from, mqar_rows=a.mqar_rows, mqar_pairs=a.mqar_pairs,
+                       parallel=getattr(a, "parallel", "ddp"))
 
 
 def _init_distributed():
@@ -118,7 +123,12 @@ def evaluate(a) -> int:
     tr.load(a.checkpoint)
     lengths, depths = a.lengths or passkey_lengths(tr.cfg), DEPTHS
     grid = needle_grid(tr.model, tr.val_data, lengths, depths, n=a.samples, device=tr.device)
-    print(f"held-out loss {tr.val_loss():.4f}; MQAR accuracy {mqar_accuracy(tr.model, device=tr.device):.2f}")
+    c = tr.cfg
+    L_mq = c.passkey_len or c.seq_len
+    mq_long = mqar_accuracy(tr.model, n_pairs=c.mqar_pairs, n_queries=c.mqar_queries, device=tr.device,
+                            length=L_mq, filler=tr.val_data)
+    print(f"held-out loss {tr.val_loss():.4f}; MQAR accuracy {mqar_accuracy(tr.model, device=tr.device):.2f} "
+          f"(16 pairs, no gap), {mq_long:.2f} at {L_mq} tokens ({c.mqar_pairs} pairs, text between pairs and queries)")
     print("passkey accuracy (rows: length; columns: depth " + ", ".join(f"{d:.0%}" for d in depths) + ")")
     for L_, row in zip(lengths, grid):
         print(f"  {L_:6d}: " + "  ".join(f"{v:.2f}" for v in row))

@@ -171,17 +171,31 @@ def passkey_batch(filler, batch_size, length, rng, depth=None, digits=5, needles
     return torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys))
 
 
-def mqar_batch(batch_size, n_pairs, n_queries, rng, vocab=256):
+def mqar_batch(batch_size, n_pairs, n_queries, rng, vocab=256, length=None, filler=None):
     """Multi-query associative recall: 'k v k v ... | q ? q ? ...' with byte keys from the upper
-    half of the vocabulary and values from the lower half; loss on the recalled values."""
+    half of the vocabulary and values from the lower half; loss on the recalled values. With
+    `length` (and a `filler` corpus), each example is `length` tokens: the pairs, a gap of
+    filler text (bytes of the upper half and 0 replaced by spaces, so keys and the separator
+    occur only where placed), then the separator and the queries, so that every query is at
+    least the gap away from its pair."""
+    short = 2 * n_pairs + 2 * n_queries
+    if length is not None and (filler is None or length < short):
+        raise ValueError(f"an MQAR example of {n_pairs} pairs and {n_queries} queries needs a filler "
+                         f"corpus and length >= {short}, got length {length}")
     xs, ys = [], []
     for _ in range(batch_size):
         keys = rng.choice(np.arange(vocab // 2, vocab), n_pairs, replace=False)
         vals = rng.integers(1, vocab // 2, n_pairs)
         ask = rng.integers(0, n_pairs, n_queries)
-        seq = np.concatenate([np.stack([keys, vals], 1).ravel(), [0], np.stack([keys[ask], vals[ask]], 1).ravel()])
+        gap = np.zeros(0, dtype=np.int64)
+        if length is not None:
+            start = int(rng.integers(0, len(filler) - (length - short)))
+            gap = filler[start:start + length - short].astype(np.int64)
+            gap = np.where((gap >= vocab // 2) | (gap == 0), 32, gap)
+        seq = np.concatenate([np.stack([keys, vals], 1).ravel(), gap, [0], np.stack([keys[ask], vals[ask]], 1).ravel()])
         y = np.full(len(seq) - 1, -100, dtype=np.int64)
-        y[2 * n_pairs + 1::2] = seq[2 * n_pairs + 2::2]     # predict each value after its query key
+        q0 = len(seq) - 2 * n_queries - 1                 # the separator
+        y[q0 + 1::2] = seq[q0 + 2::2]                     # predict each value after its query key
         xs.append(seq[:-1])
         ys.append(y)
     return torch.from_numpy(np.stack(xs).astype(np.int64)), torch.from_numpy(np.stack(ys))

@@ -49,9 +49,11 @@ def needle_grid(model, filler, lengths, depths, n=8, device="cpu"):
 
 
 @torch.no_grad()
-def mqar_accuracy(model, n_pairs=16, n_queries=8, n=16, device="cpu"):
+def mqar_accuracy(model, n_pairs=16, n_queries=8, n=16, device="cpu", length=None, filler=None):
+    """Share of recalled values that are the argmax; with length and filler, on examples of that
+    many tokens with text between the pairs and the queries (data.mqar_batch)."""
     model.eval()
-    x, y = mqar_batch(n, n_pairs, n_queries, np.random.default_rng(7))
+    x, y = mqar_batch(n, n_pairs, n_queries, np.random.default_rng(7), length=length, filler=filler)
     pred = _logits(model, x, device).argmax(-1).cpu()
     m = y >= 0
     return float((pred[m] == y[m]).float().mean())

@@ -30,7 +30,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_optimizer_state_dict)
 from torch.nn.parallel import DistributedDataParallel
 
-from .data import Batches, load_corpus, passkey_batch
+from .data import Batches, load_corpus, mqar_batch, passkey_batch
 from .model import LanguageModel, ModelConfig
 from .reference import compute_dtype
 
@@ -51,6 +51,10 @@ class TrainConfig:
                                    # seq_len bytes then holds seq_len // passkey_len examples
     passkey_len_from: int = 0      # curriculum (0: none): examples start at this length and double,
                                    # in equal phases over the first half of training, up to passkey_len
+    mqar_rows: int = 0             # rows of each batch that are MQAR examples, cut like the passkey
+                                   # rows into examples of the passkey length (and curriculum)
+    mqar_pairs: int = 16           # key-value pairs per MQAR example (then a gap of text, then
+    mqar_queries: int = 8          # this many queries)
     eval_every: int = 100
     save_every: int = 0            # also checkpoint every this many steps (0: only when fit ends)
     eval_batches: int = 8
@@ -85,7 +89,7 @@ class Trainer:
         self.device = pick_device(cfg.device)
         if self.device.type == "cuda" and self.world > 1:
             self.device = torch.device("cuda", self.rank % torch.cuda.device_count())
-        for name in ("batch_size", "passkey_rows"):
+        for name in ("batch_size", "passkey_rows", "mqar_rows"):
             if getattr(cfg, name) % self.world:
                 raise ValueError(f"{name} ({getattr(cfg, name)}) must be divisible by the number of "
                                  f"processes ({self.world})")
@@ -110,15 +114,22 @@ class Trainer:
         self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                       {"params": rest, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
         self.train_data, self.val_data = corpus if corpus is not None else load_corpus()
-        text_rows = cfg.batch_size - cfg.passkey_rows
+        text_rows = cfg.batch_size - cfg.passkey_rows - cfg.mqar_rows
         if not 0 <= cfg.passkey_len <= cfg.seq_len:
             raise ValueError(f"passkey_len ({cfg.passkey_len}) must be in [0, seq_len={cfg.seq_len}]")
         if not 0 <= cfg.passkey_len_from <= (cfg.passkey_len or cfg.seq_len):
             raise ValueError(f"passkey_len_from ({cfg.passkey_len_from}) must be in [0, passkey_len]")
         if text_rows < 1:
-            raise ValueError(f"batch_size ({cfg.batch_size}) must exceed passkey_rows ({cfg.passkey_rows})")
+            raise ValueError(f"batch_size ({cfg.batch_size}) must exceed passkey_rows + mqar_rows "
+                             f"({cfg.passkey_rows} + {cfg.mqar_rows})")
+        if cfg.mqar_rows and 2 * (cfg.mqar_pairs + cfg.mqar_queries) > (cfg.passkey_len_from or cfg.passkey_len or cfg.seq_len):
+            raise ValueError(f"MQAR examples of {cfg.mqar_pairs} pairs and {cfg.mqar_queries} queries need "
+                             f"{2 * (cfg.mqar_pairs + cfg.mqar_queries)} tokens: more than the example length")
+        if not 1 <= cfg.mqar_pairs <= 128 or cfg.mqar_queries < 1:
+            raise ValueError("mqar_pairs must be in [1, 128] (distinct byte keys) and mqar_queries >= 1")
         self.batches = Batches(self.train_data, text_rows, cfg.seq_len, seed=cfg.seed)
         self.pk_rng = np.random.default_rng(cfg.seed + 1)
+        self.mq_rng = np.random.default_rng(cfg.seed + 2)
         self.step = 0
         self.history = []
         self.out = Path(cfg.out_dir)
@@ -129,19 +140,19 @@ class Trainer:
         n = t.shape[0] // self.world
         return t[self.rank * n:(self.rank + 1) * n]
 
-    def losses(self, x, y, px, py):
-        """(LM loss, passkey answer loss, share of answer digits that are the argmax); the
-        passkey terms are None without passkey rows."""
+    def losses(self, x, y, tasks):
+        """(LM loss, {task: (answer loss, share of answer tokens that are the argmax)}) for the
+        text rows x, y and each task's (x, y) of retrieval examples (passkey, MQAR)."""
+        out = {}
         with autocast(self.device):
             lm = self.net(self._mine(x).to(self.device), self._mine(y).to(self.device))[1]
-            pk = acc = None
-            if px is not None:
-                logits = self.net(self._mine(px).to(self.device))
+            for name, (tx, ty) in tasks.items():
+                logits = self.net(self._mine(tx).to(self.device))
                 logits = logits.to(compute_dtype(logits.dtype)).flatten(0, 1)
-                t = self._mine(py).to(self.device).flatten()
-                pk = F.cross_entropy(logits, t, ignore_index=-100)
-                acc = (logits.argmax(-1) == t)[t >= 0].float().mean()
-        return lm, pk, acc
+                t = self._mine(ty).to(self.device).flatten()
+                out[name] = (F.cross_entropy(logits, t, ignore_index=-100),
+                             (logits.argmax(-1) == t)[t >= 0].float().mean())
+        return lm, out
 
     def passkey_len_at(self, step: int) -> int:
         """Passkey example length at a step: passkey_len (or seq_len); with a curriculum,
@@ -167,15 +178,26 @@ class Trainer:
         return passkey_batch(self.train_data, c.passkey_rows * (c.seq_len // n), n, self.pk_rng,
                              needles=c.passkey_needles)
 
+    def tasks(self):
+        """The step's retrieval examples by task: passkey and MQAR rows, each row of seq_len
+        tokens cut into examples of passkey_len_at(step) tokens."""
+        c, n = self.cfg, self.passkey_len_at(self.step)
+        out = {}
+        if c.passkey_rows:
+            out["passkey"] = self.passkey_batch()
+        if c.mqar_rows:
+            out["mqar"] = mqar_batch(c.mqar_rows * (c.seq_len // n), c.mqar_pairs, c.mqar_queries,
+                                     self.mq_rng, length=n, filler=self.train_data)
+        return out
+
     def train_step(self):
         c = self.cfg
         for g in self.opt.param_groups:
             g["lr"] = lr_at(self.step, c)
         x, y = self.batches.next()
-        px, py = self.passkey_batch()
         self.model.train()
-        lm, pk, acc = self.losses(x, y, px, py)
-        loss = lm + (pk if pk is not None else 0.0)
+        lm, task = self.losses(x, y, self.tasks())
+        loss = lm + sum(t[0] for t in task.values())
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
@@ -183,15 +205,16 @@ class Trainer:
             gnorm = gnorm.full_tensor()
         self.opt.step()
         self.step += 1
-        vals = torch.stack([lm.detach()] + ([pk.detach(), acc] if pk is not None else [])).double()
+        vals = torch.stack([lm.detach()] + [v.detach() for t in task.values() for v in t]).double()
         if self.world > 1:   # report the global mean, as one process would
             dist.all_reduce(vals)
             vals /= self.world
         vals = vals.tolist()
         rec = dict(step=self.step, loss=vals[0], passkey_loss=None, grad_norm=float(gnorm),
                    lr=self.opt.param_groups[0]["lr"])
-        if pk is not None:
-            rec.update(passkey_loss=vals[1], passkey_digit_acc=vals[2])
+        names = {"passkey": ("passkey_loss", "passkey_digit_acc"), "mqar": ("mqar_loss", "mqar_acc")}
+        for i, name in enumerate(task):
+            rec.update(zip(names[name], vals[1 + 2 * i:3 + 2 * i]))
         return rec
 
     # ------------------------------------------------------------------ evaluation
@@ -241,6 +264,7 @@ class Trainer:
         done = int(width * self.step / self.cfg.steps)
         extra = f" val {r['val_loss']:.3f}" if "val_loss" in r else ""
         pk = f" passkey {r['passkey_loss']:.3f} ({r['passkey_digit_acc']:.0%} digits)" if r["passkey_loss"] is not None else ""
+        pk += f" mqar {r['mqar_loss']:.3f} ({r['mqar_acc']:.0%})" if "mqar_loss" in r else ""
         line = (f"[{'#' * done}{'.' * (width - done)}] {self.step}/{self.cfg.steps} "
                 f"loss {r['loss']:.3f}{extra}{pk} | {r['tokens_per_s']:.0f} tok/s")
         end = "\r" if self.log.isatty() and "val_loss" not in r else "\n"
@@ -265,6 +289,7 @@ class Trainer:
         tmp = path.with_name(path.name + ".tmp")   # a run killed while saving keeps the last checkpoint
         torch.save(dict(model=model_sd, opt=opt_sd, step=self.step,
                         batches=self.batches.state_dict(), pk_rng=self.pk_rng.bit_generator.state,
+                        mq_rng=self.mq_rng.bit_generator.state,
                         torch_rng=torch.get_rng_state(), history=self.history,
                         model_cfg=asdict(self.model_cfg), nsa_cfg=asdict(self.model_cfg.nsa),
                         train_cfg=asdict(self.cfg)), tmp)
@@ -281,6 +306,8 @@ class Trainer:
         self.step = s["step"]
         self.batches.load_state_dict(s["batches"])
         self.pk_rng.bit_generator.state = s["pk_rng"]
+        if "mq_rng" in s:   # checkpoints written before MQAR training existed have none
+            self.mq_rng.bit_generator.state = s["mq_rng"]
         torch.set_rng_state(s["torch_rng"])
         self.history = s["history"]
         return self

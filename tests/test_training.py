@@ -39,7 +39,7 @@ def test_lr_schedule():
 
 
 def _cfg(tmp_path, **kw):
-    return TrainConfig(**{**dict(steps=4, batch_size=3, seq_len=128, passkey_rows=1, eval_every=2,
+    return TrainConfig(**{**dict(steps=4, batch_size=4, seq_len=128, passkey_rows=1, mqar_rows=1, eval_every=2,
                                  eval_batches=1, warmup=2, device="cpu", out_dir=str(tmp_path)), **kw})
 
 
@@ -51,6 +51,7 @@ def test_resume_is_exact(tmp_path):
     b.fit()   # as if killed after step 3: what is left is the checkpoint of step 2
     path = tmp_path / "b" / "checkpoint.pt"
     c = Trainer(TINY, _cfg(tmp_path / "b"), corpus=corpus, log=None).load(path)
+    assert "mqar_loss" in a.history[0]
     assert c.step == 2
     c.fit()
     for (n, p), q in zip(a.model.named_parameters(), c.model.parameters()):
@@ -90,6 +91,11 @@ def test_short_passkey_examples(tmp_path):
     assert [cur.passkey_len_at(s) for s in range(12)] == [100, 100, 200, 200, 400, 400] + [800] * 6
     cur.step = 3
     assert cur.passkey_batch()[0].shape == (4, 200)
+    assert cur.tasks()["mqar"][0].shape == (4, 200)   # MQAR examples follow the same lengths
+    with pytest.raises(ValueError, match="MQAR examples of 50 pairs"):
+        Trainer(TINY, _cfg(tmp_path, seq_len=100, mqar_pairs=50), corpus=_corpus(), log=None)
+    with pytest.raises(ValueError, match="must exceed passkey_rows \\+ mqar_rows"):
+        Trainer(TINY, _cfg(tmp_path, batch_size=2), corpus=_corpus(), log=None)
 
 
 def test_corpus_from_files_and_hf_datasets(tmp_path):
@@ -139,13 +145,20 @@ def test_passkey_and_mqar_data():
     for i in range(2):   # each target is the next byte of the row
         m = (y[i, :-1] >= 0)
         assert torch.equal(y[i, :-1][m], x[i, 1:][m])
-    x, y = mqar_batch(2, 6, 3, rng)
-    assert ((y >= 0).sum(1) == 3).all()
-    for i in range(2):   # each target value follows its query key in the context part
-        for pos in (y[i] >= 0).nonzero().flatten().tolist():
-            key_tok, val = x[i, pos].item(), y[i, pos].item()
+    for length in (None, 90):   # without and with a gap of text between pairs and queries
+        x, y = mqar_batch(2, 6, 3, rng, length=length, filler=filler)
+        assert x.shape[1] == (length or 18) and ((y >= 0).sum(1) == 3).all()
+        for i in range(2):   # each target value follows its query key in the context part
             ctx = x[i, :12].tolist()
-            assert ctx[ctx.index(key_tok) + 1] == val
+            qs = (y[i] >= 0).nonzero().flatten().tolist()
+            assert qs[0] == x.shape[1] - 5 and x[i, qs[0] - 1] == 0   # the queries follow the separator
+            for pos in qs:
+                key_tok, val = x[i, pos].item(), y[i, pos].item()
+                assert key_tok >= 128 and ctx[ctx.index(key_tok) + 1] == val
+            keys_at = (x[i] >= 128).nonzero().flatten().tolist()   # keys only where placed
+            assert keys_at == list(range(0, 12, 2)) + qs and (x[i] == 0).sum() == 1
+    with pytest.raises(ValueError, match="needs a filler"):
+        mqar_batch(1, 6, 3, rng, length=17, filler=filler)
     b = Batches(filler, 2, 16, seed=3)
     s = b.state_dict()
     x1, _ = b.next()
