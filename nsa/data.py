@@ -171,6 +171,12 @@ def passkey_batch(filler, batch_size, length, rng, depth=None, digits=5, needles
     return torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys))
 
 
+def mqar_min_length(n_pairs, n_queries):
+    """Tokens of an MQAR example with no gap: the pairs, the separator, the queries (less the
+    last value, which is only a target)."""
+    return 2 * n_pairs + 2 * n_queries
+
+
 def mqar_batch(batch_size, n_pairs, n_queries, rng, vocab=256, length=None, filler=None):
     """Multi-query associative recall: 'k v k v ... | q ? q ? ...' with byte keys from the upper
     half of the vocabulary and values from the lower half; loss on the recalled values. With
@@ -178,7 +184,7 @@ def mqar_batch(batch_size, n_pairs, n_queries, rng, vocab=256, length=None, fill
     filler text (bytes of the upper half and 0 replaced by spaces, so keys and the separator
     occur only where placed), then the separator and the queries, so that every query is at
     least the gap away from its pair."""
-    short = 2 * n_pairs + 2 * n_queries
+    short = mqar_min_length(n_pairs, n_queries)
     if length is not None and (filler is None or length < short):
         raise ValueError(f"an MQAR example of {n_pairs} pairs and {n_queries} queries needs a filler "
                          f"corpus and length >= {short}, got length {length}")

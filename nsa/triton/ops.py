@@ -317,7 +317,7 @@ def selected_bwd(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, o: Tensor, lse: T
             dk_sum, dv_sum, dk_part, dv_part, ii.seg_cu[c], ii.part_cu[c], ii.blk_cu, cu_q, n_seq, ii.nbu,
             BK=BK, ACCUM=add, num_warps=4, **common)
         if kc:
-            BT = max(1, 16 // GP)
+            BT = tuning.selected_key_centric_shape(GP)[2]   # positions per merge program
             nsa_selected_dq_sum_kernel[(triton.cdiv(R, BT), H)](
                 idx, ii.pos_of, dq_part, dq, row0, R, scale, HQ=HQ, H=H, G=G, GP=GP, DK=DK, BK=BK, BT=BT,
                 N_SEL=n, num_warps=4)

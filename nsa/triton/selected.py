@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from .utils import (dot2, dot_keys, find_segment, load_keys_t, load_rows2, load_rows, softmax_finish, softmax_step,
-                    store_rows, store_rows2, zeros2)
+                    store_rows, store_rows2, tile_rows, zeros2)
 
 
 @triton.jit
@@ -117,6 +117,20 @@ def _bucket_keys(b, nbu, blk_cu, cu_q, n_seq, H: tl.constexpr, BS: tl.constexpr,
 
 
 @triton.jit
+def _list_tile(q, q_list, p0, hi, hk, base, HQ: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
+               BQ: tl.constexpr, DK: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr):
+    """Rows of list positions p0 .. p0 + BQ (< hi) x G heads: (their validity, the packed query
+    rows, the q rows, their partial rows (list position - base) * G + head, q as two tiles)."""
+    r = tl.arange(0, BQ * GP)
+    pos = p0 + r // GP
+    ok = (pos < hi) & (r % GP < G)
+    qrow = tl.load(q_list + pos, mask=ok, other=0)
+    rows = qrow.to(tl.int64) * HQ + hk * G + r % GP
+    qa, qb = load_rows2(q, rows, ok, DK, KA, KB)
+    return ok, qrow, rows, (pos - base).to(tl.int64) * G + r % GP, qa, qb
+
+
+@triton.jit
 def nsa_selected_bwd_dkv_kernel(
     q, k, v, do, lse, delta, dk_out, dv_out, dk_part, dv_part, dq_part,
     q_list, list_cu, seg_cu, part_cu, blk_cu, cu_q, n_seq, n_buckets, nbu, base, scale, scale_log2,
@@ -144,16 +158,10 @@ def nsa_selected_bwd_dkv_kernel(
 
     lo = tl.load(list_cu + b) + seg * SEG
     hi = tl.minimum(tl.load(list_cu + b + 1), lo + SEG)
-    BM: tl.constexpr = BQ * GP
-    r = tl.arange(0, BM)
     dk_a, dk_b = zeros2(BS, KA, KB)
     dv_acc = tl.zeros([BS, BV], tl.float32)
     for p0 in range(lo, hi, BQ):
-        pos = p0 + r // GP
-        ok = (pos < hi) & (r % GP < G)
-        qrow = tl.load(q_list + pos, mask=ok, other=0)  # packed query row
-        rows = qrow.to(tl.int64) * HQ + hk * G + r % GP
-        qa, qb = load_rows2(q, rows, ok, DK, KA, KB)
+        ok, qrow, rows, prow, qa, qb = _list_tile(q, q_list, p0, hi, hk, base, HQ, G, GP, BQ, DK, KA, KB)
         dot_ = load_rows(do, rows, ok, dv, DV)
         lse2 = tl.load(lse + rows, mask=ok, other=0.0) * 1.4426950408889634
         dlt = tl.load(delta + rows, mask=ok, other=0.0)
@@ -167,7 +175,6 @@ def nsa_selected_bwd_dkv_kernel(
             dk_b = tl.dot(dst.to(qb.dtype), qb, dk_b, input_precision=PREC)
         if DQ_PART:
             ds_q = tl.trans(dst).to(ka.dtype)                                    # [BM, BS]
-            prow = (pos - base).to(tl.int64) * G + r % GP
             store_rows2(dq_part, prow, ok, DK, KA, KB, tl.dot(ds_q, ka, input_precision=PREC),
                         tl.dot(ds_q, kb, input_precision=PREC))
     dk_a, dk_b = dk_a * scale, dk_b * scale
@@ -244,26 +251,32 @@ def nsa_selected_fwd_kc_kernel(
     vv = load_rows(v, krow, kmask, dv, DV)
     lo = tl.load(list_cu + b) + seg * SEG
     hi = tl.minimum(tl.load(list_cu + b + 1), lo + SEG)
-    BM: tl.constexpr = BQ * GP
-    r = tl.arange(0, BM)
     for p0 in range(lo, hi, BQ):
-        pos = p0 + r // GP
-        ok = (pos < hi) & (r % GP < G)
-        qrow = tl.load(q_list + pos, mask=ok, other=0)
-        rows = qrow.to(tl.int64) * HQ + hk * G + r % GP
-        qa, qb = load_rows2(q, rows, ok, DK, KA, KB)
+        ok, qrow, rows, prow, qa, qb = _list_tile(q, q_list, p0, hi, hk, base, HQ, G, GP, BQ, DK, KA, KB)
         qk = dot2(qa, qb, ka, kb, KB, PREC) * scale_log2                        # [BM, BS]
         vis = (s[None, :] <= (qrow - q0)[:, None]) & kmask[None, :] & ok[:, None]
-        qk = tl.where(vis, qk, float("-inf"))
-        m = tl.max(qk, 1)
-        m_use = tl.where(m == float("-inf"), 0.0, m)
-        p = tl.exp2(qk - m_use[:, None])
-        l = tl.sum(p, 1)
-        seen = l > 0
-        out = tl.dot(p.to(vv.dtype), vv, input_precision=PREC) / tl.where(seen, l, 1.0)[:, None]
-        prow = (pos - base).to(tl.int64) * G + r % GP       # partial rows of this chunk
+        m, l, acc = softmax_step(tl.where(vis, qk, float("-inf")), vv, tl.full([BQ * GP], float("-inf"), tl.float32),
+                                 tl.zeros([BQ * GP], tl.float32), tl.zeros([BQ * GP, BV], tl.float32), PREC)
+        out, lse_val = softmax_finish(m, l, acc)                                # lse: natural log
         store_rows(o_part, prow, ok, dv, DV, out)
-        tl.store(lse_part + prow, tl.where(seen, m_use + tl.log2(tl.where(seen, l, 1.0)), float("-inf")), mask=ok)
+        tl.store(lse_part + prow, lse_val, mask=ok)
+
+
+@triton.jit
+def _merge_rows(row0, n_rows, hk, G: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr, H: tl.constexpr,
+                HQ: tl.constexpr, N_SEL: tl.constexpr):
+    """A merge program's rows: BT positions of the chunk x G heads -> (their head within the
+    group, validity, offset of their selections in idx / pos_of, output rows)."""
+    t, head, ok = tile_rows(tl.program_id(0) * BT, n_rows, hk, G, GP, BT)
+    return head - hk * G, ok, ((row0 + t).to(tl.int64) * H + hk) * N_SEL, (row0 + t).to(tl.int64) * HQ + head
+
+
+@triton.jit
+def _slot_partial(idx, pos_of, sel, slot, ok, g, base, G: tl.constexpr):
+    """The partial row (list position - base) * G + g of each row's selection `slot`, and
+    whether that slot holds a block."""
+    valid = ok & (tl.load(idx + sel + slot, mask=ok, other=-1) >= 0)
+    return (tl.load(pos_of + sel + slot, mask=valid, other=0) - base).to(tl.int64) * G + g, valid
 
 
 @triton.jit
@@ -272,25 +285,18 @@ def nsa_selected_merge_kernel(
     HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, DV: tl.constexpr,
     BV: tl.constexpr, BT: tl.constexpr, N_SEL: tl.constexpr,
 ):
-    """o, lse of BT positions x G heads of the chunk from their n partials (list positions
-    pos_of [N, H, n]; the chunk's partials start at list position row0 * H * n), in slot
-    order: deterministic."""
+    """o, lse of BT positions x G heads of the chunk from their n partials (natural-log lse;
+    list positions pos_of [N, H, n]; the chunk's partials start at list position row0 * H * n),
+    in slot order: deterministic."""
     hk = tl.program_id(1)
-    r = tl.arange(0, BT * GP)
-    t = tl.program_id(0) * BT + r // GP
-    g = r % GP
-    ok = (t < n_rows) & (g < G)
+    g, ok, sel, rows = _merge_rows(row0, n_rows, hk, G, GP, BT, H, HQ, N_SEL)
     dv = tl.arange(0, BV)
     m_i = tl.full([BT * GP], float("-inf"), tl.float32)
     l_i = tl.zeros([BT * GP], tl.float32)
     acc = tl.zeros([BT * GP, BV], tl.float32)
-    sel = ((row0 + t).to(tl.int64) * H + hk) * N_SEL
-    base = row0 * H * N_SEL   # int32: pos_of is int32
     for slot in range(N_SEL):
-        j = tl.load(idx + sel + slot, mask=ok, other=-1)
-        valid = ok & (j >= 0)
-        prow = (tl.load(pos_of + sel + slot, mask=valid, other=0) - base).to(tl.int64) * G + g
-        lj = tl.load(lse_part + prow, mask=valid, other=float("-inf"))
+        prow, valid = _slot_partial(idx, pos_of, sel, slot, ok, g, row0 * H * N_SEL, G)
+        lj = tl.load(lse_part + prow, mask=valid, other=float("-inf")) * 1.4426950408889634
         oj = load_rows(o_part, prow, valid, dv, DV).to(tl.float32)
         m_new = tl.maximum(m_i, lj)
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -300,7 +306,6 @@ def nsa_selected_merge_kernel(
         l_i = l_i * alpha + w
         m_i = m_new
     out, lse_val = softmax_finish(m_i, l_i, acc)
-    rows = (row0 + t).to(tl.int64) * HQ + hk * G + g
     store_rows(o, rows, ok, dv, DV, out)
     tl.store(lse + rows, lse_val, mask=ok)
 
@@ -313,20 +318,13 @@ def nsa_selected_dq_sum_kernel(
 ):
     """dQ of BT positions x G heads: the sum of their n partials, in slot order (deterministic)."""
     hk = tl.program_id(1)
-    r = tl.arange(0, BT * GP)
-    t = tl.program_id(0) * BT + r // GP
-    g = r % GP
-    ok = (t < n_rows) & (g < G)
+    g, ok, sel, rows = _merge_rows(row0, n_rows, hk, G, GP, BT, H, HQ, N_SEL)
     dk = tl.arange(0, BK)
     acc = tl.zeros([BT * GP, BK], tl.float32)
-    sel = ((row0 + t).to(tl.int64) * H + hk) * N_SEL
-    base = row0 * H * N_SEL   # int32: pos_of is int32
     for slot in range(N_SEL):
-        j = tl.load(idx + sel + slot, mask=ok, other=-1)
-        valid = ok & (j >= 0)
-        prow = (tl.load(pos_of + sel + slot, mask=valid, other=0) - base).to(tl.int64) * G + g
+        prow, valid = _slot_partial(idx, pos_of, sel, slot, ok, g, row0 * H * N_SEL, G)
         acc += load_rows(dq_part, prow, valid, dk, DK).to(tl.float32)
-    store_rows(dq, (row0 + t).to(tl.int64) * HQ + hk * G + g, ok, dk, DK, acc * scale)
+    store_rows(dq, rows, ok, dk, DK, acc * scale)
 
 
 @triton.jit

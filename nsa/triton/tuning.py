@@ -120,7 +120,7 @@ def selected_key_centric(g: int, kind: str) -> bool:
 
 def selected_key_centric_shape(gp: int):
     """(rows per tile, SEG queries per program, BT merge positions, num_warps, num_stages) of the
-    key-centric forward. The interpreter uses short segments so that CI sees long lists split."""
+    key-centric forward; BT also sizes the key-centric dQ's sum. The interpreter uses short segments so that CI sees long lists split."""
     if interpreting():
         return 16, int(os.environ.get("NSA_SEL_SEGMENT", "8")), max(1, 4 // gp), 4, 1
     return _pick("selected_kc_shape", (64, 256, max(1, 16 // gp), 4, 2))
