@@ -8,6 +8,7 @@ from typing import NamedTuple
 
 import torch
 import triton
+import triton.language as tl
 from torch import Tensor
 from torch.library import custom_op
 
@@ -136,17 +137,19 @@ def select_blocks(q: Tensor, k: Tensor, lse: Tensor, cu_q: Tensor, cu_k: Tensor,
                   sel_init_blocks: int, sel_local_blocks: int) -> Tensor:
     N, HQ, H, G, GP, DK, DV, BK, BV = _dims(q, k)
     n_seq = cu_q.numel() - 1
-    rows, warps, stages = tuning.select(BK, GP)
+    rows, warps, stages, split_tc = tuning.select(BK, GP)
     KA, KB = tuning.key_tiles(DK)
     BT = max(1, rows // GP)
+    # tensor-core overlap product: needs 16 rows for tl.dot and counts exact in bf16
+    split_tc = split_tc and BT >= 16 and min(cmp_block_size, sel_block_size) <= 256
     out = empty(N, H, sel_block_count, dtype=torch.int32, device=q.device)
     tiles = tile_cu(cu_q, BT)
     nsa_select_kernel[(tile_grid_bound(N, n_seq, BT), H)](
         q, k, lse, out, cu_q, cu_k, tiles, n_seq, scale * LOG2E,
         HQ=HQ, H=H, G=G, GP=GP, DK=DK, KA=KA, KB=KB, BT=BT, CMP_L=cmp_block_size, CMP_D=cmp_stride,
         SEL_L=sel_block_size, N_SEL=sel_block_count, INIT=sel_init_blocks, LOCAL=sel_local_blocks,
-        NTOP=_ntop(sel_block_count, sel_block_size // cmp_stride), PREC=_prec(q), num_warps=warps,
-        num_stages=stages)
+        NTOP=_ntop(sel_block_count, sel_block_size // cmp_stride), PREC=_prec(q), SPLIT_TC=split_tc,
+        SPLIT=tl.float32 if tuning.interpreting() else tl.bfloat16, num_warps=warps, num_stages=stages)
     return out
 
 

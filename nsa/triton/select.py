@@ -9,6 +9,15 @@ carried into the next chunk), and merges the chunk into a running top-NTOP per p
 of the chunk, then a bitonic merge) of packed int64 keys (score bits << 32 | ~block): descending
 order puts higher scores first and, among equal scores, the lower block. Scores never leave
 registers.
+
+The spread over blocks is a product [positions, tokens] x [tokens, blocks] of overlap weights.
+In fp32 on CUDA cores it holds many registers: with one head per position (G = 1) and 128
+positions a tile, ptxas spilled ~2.9 KB a thread (9.4 ms at 64k on an H100; 4.6 at 64
+positions). With SPLIT_TC it runs on tensor cores instead: the probabilities as three bf16 parts
+(8 + 8 + 8 significant bits: fp32's 24) times the integer overlap counts (exact in bf16), summed
+in fp32: 2.8 ms at 64 positions (benchmarks/results/session8/call1). Larger groups have few
+positions a tile and gain nothing from it (tuning.select). The interpreter takes the same path
+with fp32 parts (its bf16 products are not exact): CI checks the counts, the GPU the bf16 split.
 """
 from __future__ import annotations
 
@@ -20,9 +29,11 @@ from .utils import band_keys, band_visible, dot_keys, load_rows2, seq_tile, tile
 
 @triton.jit
 def _overlap(i, j, CMP_L: tl.constexpr, CMP_D: tl.constexpr, SEL_L: tl.constexpr):
+    """Tokens that compressed token i and selection block j share: an integer count, d times
+    SPEC.md's overlap weight (scores here are d times SPEC's; the top-n is the same)."""
     lo = tl.maximum(i * CMP_D, j * SEL_L)
     hi = tl.minimum(i * CMP_D + CMP_L, (j + 1) * SEL_L)
-    return tl.maximum(hi - lo, 0).to(tl.float32) * (1.0 / CMP_D)
+    return tl.maximum(hi - lo, 0)
 
 
 @triton.jit
@@ -38,7 +49,8 @@ def _merge_top(top, key):
 def _chunk(j0, qa, qb, k, k0, hk, t, tp, lse2, last, Tq, Tc, top, carry, scale_log2, H: tl.constexpr,
            DK: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr, BT: tl.constexpr, GP: tl.constexpr,
            CMP_L: tl.constexpr, CMP_D: tl.constexpr, SEL_L: tl.constexpr, NTOP: tl.constexpr,
-           INIT: tl.constexpr, LOCAL: tl.constexpr, PREC: tl.constexpr, MASKED: tl.constexpr):
+           INIT: tl.constexpr, LOCAL: tl.constexpr, PREC: tl.constexpr, MASKED: tl.constexpr,
+           SPLIT_TC: tl.constexpr, SPLIT: tl.constexpr):
     """Scores of blocks [j0, j0 + NTOP) merged into the running top list; MASKED = False when
     every row sees every compressed token of the chunk."""
     R: tl.constexpr = SEL_L // CMP_D          # compressed tokens starting in one block
@@ -51,12 +63,21 @@ def _chunk(j0, qa, qb, k, k0, hk, t, tp, lse2, last, Tq, Tc, top, carry, scale_l
         p = tl.where(band_visible(t[:, None], i[None, :], Tc, CMP_D, CMP_L - 1, 0), p, 0.0)
     pg = tl.sum(tl.reshape(p, [BT, GP, BC]), axis=1)                        # [BT, BC] group sum
     jj = tl.arange(0, NTOP)
-    w = _overlap(i[:, None], j0 + jj[None, :], CMP_L, CMP_D, SEL_L)         # [BC, NTOP]
-    w_next = _overlap(i, j0 + NTOP, CMP_L, CMP_D, SEL_L)                    # [BC]
-    if BT >= 16:
-        score = tl.dot(pg, w, input_precision="ieee")                       # [BT, NTOP]
+    wc = _overlap(i[:, None], j0 + jj[None, :], CMP_L, CMP_D, SEL_L)        # [BC, NTOP] counts
+    w_next = _overlap(i, j0 + NTOP, CMP_L, CMP_D, SEL_L).to(tl.float32)    # [BC]
+    if SPLIT_TC:   # on tensor cores: pg as three parts of SPLIT times the integer counts
+        wc = wc.to(SPLIT)               # counts <= min(l, l') <= 256: exact in bf16
+        hi = pg.to(SPLIT)
+        r = pg - hi.to(tl.float32)
+        mid = r.to(SPLIT)
+        lo = (r - mid.to(tl.float32)).to(SPLIT)
+        score = tl.dot(hi, wc, input_precision="ieee")
+        score = tl.dot(mid, wc, score, input_precision="ieee")
+        score = tl.dot(lo, wc, score, input_precision="ieee")
+    elif BT >= 16:
+        score = tl.dot(pg, wc.to(tl.float32), input_precision="ieee")       # [BT, NTOP]
     else:   # tl.dot needs 16 rows; a sum of products is exact and cheap at this size
-        score = tl.sum(pg[:, :, None] * w[None, :, :], axis=1)
+        score = tl.sum(pg[:, :, None] * wc.to(tl.float32)[None, :, :], axis=1)
     score += tl.where(jj[None, :] == 0, carry[:, None], 0.0)
     carry = tl.sum(pg * w_next[None, :], axis=1)
 
@@ -77,7 +98,7 @@ def nsa_select_kernel(
     DK: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr, BT: tl.constexpr,
     CMP_L: tl.constexpr, CMP_D: tl.constexpr, SEL_L: tl.constexpr,
     N_SEL: tl.constexpr, NTOP: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr,
-    PREC: tl.constexpr,
+    PREC: tl.constexpr, SPLIT_TC: tl.constexpr, SPLIT: tl.constexpr,
 ):
     pid = tl.program_id(0)
     hk = tl.program_id(1)
@@ -101,10 +122,10 @@ def nsa_select_kernel(
     n_full = band_keys(t0, t0, Tc, CMP_D, CMP_L - 1, 0)[1] // BC * NTOP
     for j0 in range(0, n_full, NTOP):
         top, carry = _chunk(j0, qa, qb, k, k0, hk, t, tp, lse2, last, Tq, Tc, top, carry, scale_log2,
-                            H, DK, KA, KB, BT, GP, CMP_L, CMP_D, SEL_L, NTOP, INIT, LOCAL, PREC, False)
+                            H, DK, KA, KB, BT, GP, CMP_L, CMP_D, SEL_L, NTOP, INIT, LOCAL, PREC, False, SPLIT_TC, SPLIT)
     for j0 in range(n_full, n_blocks, NTOP):
         top, carry = _chunk(j0, qa, qb, k, k0, hk, t, tp, lse2, last, Tq, Tc, top, carry, scale_log2,
-                            H, DK, KA, KB, BT, GP, CMP_L, CMP_D, SEL_L, NTOP, INIT, LOCAL, PREC, True)
+                            H, DK, KA, KB, BT, GP, CMP_L, CMP_D, SEL_L, NTOP, INIT, LOCAL, PREC, True, SPLIT_TC, SPLIT)
 
     keep = (top >= 0) & (jj[None, :] < N_SEL)  # top is in descending order: ranks < n
     blk = tl.where(keep, 2147483647 - (top & 0xFFFFFFFF), 2147483647).to(tl.int32)

@@ -87,11 +87,18 @@ def key_tiles(dk: int):
 
 
 def select(bk: int, gp: int):
-    """(rows, num_warps, num_stages) of the selection kernel."""
+    """(rows, num_warps, num_stages, split_tc) of the selection kernel; split_tc: the overlap
+    product on tensor cores (select.py). 64k sweep on an H100 (results/session8/call1,
+    ms, fp32 product -> tensor cores): G=1 (HQ=H=8, dk 128) 128 rows 9.35 (ptxas spills) ->
+    3.08, 64 rows 4.61 -> 2.82; G=4 (16/4) 128 rows 3.90 -> 4.78, 64 rows 4.08; paper (64/4,
+    dk 192) 128 rows/4 warps 15.6, 256 rows/8 warps 13.5 (17.98 on tensor cores).
+    NSA_TUNE='{"select": [rows, warps, stages(, split_tc)]}' overrides. The interpreter tiles
+    16 positions so that small groups take the tensor-core path there too."""
     if interpreting():
-        return max(1, 16 // gp) * gp, 4, 1
-    # 64k sweep after the split head dim and bitonic merge (H100): 128 rows 17.3 ms, 64 rows 18.2
-    return _pick("select", (128, 4, 2))
+        return (16 * gp, 4, 1, True) if gp <= 2 else (max(1, 16 // gp) * gp, 4, 1, False)
+    default = (64, 4, 2, True) if gp <= 2 else (128, 4, 2, False) if gp <= 4 else (256, 8, 2, False)
+    v = _pick("select", default)
+    return v if len(v) == 4 else (*v, default[3])
 
 
 def selected(kind: str, gp: int):
@@ -106,8 +113,9 @@ def selected_key_centric(g: int, kind: str) -> bool:
     """Whether the selected-attention forward (kind "fwd") or dQ ("bwd") runs key-centric
     (selected.py): for small groups, whose group-centric tiles are mostly padding. Measured at
     64k, dk = dv = 128, on an H100 (benchmarks/results/small_groups/call2): the forward at G=1
-    33.1 -> 11.8 ms, G=2 17.0 -> 13.1, G=4 16.7 -> 24.3 (slower); the backward at G=1
-    53.1 -> 13.5 ms, G=2 28.3 -> 13.4, G=4 30.0 -> 26.6. NSA_TUNE='{"selected_kc": [0]}' (or 1;
+    33.1 -> 11.8 ms, G=2 17.0 -> 13.1; the backward at G=1 53.1 -> 13.5 ms, G=2 28.3 -> 13.4,
+    G=4 30.0 -> 26.6. The forward at G=4 was slower (16.7 -> 24.3) until one inverse index
+    served all row chunks; since, 16.7 -> 6.7 ms (results/session8/call1). NSA_TUNE='{"selected_kc": [0]}' (or 1;
     "selected_kc_bwd" for dQ) forces it for A/B timing; the interpreter takes it for every
     G < 16, so that CI checks both."""
     forced = _pick("selected_kc" if kind == "fwd" else "selected_kc_bwd", None)
@@ -115,7 +123,7 @@ def selected_key_centric(g: int, kind: str) -> bool:
         return bool(forced[0])
     if interpreting():
         return g < 16
-    return g <= (2 if kind == "fwd" else 4)
+    return g <= 4
 
 
 def selected_key_centric_shape(gp: int):
