@@ -26,6 +26,7 @@ SWEEPS = {
     "select": [(64, 4, 2, 1), (64, 4, 2, 0), (128, 4, 2, 0), (128, 4, 2, 1), (32, 4, 2, 1), (128, 8, 2, 1),
                (256, 8, 2, 0), (256, 8, 2, 1), (64, 4, 3, 1)],   # (rows, warps, stages, tensor-core product)
     "selected_fwd": [(4, 2), (4, 1), (4, 3), (4, 4), (2, 2), (2, 1), (8, 2), (8, 3), (2, 3), (1, 2)],
+    "banded_unmasked": [(0,), (1,)],   # A/B: every banded tile masked vs unmasked inner tiles (both branches)
     "selected_kc": [(0,), (1,)],   # A/B: group-centric vs key-centric forward
     "selected_kc_shape": [(64, 1024, 16, 4, 2), (32, 1024, 16, 4, 2), (128, 1024, 16, 8, 2), (64, 4096, 16, 4, 2),
                           (64, 1024, 16, 4, 3), (64, 1024, 16, 8, 2), (32, 1024, 16, 2, 2), (64, 256, 16, 4, 2)],
@@ -74,7 +75,7 @@ def parts(T, HQ, H, dk, dv, cfg):
 
 
 # which ops a kernel's override affects
-AFFECTS = {"banded_fwd": ["cmp_fwd", "win_fwd"], "banded_dq": ["cmp_bwd", "win_bwd"], "banded_dkv": ["cmp_bwd", "win_bwd"],
+AFFECTS = {"banded_unmasked": ["cmp_fwd", "cmp_bwd", "win_fwd", "win_bwd"], "banded_fwd": ["cmp_fwd", "win_fwd"], "banded_dq": ["cmp_bwd", "win_bwd"], "banded_dkv": ["cmp_bwd", "win_bwd"],
            "select": ["select"], "selected_fwd": ["slc_fwd"], "selected_kc": ["slc_fwd", "api_fwd"],
            "selected_kc_shape": ["slc_fwd"], "selected_kc_mib": ["slc_fwd", "slc_bwd"],
            "selected_kc_bwd": ["slc_bwd", "api_fwd_bwd"], "selected_dq": ["slc_bwd"], "selected_dkv": ["slc_bwd"]}

@@ -31,6 +31,16 @@ def _delta_rows(o, dlse, do_tile, rows, row_ok, dv, DV: tl.constexpr):
 
 
 @triton.jit
+def _unmasked_keys(t0, t_last, s_lo, s_hi, Tk, BN: tl.constexpr, STRIDE: tl.constexpr, OFFSET: tl.constexpr,
+                   WIN: tl.constexpr):
+    """Key tiles [a, b) (of the walk s_lo, s_lo + BN, ...) that every query in [t0, t_last]
+    sees: no mask there; the band's edges [s_lo, a) and [b, s_hi) keep it."""
+    a = tl.minimum(s_lo + tl.cdiv(tl.maximum(band_keys(t_last, t_last, Tk, STRIDE, OFFSET, WIN)[0] - s_lo, 0), BN) * BN, s_hi)
+    b = a + tl.maximum(band_keys(t0, t0, Tk, STRIDE, OFFSET, WIN)[1] - a, 0) // BN * BN
+    return a, b
+
+
+@triton.jit
 def _fwd_tile(qa, qb, k, v, k0, s0, s_hi, t, hk, m_i, l_i, acc, scale_log2, H: tl.constexpr,
               DK: tl.constexpr, DV: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr, BV: tl.constexpr,
               BN: tl.constexpr, STRIDE: tl.constexpr, OFFSET: tl.constexpr, WIN: tl.constexpr,
@@ -72,12 +82,10 @@ def nsa_banded_fwd_kernel(
     acc = tl.zeros([BM, BV], tl.float32)
     t_last = tl.minimum(t0 + BT, Tq) - 1
     s_lo, s_hi = band_keys(t0, t_last, Tk, STRIDE, OFFSET, WIN)
-    # key tiles in [a, b) are visible to every row: no mask there (the band's edges keep it)
     a = s_lo
     b = s_lo
     if UNMASKED:
-        a = tl.minimum(s_lo + tl.cdiv(tl.maximum(band_keys(t_last, t_last, Tk, STRIDE, OFFSET, WIN)[0] - s_lo, 0), BN) * BN, s_hi)
-        b = a + tl.maximum(band_keys(t0, t0, Tk, STRIDE, OFFSET, WIN)[1] - a, 0) // BN * BN
+        a, b = _unmasked_keys(t0, t_last, s_lo, s_hi, Tk, BN, STRIDE, OFFSET, WIN)
     for s0 in range(s_lo, a, BN):
         m_i, l_i, acc = _fwd_tile(qa, qb, k, v, k0, s0, s_hi, t, hk, m_i, l_i, acc, scale_log2, H, DK, DV,
                                   KA, KB, BV, BN, STRIDE, OFFSET, WIN, PREC, True)
@@ -93,6 +101,30 @@ def nsa_banded_fwd_kernel(
 
 
 @triton.jit
+def _dq_tile(qa, qb, k, v, k0, s0, s_hi, t, hk, row_ok, do_tile, lse2, dlt, acc_a, acc_b, scale_log2,
+             H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr,
+             BV: tl.constexpr, BN: tl.constexpr, STRIDE: tl.constexpr, OFFSET: tl.constexpr, WIN: tl.constexpr,
+             PREC: tl.constexpr, MASKED: tl.constexpr):
+    """dQ of one key tile [s0, s0 + BN). Unmasked (every row sees every key), rows off the tile
+    load q = dO = 0, so their p = 1 but dS = p * (dO.v - delta) = 0: nothing to mask."""
+    s = s0 + tl.arange(0, BN)
+    dv = tl.arange(0, BV)
+    krow = (k0 + s).to(tl.int64) * H + hk
+    ka, kb = load_keys_t(k, krow, s < s_hi, DK, KA, KB)
+    vt = tl.load(v + krow[None, :] * DV + dv[:, None], mask=(s[None, :] < s_hi) & (dv[:, None] < DV), other=0.0)
+    qk = dot2(qa, qb, ka, kb, KB, PREC) * scale_log2
+    p = tl.exp2(qk - lse2[:, None])
+    if MASKED:
+        p = tl.where(band_visible(t[:, None], s[None, :], s_hi, STRIDE, OFFSET, WIN) & row_ok[:, None], p, 0.0)
+    dp = tl.dot(do_tile, vt, input_precision=PREC)  # [BM, BN]
+    ds = p * (dp - dlt[:, None])
+    acc_a = tl.dot(ds.to(ka.dtype), tl.trans(ka), acc_a, input_precision=PREC)
+    if KB > 0:
+        acc_b = tl.dot(ds.to(kb.dtype), tl.trans(kb), acc_b, input_precision=PREC)
+    return acc_a, acc_b
+
+
+@triton.jit
 def nsa_banded_bwd_dq_kernel(
     q, k, v, o, do, lse, dlse, delta, dq,
     cu_q, cu_k, tiles_q, n_seq, scale, scale_log2,
@@ -100,7 +132,7 @@ def nsa_banded_bwd_dq_kernel(
     DK: tl.constexpr, DV: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr, BV: tl.constexpr,
     BT: tl.constexpr, BN: tl.constexpr,
     STRIDE: tl.constexpr, OFFSET: tl.constexpr, WIN: tl.constexpr,
-    PREC: tl.constexpr,
+    PREC: tl.constexpr, UNMASKED: tl.constexpr,
 ):
     pid = tl.program_id(0)
     hk = tl.program_id(1)
@@ -118,21 +150,50 @@ def nsa_banded_bwd_dq_kernel(
 
     BM: tl.constexpr = BT * GP
     acc_a, acc_b = zeros2(BM, KA, KB)
-    s_lo, s_hi = band_keys(t0, tl.minimum(t0 + BT, Tq) - 1, Tk, STRIDE, OFFSET, WIN)
-    for s0 in range(s_lo, s_hi, BN):
-        s = s0 + tl.arange(0, BN)
-        krow = (k0 + s).to(tl.int64) * H + hk
-        ka, kb = load_keys_t(k, krow, s < s_hi, DK, KA, KB)
-        vt = tl.load(v + krow[None, :] * DV + dv[:, None], mask=(s[None, :] < s_hi) & (dv[:, None] < DV), other=0.0)
-        qk = dot2(qa, qb, ka, kb, KB, PREC) * scale_log2
-        vis = band_visible(t[:, None], s[None, :], s_hi, STRIDE, OFFSET, WIN) & row_ok[:, None]
-        p = tl.where(vis, tl.exp2(qk - lse2[:, None]), 0.0)
-        dp = tl.dot(dot_, vt, input_precision=PREC)  # [BM, BN]
-        ds = p * (dp - dlt[:, None])
-        acc_a = tl.dot(ds.to(ka.dtype), tl.trans(ka), acc_a, input_precision=PREC)
-        if KB > 0:
-            acc_b = tl.dot(ds.to(kb.dtype), tl.trans(kb), acc_b, input_precision=PREC)
+    t_last = tl.minimum(t0 + BT, Tq) - 1
+    s_lo, s_hi = band_keys(t0, t_last, Tk, STRIDE, OFFSET, WIN)
+    a = s_lo
+    b = s_lo
+    if UNMASKED:
+        a, b = _unmasked_keys(t0, t_last, s_lo, s_hi, Tk, BN, STRIDE, OFFSET, WIN)
+    for s0 in range(s_lo, a, BN):
+        acc_a, acc_b = _dq_tile(qa, qb, k, v, k0, s0, s_hi, t, hk, row_ok, dot_, lse2, dlt, acc_a, acc_b, scale_log2,
+                                H, DK, DV, KA, KB, BV, BN, STRIDE, OFFSET, WIN, PREC, True)
+    for s0 in range(a, b, BN):
+        acc_a, acc_b = _dq_tile(qa, qb, k, v, k0, s0, s_hi, t, hk, row_ok, dot_, lse2, dlt, acc_a, acc_b, scale_log2,
+                                H, DK, DV, KA, KB, BV, BN, STRIDE, OFFSET, WIN, PREC, False)
+    for s0 in range(b, s_hi, BN):
+        acc_a, acc_b = _dq_tile(qa, qb, k, v, k0, s0, s_hi, t, hk, row_ok, dot_, lse2, dlt, acc_a, acc_b, scale_log2,
+                                H, DK, DV, KA, KB, BV, BN, STRIDE, OFFSET, WIN, PREC, True)
     store_rows2(dq, rows, row_ok, DK, KA, KB, acc_a * scale, acc_b * scale)
+
+
+@triton.jit
+def _dkv_tile(tq, t_hi, q, do, lse, delta, q0, hk, s, Tk, ka, kb, vv, dk_a, dk_b, dv_acc, scale_log2,
+              HQ: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+              KA: tl.constexpr, KB: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr, STRIDE: tl.constexpr,
+              OFFSET: tl.constexpr, WIN: tl.constexpr, PREC: tl.constexpr, MASKED: tl.constexpr):
+    """dK/dV of the key tile s from the query tile [tq, tq + BT). Unmasked (every query sees
+    every key), rows off the tile load q = dO = lse = delta = 0: p = 1 there, but it meets
+    dO = 0 and dS = p * (v.dO - delta) = 0, so they add nothing."""
+    t, head, row_ok = tile_rows(tq, t_hi, hk, G, GP, BT)
+    rows = (q0 + t).to(tl.int64) * HQ + head
+    dv = tl.arange(0, BV)
+    qa, qb = load_rows2(q, rows, row_ok, DK, KA, KB)
+    dot_ = load_rows(do, rows, row_ok, dv, DV)
+    lse2 = tl.load(lse + rows, mask=row_ok, other=0.0) * 1.4426950408889634
+    dlt = tl.load(delta + rows, mask=row_ok, other=0.0)
+    st = dot2(ka, kb, tl.trans(qa), tl.trans(qb), KB, PREC) * scale_log2    # [BN, BM]
+    pt = tl.exp2(st - lse2[None, :])
+    if MASKED:
+        pt = tl.where(band_visible(t[None, :], s[:, None], Tk, STRIDE, OFFSET, WIN) & row_ok[None, :], pt, 0.0)
+    dv_acc += tl.dot(pt.to(dot_.dtype), dot_, input_precision=PREC)
+    dpt = tl.dot(vv, tl.trans(dot_), input_precision=PREC)  # [BN, BM]
+    dst = pt * (dpt - dlt[None, :])
+    dk_a = tl.dot(dst.to(qa.dtype), qa, dk_a, input_precision=PREC)
+    if KB > 0:
+        dk_b = tl.dot(dst.to(qb.dtype), qb, dk_b, input_precision=PREC)
+    return dk_a, dk_b, dv_acc
 
 
 @triton.jit
@@ -143,7 +204,7 @@ def nsa_banded_bwd_dkv_kernel(
     DK: tl.constexpr, DV: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr, BV: tl.constexpr,
     BT: tl.constexpr, BN: tl.constexpr,
     STRIDE: tl.constexpr, OFFSET: tl.constexpr, WIN: tl.constexpr, NSPLIT: tl.constexpr,
-    PREC: tl.constexpr,
+    PREC: tl.constexpr, UNMASKED: tl.constexpr,
 ):
     pid = tl.program_id(0)
     hk = tl.program_id(1)
@@ -170,21 +231,23 @@ def nsa_banded_bwd_dkv_kernel(
         krow = krow + split.to(tl.int64) * tl.load(cu_k + n_seq) * H
     dk_a, dk_b = zeros2(BN, KA, KB)
     dv_acc = tl.zeros([BN, BV], tl.float32)
-    for tq in range(t_lo, t_hi, BT):
-        t, head, row_ok = tile_rows(tq, t_hi, hk, G, GP, BT)
-        rows = (q0 + t).to(tl.int64) * HQ + head
-        qa, qb = load_rows2(q, rows, row_ok, DK, KA, KB)
-        dot_ = load_rows(do, rows, row_ok, dv, DV)
-        lse2 = tl.load(lse + rows, mask=row_ok, other=0.0) * 1.4426950408889634
-        dlt = tl.load(delta + rows, mask=row_ok, other=0.0)
-        st = dot2(ka, kb, tl.trans(qa), tl.trans(qb), KB, PREC) * scale_log2    # [BN, BM]
-        vis = band_visible(t[None, :], s[:, None], Tk, STRIDE, OFFSET, WIN) & row_ok[None, :]
-        pt = tl.where(vis, tl.exp2(st - lse2[None, :]), 0.0)
-        dv_acc += tl.dot(pt.to(dot_.dtype), dot_, input_precision=PREC)
-        dpt = tl.dot(vv, tl.trans(dot_), input_precision=PREC)  # [BN, BM]
-        dst = pt * (dpt - dlt[None, :])
-        dk_a = tl.dot(dst.to(qa.dtype), qa, dk_a, input_precision=PREC)
-        if KB > 0:
-            dk_b = tl.dot(dst.to(qb.dtype), qb, dk_b, input_precision=PREC)
+    # query tiles in [a, b) see every key of the tile: no mask there
+    a = t_lo
+    b = t_lo
+    if UNMASKED:
+        a = tl.minimum(t_lo + tl.cdiv(tl.maximum(s_last * STRIDE + OFFSET - t_lo, 0), BT) * BT, t_hi)
+        end = t_hi
+        if WIN > 0:
+            end = tl.minimum(t_hi, s0 * STRIDE + OFFSET + WIN)
+        b = a + tl.maximum(end - a, 0) // BT * BT
+    for tq in range(t_lo, a, BT):
+        dk_a, dk_b, dv_acc = _dkv_tile(tq, t_hi, q, do, lse, delta, q0, hk, s, Tk, ka, kb, vv, dk_a, dk_b, dv_acc,
+                                       scale_log2, HQ, G, GP, DK, DV, KA, KB, BV, BT, STRIDE, OFFSET, WIN, PREC, True)
+    for tq in range(a, b, BT):
+        dk_a, dk_b, dv_acc = _dkv_tile(tq, t_hi, q, do, lse, delta, q0, hk, s, Tk, ka, kb, vv, dk_a, dk_b, dv_acc,
+                                       scale_log2, HQ, G, GP, DK, DV, KA, KB, BV, BT, STRIDE, OFFSET, WIN, PREC, False)
+    for tq in range(b, t_hi, BT):
+        dk_a, dk_b, dv_acc = _dkv_tile(tq, t_hi, q, do, lse, delta, q0, hk, s, Tk, ka, kb, vv, dk_a, dk_b, dv_acc,
+                                       scale_log2, HQ, G, GP, DK, DV, KA, KB, BV, BT, STRIDE, OFFSET, WIN, PREC, True)
     store_rows2(dk_out, krow, kmask, DK, KA, KB, dk_a * scale, dk_b * scale)
     store_rows(dv_out, krow, kmask, dv, DV, dv_acc)

@@ -55,7 +55,7 @@ def _banded_meta(kind, q, v, stride, offset, win):
                 STRIDE=stride, OFFSET=offset, WIN=win, PREC=_prec(q), num_warps=warps,
                 num_stages=stages)
     meta = _key_dims(meta)
-    return dict(meta, UNMASKED=tuning.banded_unmasked(win)) if kind == "fwd" else meta
+    return dict(meta, UNMASKED=tuning.banded_unmasked(win))
 
 
 @custom_op("nsa::banded_fwd", mutates_args=())
