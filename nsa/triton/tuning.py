@@ -41,8 +41,10 @@ def banded(kind: str, bk: int, bv: int, gp: int):
 def banded_unmasked(win: int) -> bool:
     """Whether the banded kernels run the tiles every row sees without a mask, in a loop of
     their own (the forward and dQ over key tiles, dK/dV over query tiles). Pays for the
-    compression branch's forward (64k, H100: 14.0 -> 12.1 ms); the window's band is ~9 tiles,
-    split 1 + 7 + 1, and its forward was slower that way (4.23 -> 4.55 ms).
+    compression branch (64k, H100: forward 14.0 -> 12.1 ms; backward 80.7 -> 77.5,
+    results/session8/call5); the window's band is ~9 tiles, split 1 + 7 + 1, and its forward
+    was slower that way (4.23 -> 4.55 ms; its backward read 23.5 -> 20.5 ms, within the
+    run's spread of 21.3-23.5 for the masked one, so left masked).
     NSA_TUNE='{"banded_unmasked": [1]}' forces it on (0: off) for A/B timing. The interpreter
     always takes it, so that CI checks the unmasked tiles of both branches."""
     if interpreting():
