@@ -31,13 +31,18 @@ def _delta_rows(o, dlse, do_tile, rows, row_ok, dv, DV: tl.constexpr):
 
 
 @triton.jit
-def _unmasked_keys(t0, t_last, s_lo, s_hi, Tk, BN: tl.constexpr, STRIDE: tl.constexpr, OFFSET: tl.constexpr,
-                   WIN: tl.constexpr):
-    """Key tiles [a, b) (of the walk s_lo, s_lo + BN, ...) that every query in [t0, t_last]
-    sees: no mask there; the band's edges [s_lo, a) and [b, s_hi) keep it."""
-    a = tl.minimum(s_lo + tl.cdiv(tl.maximum(band_keys(t_last, t_last, Tk, STRIDE, OFFSET, WIN)[0] - s_lo, 0), BN) * BN, s_hi)
-    b = a + tl.maximum(band_keys(t0, t0, Tk, STRIDE, OFFSET, WIN)[1] - a, 0) // BN * BN
-    return a, b
+def _key_walk(t0, t_last, Tk, BN: tl.constexpr, STRIDE: tl.constexpr, OFFSET: tl.constexpr, WIN: tl.constexpr,
+              UNMASKED: tl.constexpr):
+    """The key tiles of the queries [t0, t_last], walked from s_lo in steps of BN up to s_hi:
+    (s_lo, a, b, s_hi) with [a, b) the tiles every one of those queries sees (no mask there; the
+    band's edges [s_lo, a) and [b, s_hi) keep it); a = b = s_lo when not UNMASKED."""
+    s_lo, s_hi = band_keys(t0, t_last, Tk, STRIDE, OFFSET, WIN)
+    a = s_lo
+    b = s_lo
+    if UNMASKED:
+        a = tl.minimum(s_lo + tl.cdiv(tl.maximum(band_keys(t_last, t_last, Tk, STRIDE, OFFSET, WIN)[0] - s_lo, 0), BN) * BN, s_hi)
+        b = a + tl.maximum(band_keys(t0, t0, Tk, STRIDE, OFFSET, WIN)[1] - a, 0) // BN * BN
+    return s_lo, a, b, s_hi
 
 
 @triton.jit
@@ -80,12 +85,7 @@ def nsa_banded_fwd_kernel(
     m_i = tl.full([BM], float("-inf"), tl.float32)
     l_i = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, BV], tl.float32)
-    t_last = tl.minimum(t0 + BT, Tq) - 1
-    s_lo, s_hi = band_keys(t0, t_last, Tk, STRIDE, OFFSET, WIN)
-    a = s_lo
-    b = s_lo
-    if UNMASKED:
-        a, b = _unmasked_keys(t0, t_last, s_lo, s_hi, Tk, BN, STRIDE, OFFSET, WIN)
+    s_lo, a, b, s_hi = _key_walk(t0, tl.minimum(t0 + BT, Tq) - 1, Tk, BN, STRIDE, OFFSET, WIN, UNMASKED)
     for s0 in range(s_lo, a, BN):
         m_i, l_i, acc = _fwd_tile(qa, qb, k, v, k0, s0, s_hi, t, hk, m_i, l_i, acc, scale_log2, H, DK, DV,
                                   KA, KB, BV, BN, STRIDE, OFFSET, WIN, PREC, True)
@@ -98,6 +98,19 @@ def nsa_banded_fwd_kernel(
     out, lse_val = softmax_finish(m_i, l_i, acc)
     store_rows(o, rows, row_ok, dv, DV, out)
     tl.store(lse + rows, lse_val, mask=row_ok)
+
+
+@triton.jit
+def _query_tile(q, do, lse, q0, t0, Tq, hk, HQ: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, DK: tl.constexpr,
+                DV: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr):
+    """What the backward needs of the query tile [t0, t0 + BT) x G heads: its positions, row
+    offsets and validity, q (two column tiles), dO and lse * log2(e); zeros off the tile."""
+    t, head, row_ok = tile_rows(t0, Tq, hk, G, GP, BT)
+    rows = (q0 + t).to(tl.int64) * HQ + head
+    qa, qb = load_rows2(q, rows, row_ok, DK, KA, KB)
+    do_tile = load_rows(do, rows, row_ok, tl.arange(0, BV), DV)
+    lse2 = tl.load(lse + rows, mask=row_ok, other=0.0) * 1.4426950408889634
+    return t, rows, row_ok, qa, qb, do_tile, lse2
 
 
 @triton.jit
@@ -139,23 +152,13 @@ def nsa_banded_bwd_dq_kernel(
     if pid >= tl.load(tiles_q + n_seq):
         return
     q0, Tq, k0, Tk, t0 = seq_tile(pid, tiles_q, cu_q, cu_k, n_seq, BT)
-    t, head, row_ok = tile_rows(t0, Tq, hk, G, GP, BT)
-    rows = (q0 + t).to(tl.int64) * HQ + head
-    dv = tl.arange(0, BV)
-    qa, qb = load_rows2(q, rows, row_ok, DK, KA, KB)
-    dot_ = load_rows(do, rows, row_ok, dv, DV)
-    lse2 = tl.load(lse + rows, mask=row_ok, other=0.0) * 1.4426950408889634
-    dlt = _delta_rows(o, dlse, dot_, rows, row_ok, dv, DV)
+    t, rows, row_ok, qa, qb, dot_, lse2 = _query_tile(q, do, lse, q0, t0, Tq, hk, HQ, G, GP, DK, DV, KA, KB, BV, BT)
+    dlt = _delta_rows(o, dlse, dot_, rows, row_ok, tl.arange(0, BV), DV)
     tl.store(delta + rows, dlt, mask=row_ok)
 
     BM: tl.constexpr = BT * GP
     acc_a, acc_b = zeros2(BM, KA, KB)
-    t_last = tl.minimum(t0 + BT, Tq) - 1
-    s_lo, s_hi = band_keys(t0, t_last, Tk, STRIDE, OFFSET, WIN)
-    a = s_lo
-    b = s_lo
-    if UNMASKED:
-        a, b = _unmasked_keys(t0, t_last, s_lo, s_hi, Tk, BN, STRIDE, OFFSET, WIN)
+    s_lo, a, b, s_hi = _key_walk(t0, tl.minimum(t0 + BT, Tq) - 1, Tk, BN, STRIDE, OFFSET, WIN, UNMASKED)
     for s0 in range(s_lo, a, BN):
         acc_a, acc_b = _dq_tile(qa, qb, k, v, k0, s0, s_hi, t, hk, row_ok, dot_, lse2, dlt, acc_a, acc_b, scale_log2,
                                 H, DK, DV, KA, KB, BV, BN, STRIDE, OFFSET, WIN, PREC, True)
@@ -176,12 +179,7 @@ def _dkv_tile(tq, t_hi, q, do, lse, delta, q0, hk, s, Tk, ka, kb, vv, dk_a, dk_b
     """dK/dV of the key tile s from the query tile [tq, tq + BT). Unmasked (every query sees
     every key), rows off the tile load q = dO = lse = delta = 0: p = 1 there, but it meets
     dO = 0 and dS = p * (v.dO - delta) = 0, so they add nothing."""
-    t, head, row_ok = tile_rows(tq, t_hi, hk, G, GP, BT)
-    rows = (q0 + t).to(tl.int64) * HQ + head
-    dv = tl.arange(0, BV)
-    qa, qb = load_rows2(q, rows, row_ok, DK, KA, KB)
-    dot_ = load_rows(do, rows, row_ok, dv, DV)
-    lse2 = tl.load(lse + rows, mask=row_ok, other=0.0) * 1.4426950408889634
+    t, rows, row_ok, qa, qb, dot_, lse2 = _query_tile(q, do, lse, q0, tq, t_hi, hk, HQ, G, GP, DK, DV, KA, KB, BV, BT)
     dlt = tl.load(delta + rows, mask=row_ok, other=0.0)
     st = dot2(ka, kb, tl.trans(qa), tl.trans(qb), KB, PREC) * scale_log2    # [BN, BM]
     pt = tl.exp2(st - lse2[None, :])
