@@ -115,7 +115,7 @@ def evaluate(a) -> int:
     import torch
 
     from nsa.data import load_corpus
-    from nsa.eval import DEPTHS, mqar_accuracy, needle_grid, passkey_lengths
+    from nsa.eval import DEPTHS, mqar_accuracy, mqar_at_trained_length, needle_grid, passkey_lengths
     from nsa.train import TrainConfig, Trainer, model_config_from
     s = torch.load(a.checkpoint, map_location="cpu", weights_only=False)
     tr = Trainer(model_config_from(s["model_cfg"]), TrainConfig(**{**s["train_cfg"], "device": a.device}),
@@ -123,12 +123,9 @@ def evaluate(a) -> int:
     tr.load(a.checkpoint)
     lengths, depths = a.lengths or passkey_lengths(tr.cfg), DEPTHS
     grid = needle_grid(tr.model, tr.val_data, lengths, depths, n=a.samples, device=tr.device)
-    c = tr.cfg
-    L_mq = c.passkey_len or c.seq_len
-    mq_long = mqar_accuracy(tr.model, n_pairs=c.mqar_pairs, n_queries=c.mqar_queries, device=tr.device,
-                            length=L_mq, filler=tr.val_data)
+    L_mq, mq_long = mqar_at_trained_length(tr)
     print(f"held-out loss {tr.val_loss():.4f}; MQAR accuracy {mqar_accuracy(tr.model, device=tr.device):.2f} "
-          f"(16 pairs, no gap), {mq_long:.2f} at {L_mq} tokens ({c.mqar_pairs} pairs, text between pairs and queries)")
+          f"(16 pairs, no gap), {mq_long:.2f} at {L_mq} tokens ({tr.cfg.mqar_pairs} pairs, text between pairs and queries)")
     print("passkey accuracy (rows: length; columns: depth " + ", ".join(f"{d:.0%}" for d in depths) + ")")
     for L_, row in zip(lengths, grid):
         print(f"  {L_:6d}: " + "  ".join(f"{v:.2f}" for v in row))

@@ -179,7 +179,9 @@ def mqar_min_length(n_pairs, n_queries):
 
 def mqar_batch(batch_size, n_pairs, n_queries, rng, vocab=256, length=None, filler=None):
     """Multi-query associative recall: 'k v k v ... | q ? q ? ...' with byte keys from the upper
-    half of the vocabulary and values from the lower half; loss on the recalled values. With
+    half of the vocabulary and values from the lower half; loss on the recalled values. The
+    queries ask distinct keys (while n_queries <= n_pairs), so that no answer can be copied from
+    an earlier query: only the pairs hold it. With
     `length` (and a `filler` corpus), each example is `length` tokens: the pairs, a gap of
     filler text (bytes of the upper half and 0 replaced by spaces, so keys and the separator
     occur only where placed), then the separator and the queries, so that every query is at
@@ -192,7 +194,7 @@ def mqar_batch(batch_size, n_pairs, n_queries, rng, vocab=256, length=None, fill
     for _ in range(batch_size):
         keys = rng.choice(np.arange(vocab // 2, vocab), n_pairs, replace=False)
         vals = rng.integers(1, vocab // 2, n_pairs)
-        ask = rng.integers(0, n_pairs, n_queries)
+        ask = rng.choice(n_pairs, n_queries, replace=n_queries > n_pairs)
         gap = np.zeros(0, dtype=np.int64)
         if length is not None:
             start = int(rng.integers(0, len(filler) - (length - short)))

@@ -155,6 +155,7 @@ def test_passkey_and_mqar_data():
             for pos in qs:
                 key_tok, val = x[i, pos].item(), y[i, pos].item()
                 assert key_tok >= 128 and ctx[ctx.index(key_tok) + 1] == val
+            assert len({x[i, pos].item() for pos in qs}) == len(qs)   # distinct keys asked: nothing to copy
             keys_at = (x[i] >= 128).nonzero().flatten().tolist()   # keys only where placed
             assert keys_at == list(range(0, 12, 2)) + qs and (x[i] == 0).sum() == 1
     with pytest.raises(ValueError, match="needs a filler"):
