@@ -137,7 +137,7 @@ def select_blocks(q: Tensor, k: Tensor, lse: Tensor, cu_q: Tensor, cu_k: Tensor,
                   sel_init_blocks: int, sel_local_blocks: int) -> Tensor:
     N, HQ, H, G, GP, DK, DV, BK, BV = _dims(q, k)
     n_seq = cu_q.numel() - 1
-    rows, warps, stages, split_tc = tuning.select(BK, GP)
+    rows, warps, stages, split_tc = tuning.select(DK, GP)
     KA, KB = tuning.key_tiles(DK)
     BT = max(1, rows // GP)
     # tensor-core overlap product: needs 16 rows for tl.dot and counts exact in bf16

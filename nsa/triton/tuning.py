@@ -89,19 +89,21 @@ def key_tiles(dk: int):
     return _pick("key_tiles", (ka, kb) if full != dk and ka + kb < full else (full, 0))
 
 
-def select(bk: int, gp: int):
+def select(dk: int, gp: int):
     """(rows, num_warps, num_stages, split_tc) of the selection kernel; split_tc: the overlap
     product on tensor cores (select.py). 64k sweeps on an H100 (results/session8/call1, call2;
     ms, fp32 product -> tensor cores): G=1 (HQ=H=8, dk 128) 128 rows 9.35 (ptxas spills) ->
     3.12, 64 rows 4.61 -> 3.03; G=2 (8/4) 128 rows 2.89 -> 2.47, 64 rows 2.69 -> 3.23; G=4
     (16/4) 128 rows 3.90 -> 4.78, 64 rows 4.08; paper (64/4, dk 192) 128 rows/4 warps 15.6,
     256 rows/8 warps 13.5 (17.98 on tensor cores). So: 64 positions a tile on tensor cores
-    for G <= 2, fp32 products beyond.
+    for G <= 2, fp32 products beyond. Past dk 192 the 256-row tile would hold ~205 KB of shared
+    memory (sm_90 allows 227; unmeasured there): 128 rows / 4 warps as before.
     NSA_TUNE='{"select": [rows, warps, stages(, split_tc)]}' overrides. The interpreter tiles
     16 positions so that small groups take the tensor-core path there too."""
     if interpreting():
         return (16 * gp, 4, 1, True) if gp <= 2 else (max(1, 16 // gp) * gp, 4, 1, False)
-    default = (64 * gp, 4, 2, True) if gp <= 2 else (128, 4, 2, False) if gp <= 4 else (256, 8, 2, False)
+    default = ((64 * gp, 4, 2, True) if gp <= 2 else (128, 4, 2, False) if gp <= 4 or dk > 192
+               else (256, 8, 2, False))
     v = _pick("select", default)
     return v if len(v) == 4 else (*v, default[3])
 
