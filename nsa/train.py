@@ -169,23 +169,15 @@ class Trainer:
         phase = (c.steps / 2) / len(lens)
         return lens[int(step // phase)] if step < c.steps / 2 else full
 
-    def passkey_batch(self):
-        """The step's passkey examples: passkey_rows rows of seq_len bytes, each cut into
-        seq_len // n examples of n = passkey_len_at(step) bytes (tokens per step do not change)."""
-        c = self.cfg
-        if not c.passkey_rows:
-            return None, None
-        n = self.passkey_len_at(self.step)
-        return passkey_batch(self.train_data, c.passkey_rows * (c.seq_len // n), n, self.pk_rng,
-                             needles=c.passkey_needles)
-
     def tasks(self):
         """The step's retrieval examples by task: passkey and MQAR rows, each row of seq_len
-        tokens cut into examples of passkey_len_at(step) tokens."""
+        tokens cut into seq_len // n examples of n = passkey_len_at(step) tokens (tokens per
+        step do not change)."""
         c, n = self.cfg, self.passkey_len_at(self.step)
         out = {}
         if c.passkey_rows:
-            out["passkey"] = self.passkey_batch()
+            out["passkey"] = passkey_batch(self.train_data, c.passkey_rows * (c.seq_len // n), n, self.pk_rng,
+                                           needles=c.passkey_needles)
         if c.mqar_rows:
             out["mqar"] = mqar_batch(c.mqar_rows * (c.seq_len // n), c.mqar_pairs, c.mqar_queries,
                                      self.mq_rng, length=n, filler=self.train_data)

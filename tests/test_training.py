@@ -80,7 +80,7 @@ def test_progress_and_metrics(tmp_path):
 
 def test_short_passkey_examples(tmp_path):
     tr = Trainer(TINY, _cfg(tmp_path, seq_len=300, passkey_rows=2, passkey_len=100), corpus=_corpus(), log=None)
-    x, y = tr.passkey_batch()
+    x, y = tr.tasks()["passkey"]
     assert x.shape == y.shape == (6, 100) and ((y >= 0).sum(1) == 5).all()
     r = tr.train_step()
     assert np.isfinite(r["passkey_loss"]) and 0 <= r["passkey_digit_acc"] <= 1
@@ -90,7 +90,7 @@ def test_short_passkey_examples(tmp_path):
                   corpus=_corpus(), log=None)   # 100, 200, 400 over steps 0-5, then 800
     assert [cur.passkey_len_at(s) for s in range(12)] == [100, 100, 200, 200, 400, 400] + [800] * 6
     cur.step = 3
-    assert cur.passkey_batch()[0].shape == (4, 200)
+    assert cur.tasks()["passkey"][0].shape == (4, 200)
     assert cur.tasks()["mqar"][0].shape == (4, 200)   # MQAR examples follow the same lengths
     with pytest.raises(ValueError, match="MQAR examples of 50 pairs"):
         Trainer(TINY, _cfg(tmp_path, seq_len=100, mqar_pairs=50), corpus=_corpus(), log=None)

@@ -308,6 +308,7 @@ def selected_bwd(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, o: Tensor, lse: T
     dk_part = torch.empty(ii.n_part, BS, DK, dtype=torch.float32, device=q.device)
     dv_part = torch.empty(ii.n_part, BS, DV, dtype=torch.float32, device=q.device)
     dq_part = empty(chunk * H * n, G, DK, dtype=q.dtype, device=q.device) if kc else dq
+    BT = tuning.selected_key_centric_shape(GP)[2]   # positions per dQ-sum program
     for c, row0 in enumerate(range(0, N, chunk)):
         R = min(chunk, N - row0)
         add = c > 0
@@ -320,7 +321,6 @@ def selected_bwd(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, o: Tensor, lse: T
             dk_sum, dv_sum, dk_part, dv_part, ii.seg_cu[c], ii.part_cu[c], ii.blk_cu, cu_q, n_seq, ii.nbu,
             BK=BK, ACCUM=add, num_warps=4, **common)
         if kc:
-            BT = tuning.selected_key_centric_shape(GP)[2]   # positions per merge program
             nsa_selected_dq_sum_kernel[(triton.cdiv(R, BT), H)](
                 idx, ii.pos_of, dq_part, dq, row0, R, scale, HQ=HQ, H=H, G=G, GP=GP, DK=DK, BK=BK, BT=BT,
                 N_SEL=n, num_warps=4)

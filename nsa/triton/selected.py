@@ -14,8 +14,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .utils import (dot2, dot_keys, find_segment, load_keys_t, load_rows2, load_rows, softmax_finish, softmax_step,
-                    store_rows, store_rows2, tile_rows, zeros2)
+from .utils import (dot2, dot_keys, find_segment, load_keys_t, load_rows2, load_rows, running_max, softmax_finish,
+                    softmax_step, store_rows, store_rows2, tile_rows, zeros2)
 
 
 @triton.jit
@@ -298,9 +298,7 @@ def nsa_selected_merge_kernel(
         prow, valid = _slot_partial(idx, pos_of, sel, slot, ok, g, row0 * H * N_SEL, G)
         lj = tl.load(lse_part + prow, mask=valid, other=float("-inf")) * 1.4426950408889634
         oj = load_rows(o_part, prow, valid, dv, DV).to(tl.float32)
-        m_new = tl.maximum(m_i, lj)
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_use)
+        m_new, m_use, alpha = running_max(m_i, lj)
         w = tl.exp2(lj - m_use)
         acc = acc * alpha[:, None] + w[:, None] * oj
         l_i = l_i * alpha + w

@@ -175,14 +175,22 @@ def store_rows(base, rows, ok, cols, D: tl.constexpr, val):
 
 
 @triton.jit
+def running_max(m_i, m_cand):
+    """A running log2 max m_i [M] meets new values' max m_cand [M]: (the new max, the max to
+    subtract (0 while still -inf, so that exp2 sees no -inf - -inf), the factor that rescales
+    what was summed under m_i)."""
+    m_new = tl.maximum(m_i, m_cand)
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    return m_new, m_use, tl.exp2(m_i - m_use)
+
+
+@triton.jit
 def softmax_step(qk, vt, m_i, l_i, acc, PREC: tl.constexpr):
     """One flash-attention step: log2-scaled logits qk [M, N] (-inf where masked) and values
     vt [N, V] update the running max m_i [M], sum l_i [M] and accumulator acc [M, V]. A row that
     has seen nothing keeps m = -inf, l = 0, acc = 0."""
-    m_new = tl.maximum(m_i, tl.max(qk, 1))
-    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    m_new, m_use, alpha = running_max(m_i, tl.max(qk, 1))
     p = tl.exp2(qk - m_use[:, None])
-    alpha = tl.exp2(m_i - m_use)
     acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PREC)
     return m_new, l_i * alpha + tl.sum(p, 1), acc
 
