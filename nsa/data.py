@@ -121,6 +121,11 @@ MARKS = bytes(range(0x10, 0x20))
 QUESTION = b"\nWhat is the pass key? The pass key is "
 
 
+def passkey_min_length(needles: int = 1, digits: int = 5) -> int:
+    """Shortest passkey example: the needles, the questions with their answers, one filler byte."""
+    return needles * (len(b" The pass key is ") + 1 + digits + len(b". Remember it. ") + len(QUESTION) + 1 + digits) + 1
+
+
 def passkey_example(filler: np.ndarray, length: int, depth: float | None, rng, digits: int = 5,
                     needles: int = 1):
     """`length` bytes: a haystack of filler holding `needles` needles 'The pass key is
@@ -134,7 +139,8 @@ def passkey_example(filler: np.ndarray, length: int, depth: float | None, rng, d
     needle = [b" The pass key is " + m + k + b". Remember it. " for m, k in zip(marks, keys)]
     room = length - sum(map(len, needle)) - needles * (len(QUESTION) + 1 + digits)
     if room < 1:
-        raise ValueError(f"length {length} too short for {needles} passkey needle(s)")
+        raise ValueError(f"length {length} too short for {needles} passkey needle(s): "
+                         f"needs >= {passkey_min_length(needles, digits)}")
     start = int(rng.integers(0, len(filler) - room))
     hay = filler[start:start + room].tobytes()
     for m in MARKS:   # a user corpus may hold a marker byte: only the needles do

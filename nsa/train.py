@@ -30,7 +30,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_optimizer_state_dict)
 from torch.nn.parallel import DistributedDataParallel
 
-from .data import Batches, load_corpus, mqar_batch, mqar_min_length, passkey_batch
+from .data import Batches, load_corpus, mqar_batch, mqar_min_length, passkey_batch, passkey_min_length
 from .model import LanguageModel, ModelConfig
 from .reference import compute_dtype
 
@@ -122,8 +122,13 @@ class Trainer:
         if text_rows < 1:
             raise ValueError(f"batch_size ({cfg.batch_size}) must exceed passkey_rows + mqar_rows "
                              f"({cfg.passkey_rows} + {cfg.mqar_rows})")
+        shortest = cfg.passkey_len_from or cfg.passkey_len or cfg.seq_len
+        need = passkey_min_length(cfg.passkey_needles)
+        if cfg.passkey_rows and need > shortest:
+            raise ValueError(f"passkey examples with {cfg.passkey_needles} needle(s) need {need} tokens: more "
+                             f"than the (shortest) example length {shortest}")
         need = mqar_min_length(cfg.mqar_pairs, cfg.mqar_queries)
-        if cfg.mqar_rows and need > (cfg.passkey_len_from or cfg.passkey_len or cfg.seq_len):
+        if cfg.mqar_rows and need > shortest:
             raise ValueError(f"MQAR examples of {cfg.mqar_pairs} pairs and {cfg.mqar_queries} queries need "
                              f"{need} tokens: more than the example length")
         if not 1 <= cfg.mqar_pairs <= 128 or cfg.mqar_queries < 1:

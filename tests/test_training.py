@@ -92,6 +92,8 @@ def test_short_passkey_examples(tmp_path):
     cur.step = 3
     assert cur.tasks()["passkey"][0].shape == (4, 200)
     assert cur.tasks()["mqar"][0].shape == (4, 200)   # MQAR examples follow the same lengths
+    with pytest.raises(ValueError, match="passkey examples with 1 needle\\(s\\) need 84 tokens"):
+        Trainer(TINY, _cfg(tmp_path, seq_len=800, passkey_len=800, passkey_len_from=64), corpus=_corpus(), log=None)
     with pytest.raises(ValueError, match="MQAR examples of 50 pairs"):
         Trainer(TINY, _cfg(tmp_path, seq_len=100, mqar_pairs=50), corpus=_corpus(), log=None)
     with pytest.raises(ValueError, match="must exceed passkey_rows \\+ mqar_rows"):
