@@ -115,7 +115,7 @@ def evaluate(a) -> int:
     import torch
 
     from nsa.data import load_corpus
-    from nsa.eval import DEPTHS, mqar_accuracy, mqar_at_trained_length, needle_grid, passkey_lengths
+    from nsa.eval import DEPTHS, mqar_accuracy, mqar_at_trained_length, needle_grid, needle_selection, passkey_lengths
     from nsa.train import TrainConfig, Trainer, model_config_from
     s = torch.load(a.checkpoint, map_location="cpu", weights_only=False)
     tr = Trainer(model_config_from(s["model_cfg"]), TrainConfig(**{**s["train_cfg"], "device": a.device}),
@@ -129,6 +129,12 @@ def evaluate(a) -> int:
     print("passkey accuracy (rows: length; columns: depth " + ", ".join(f"{d:.0%}" for d in depths) + ")")
     for L_, row in zip(lengths, grid):
         print(f"  {L_:6d}: " + "  ".join(f"{v:.2f}" for v in row))
+    if tr.model_cfg.attention == "nsa":
+        print("needle block among the selected ones at the question (per layer, share of examples x KV heads; "
+              "'blind': a selection that ignores the needle)")
+        for L_ in lengths:
+            hit, blind = needle_selection(tr.model, tr.val_data, L_, depths, n=a.samples, device=tr.device)
+            print(f"  {L_:6d}: blind {blind:.2f}; layers " + " ".join(f"{h:.2f}" for h in hit))
     return 0
 
 

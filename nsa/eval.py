@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 import sys
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .data import mqar_batch, mqar_min_length, passkey_batch
+from .data import mqar_batch, mqar_min_length, passkey_batch, passkey_example
+from .layer import NativeSparseAttention
 from .model import ATTENTIONS, PRESETS
 from .train import TrainConfig, Trainer, autocast
 
@@ -41,6 +43,58 @@ def passkey_lengths(cfg: TrainConfig):
     and the passkey example length when training used shorter examples."""
     L = cfg.seq_len
     return sorted({cfg.passkey_len or L, L // 2, L, 2 * L})
+
+
+@contextmanager
+def _kept_block_idx(model):
+    """Within the context, every NSA layer of model leaves its selected blocks [B, T, H, n] of the
+    latest forward in the yielded list (one entry per layer)."""
+    layers = [m for m in model.modules() if isinstance(m, NativeSparseAttention)]
+    kept = [None] * len(layers)
+
+    def keeping(i, forward):
+        def f(x, cu_seqlens=None):
+            out, kept[i] = forward(x, cu_seqlens, return_block_idx=True)
+            return out
+        return f
+    for i, m in enumerate(layers):
+        m.forward = keeping(i, m.forward)
+    try:
+        yield kept
+    finally:
+        for m in layers:
+            del m.forward
+
+
+@torch.no_grad()
+def needle_selection(model, filler, length, depths=DEPTHS, n=8, seed=0, device="cpu"):
+    """Does NSA's block selection find the needle? At the position that predicts the first answer
+    digit, the share of (example, KV head) pairs whose selected blocks hold the needle's first
+    digit, per NSA layer, over n passkey examples per depth; and the share a selection blind to
+    the needle would reach (forced blocks always, the free picks spread evenly over the other
+    visible blocks)."""
+    model.eval()
+    rng = np.random.default_rng(seed)
+    xs, q, needle = [], [], []
+    for d in depths:
+        for _ in range(n):
+            text, [(a, _b)] = passkey_example(filler, length + 1, d, rng)
+            xs.append(np.frombuffer(text[:-1], dtype=np.uint8))
+            q.append(a - 1)                                # the question's marker: predicts digit 1
+            needle.append(text.index(text[a - 1:a]) + 1)   # the needle's marker comes first
+    with _kept_block_idx(model) as kept:
+        _logits(model, torch.from_numpy(np.stack(xs)).long(), device)
+    if not kept or kept[0] is None:
+        return [], float("nan")
+    c = next(m for m in model.modules() if isinstance(m, NativeSparseAttention)).config
+    rows, q, blk = torch.arange(len(q)), torch.tensor(q), torch.tensor(needle) // c.sel_block_size
+    hit = [(idx.cpu()[rows, q] == blk[:, None, None]).any(-1).float().mean().item() for idx in kept]
+    visible = q // c.sel_block_size + 1
+    forced = (blk < c.sel_init_blocks) | (blk >= visible - c.sel_local_blocks)
+    free = c.sel_block_count - c.sel_init_blocks - c.sel_local_blocks
+    others = (visible - c.sel_init_blocks - c.sel_local_blocks).clamp_min(1)
+    blind = torch.where(forced, 1.0, (free / others).clamp_max(1.0))
+    return hit, float(blind.mean())
 
 
 def needle_grid(model, filler, lengths, depths, n=8, device="cpu"):

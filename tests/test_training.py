@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from nsa.data import MARKS, QUESTION, Batches, load_corpus, mqar_batch, passkey_batch, passkey_example
-from nsa.eval import compare, passkey_accuracy, verdict_table
+from nsa.eval import compare, needle_selection, passkey_accuracy, verdict_table
 from nsa.model import ATTENTIONS, PRESETS, LanguageModel
 from nsa.train import TrainConfig, Trainer, lr_at
 
@@ -189,6 +189,36 @@ def test_passkey_accuracy_of_an_oracle():
         def forward(self, x):
             return torch.zeros(*x.shape, 256)
     assert passkey_accuracy(Zero(), filler, 200, 0.5, 4) == 0.0
+
+
+def test_needle_selection(monkeypatch):
+    """The share of questions whose selected blocks hold the needle: all of them when the
+    selection covers the whole context; with a selection pinned to one block, exactly the
+    examples whose needle (found here by its text) lies in that block; the layers' own forward
+    comes back afterwards."""
+    import nsa.layer
+    filler, _ = _corpus()
+    torch.manual_seed(0)
+    model = LanguageModel(PRESETS["tiny"])            # 2 layers; 4 selected blocks of 32
+    c = PRESETS["tiny"].nsa
+    hit, blind = needle_selection(model, filler, 4 * 32, n=2)
+    assert hit == [1.0, 1.0] and blind == 1.0
+    real, pin = nsa.layer.nsa_attention, 7
+
+    def pinned(*a, **kw):
+        o, idx = real(*a, **kw)
+        return o, torch.full_like(idx, pin)
+    monkeypatch.setattr(nsa.layer, "nsa_attention", pinned)
+    rng, expect = np.random.default_rng(3), []
+    for d in (0.3, 0.5):
+        for _ in range(4):
+            text, _ = passkey_example(filler, 513, d, rng)
+            expect.append((text.index(b"The pass key is ") + len(b"The pass key is ") + 1) // c.sel_block_size == pin)
+    hit, blind = needle_selection(model, filler, 512, depths=(0.3, 0.5), n=4, seed=3)
+    assert hit == [float(np.mean(expect))] * 2 and 0 < np.mean(expect) < 1
+    free = c.sel_block_count - c.sel_init_blocks - c.sel_local_blocks
+    assert blind == pytest.approx(free / (512 // 32 - 3), abs=0.01)   # question in the last block
+    assert all("forward" not in vars(m) for m in model.modules())
 
 
 def test_compare_end_to_end(tmp_path):
