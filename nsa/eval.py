@@ -196,6 +196,9 @@ def compare(preset="tiny", train_cfg: TrainConfig | None = None, out_dir="runs/c
                              mqar=mqar_accuracy(tr.model, device=dev),
                              mqar_at_trained=mqar_at_trained_length(tr)[1],
                              tokens_per_s=float(np.median([r["tokens_per_s"] for r in hist])))
+        if kind == "nsa":
+            hit, blind = needle_selection(tr.model, tr.val_data, L, n=grid_n, device=dev)
+            summary[kind]["needle_selected_at_trained"] = dict(layers=hit, blind=blind)
         histories[kind] = hist
     plot_curves(histories, out / "loss_curves.png")
     plot_heatmaps(grids, lengths, depths, out / "needle_heatmap.png")
@@ -213,6 +216,10 @@ def verdict_table(summary):
                     f"{s['passkey_at_2x']:10.2f} | {s['mqar']:5.2f} | {s['mqar_at_trained']:6.2f} | {s['tokens_per_s']:7.0f}")
     rows.append("MQAR: 16 pairs, no gap; MQAR@T: the trained pairs at the trained example length, text "
                 "between pairs and queries")
+    sel = summary.get("nsa", {}).get("needle_selected_at_trained")
+    if sel and sel["layers"]:
+        rows.append("NSA's selected blocks hold the needle at T, per layer: " +
+                    " ".join(f"{h:.2f}" for h in sel["layers"]) + f" (a needle-blind selection: {sel['blind']:.2f})")
     if {"nsa", "full", "window"} <= set(summary):
         n, f, w = (summary[k]["val_loss"] for k in ("nsa", "full", "window"))
         rows.append(f"NSA - full = {n - f:+.4f} nats ({'within' if n <= f + 0.02 else 'outside'} +0.02); "

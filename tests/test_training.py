@@ -228,3 +228,6 @@ def test_compare_end_to_end(tmp_path):
     assert (tmp_path / "summary.json").exists()
     table = verdict_table(s)
     assert "NSA - full" in table and "held-out loss" in table
+    sel = s["nsa"]["needle_selected_at_trained"]
+    assert len(sel["layers"]) == PRESETS["tiny"].n_layer and 0 < sel["blind"] < 1
+    assert "hold the needle at T" in table
