@@ -228,6 +228,17 @@ class Trainer:
                 tot += float(self.model(x.to(self.device), y.to(self.device))[1])
         return tot / n
 
+    def needle_selection(self, samples=4):
+        """NSA with passkey rows: per layer, the share of passkey questions (at the current
+        example length) whose selected blocks hold the needle, and a needle-blind selection's
+        share (eval.needle_selection); {} otherwise."""
+        if self.model_cfg.attention != "nsa" or not self.cfg.passkey_rows:
+            return {}
+        from .eval import needle_selection   # eval imports this module
+        hit, blind = needle_selection(self.model, self.val_data, self.passkey_len_at(self.step), n=samples,
+                                      device=self.device)
+        return dict(needle_selected=hit, needle_blind=blind)
+
     # ------------------------------------------------------------------ loop
     def fit(self):
         c = self.cfg
@@ -241,6 +252,7 @@ class Trainer:
             rec = self.train_step()
             if self.step % c.eval_every == 0 or self.step == c.steps:
                 rec["val_loss"] = self.val_loss()
+                rec.update(self.needle_selection())
             dt = time.time() - t0
             rec["tokens_per_s"] = (self.step - last) * tokens / max(dt, 1e-9)
             self.history.append(rec)
@@ -261,6 +273,8 @@ class Trainer:
         width = 24
         done = int(width * self.step / self.cfg.steps)
         extra = f" val {r['val_loss']:.3f}" if "val_loss" in r else ""
+        if r.get("needle_selected"):
+            extra += f" needle selected {max(r['needle_selected']):.2f} best layer (blind {r['needle_blind']:.2f})"
         pk = f" passkey {r['passkey_loss']:.3f} ({r['passkey_digit_acc']:.0%} digits)" if r["passkey_loss"] is not None else ""
         pk += f" mqar {r['mqar_loss']:.3f} ({r['mqar_acc']:.0%})" if "mqar_loss" in r else ""
         line = (f"[{'#' * done}{'.' * (width - done)}] {self.step}/{self.cfg.steps} "

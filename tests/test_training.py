@@ -76,6 +76,11 @@ def test_progress_and_metrics(tmp_path):
     assert "4/4" in log.getvalue() and "tok/s" in log.getvalue()
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 4 and '"val_loss"' in lines[1]
+    sel = json.loads(lines[1])   # NSA with passkey rows: the needle-selection share at each eval
+    assert len(sel["needle_selected"]) == TINY.n_layer and 0 < sel["needle_blind"] <= 1
+    assert "needle selected" in log.getvalue()
+    full = Trainer(TINY.replace(attention="full"), _cfg(tmp_path / "full"), corpus=_corpus(), log=None)
+    assert "needle_selected" not in full.fit()[1]
 
 
 def test_short_passkey_examples(tmp_path):
