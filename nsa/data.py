@@ -119,11 +119,12 @@ class Batches:
 # the part of that token (and names the key when a row holds several), so retrieval is one lookup.
 MARKS = bytes(range(0x10, 0x20))
 QUESTION = b"\nWhat is the pass key? The pass key is "
+NEEDLE = (b" The pass key is ", b". Remember it. ")   # around <marker><key>
 
 
 def passkey_min_length(needles: int = 1, digits: int = 5) -> int:
     """Shortest passkey example: the needles, the questions with their answers, one filler byte."""
-    return needles * (len(b" The pass key is ") + 1 + digits + len(b". Remember it. ") + len(QUESTION) + 1 + digits) + 1
+    return needles * (len(NEEDLE[0]) + len(NEEDLE[1]) + len(QUESTION) + 2 * (1 + digits)) + 1
 
 
 def passkey_example(filler: np.ndarray, length: int, depth: float | None, rng, digits: int = 5,
@@ -136,7 +137,7 @@ def passkey_example(filler: np.ndarray, length: int, depth: float | None, rng, d
         raise ValueError(f"needles must be in [1, {len(MARKS)}], got {needles}")
     marks = [bytes([m]) for m in rng.choice(list(MARKS), needles, replace=False)]
     keys = ["".join(str(d) for d in rng.integers(0, 10, digits)).encode() for _ in range(needles)]
-    needle = [b" The pass key is " + m + k + b". Remember it. " for m, k in zip(marks, keys)]
+    needle = [NEEDLE[0] + m + k + NEEDLE[1] for m, k in zip(marks, keys)]
     room = length - sum(map(len, needle)) - needles * (len(QUESTION) + 1 + digits)
     if room < 1:
         raise ValueError(f"length {length} too short for {needles} passkey needle(s): "
