@@ -63,6 +63,9 @@ def _train_args(p):
     p.add_argument("--passkey-len-from", type=int, default=0,
                    help="curriculum: passkey examples start this long and double, over the first half "
                         "of training, up to --passkey-len")
+    p.add_argument("--passkey-schedule", default="",
+                   help="curriculum by hand: 'LEN:UNTIL,...' = examples of LEN bytes before step UNTIL, "
+                        "then the next phase; after the last, --passkey-len (e.g. 128:150,256:250,2048:1200)")
     p.add_argument("--mqar-rows", type=int, default=0,
                    help="rows of each batch that are multi-query associative recall examples (cut like "
                         "the passkey rows: pairs, a gap of text, then the queries)")
@@ -80,7 +83,7 @@ def _train_cfg(a, out_dir):
     return TrainConfig(**d, warmup=max(1, d["steps"] // 10), eval_every=min(a.eval_every, d["steps"]),
                        seed=a.seed, device=a.device, out_dir=out_dir, passkey_rows=a.passkey_rows, save_every=a.save_every,
                        passkey_needles=a.passkey_needles, passkey_len=a.passkey_len,
-                       passkey_len_from=a.passkey_len_from, mqar_rows=a.mqar_rows, mqar_pairs=a.mqar_pairs,
+                       passkey_len_from=a.passkey_len_from, passkey_schedule=a.passkey_schedule, mqar_rows=a.mqar_rows, mqar_pairs=a.mqar_pairs,
                        parallel=getattr(a, "parallel", "ddp"))
 
 

@@ -51,6 +51,9 @@ class TrainConfig:
                                    # seq_len bytes then holds seq_len // passkey_len examples
     passkey_len_from: int = 0      # curriculum (0: none): examples start at this length and double,
                                    # in equal phases over the first half of training, up to passkey_len
+    passkey_schedule: str = ""     # curriculum by hand (instead of passkey_len_from): "LEN:UNTIL,..."
+                                   # = examples of LEN bytes before step UNTIL, then the next; after
+                                   # the last, passkey_len (or seq_len)
     mqar_rows: int = 0             # rows of each batch that are MQAR examples, cut like the passkey
                                    # rows into examples of the passkey length (and curriculum)
     mqar_pairs: int = 16           # key-value pairs per MQAR example (then a gap of text, then
@@ -62,6 +65,21 @@ class TrainConfig:
     device: str = "auto"
     parallel: str = "ddp"          # with several processes: "ddp" or "fsdp" (FSDP2, fully_shard)
     out_dir: str = "runs/run"
+
+
+def parse_schedule(spec: str, seq_len: int):
+    """'LEN:UNTIL,...' -> [(LEN, UNTIL), ...]: lengths in [1, seq_len], UNTIL rising."""
+    out = []
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        try:
+            length, until = (int(v) for v in part.split(":"))
+        except ValueError:
+            raise ValueError(f"passkey_schedule: {part!r} is not LEN:UNTIL (two integers)") from None
+        if not 1 <= length <= seq_len or until <= (out[-1][1] if out else 0):
+            raise ValueError(f"passkey_schedule: {part!r}: LEN must be in [1, seq_len={seq_len}] and "
+                             f"UNTIL must rise above the previous phase's")
+        out.append((length, until))
+    return out
 
 
 def autocast(device):
@@ -122,7 +140,10 @@ class Trainer:
         if text_rows < 1:
             raise ValueError(f"batch_size ({cfg.batch_size}) must exceed passkey_rows + mqar_rows "
                              f"({cfg.passkey_rows} + {cfg.mqar_rows})")
-        shortest = cfg.passkey_len_from or cfg.passkey_len or cfg.seq_len
+        self.schedule = parse_schedule(cfg.passkey_schedule, cfg.seq_len)
+        if self.schedule and cfg.passkey_len_from:
+            raise ValueError("give passkey_len_from or passkey_schedule, not both")
+        shortest = min([L for L, _ in self.schedule] + [cfg.passkey_len_from or cfg.passkey_len or cfg.seq_len])
         need = passkey_min_length(cfg.passkey_needles)
         if cfg.passkey_rows and need > shortest:
             raise ValueError(f"passkey examples with {cfg.passkey_needles} needle(s) need {need} tokens: more "
@@ -166,6 +187,9 @@ class Trainer:
         length."""
         c = self.cfg
         full = c.passkey_len or c.seq_len
+        for length, until in self.schedule:
+            if step < until:
+                return length
         if not c.passkey_len_from:
             return full
         lens = [c.passkey_len_from]

@@ -97,6 +97,16 @@ def test_short_passkey_examples(tmp_path):
     cur.step = 3
     assert cur.tasks()["passkey"][0].shape == (4, 200)
     assert cur.tasks()["mqar"][0].shape == (4, 200)   # MQAR examples follow the same lengths
+    sch = Trainer(TINY, _cfg(tmp_path, steps=12, seq_len=800, passkey_len=800, passkey_schedule="100:2, 400:7"),
+                  corpus=_corpus(), log=None)
+    assert [sch.passkey_len_at(s) for s in range(9)] == [100, 100, 400, 400, 400, 400, 400, 800, 800]
+    for bad, msg in [("100:2,400:2", "UNTIL must rise"), ("900:3", "LEN must be in"), ("100-2", "not LEN:UNTIL")]:
+        with pytest.raises(ValueError, match=msg):
+            Trainer(TINY, _cfg(tmp_path, seq_len=800, passkey_schedule=bad), corpus=_corpus(), log=None)
+    with pytest.raises(ValueError, match="not both"):
+        Trainer(TINY, _cfg(tmp_path, seq_len=800, passkey_len_from=100, passkey_schedule="100:2"), corpus=_corpus(), log=None)
+    with pytest.raises(ValueError, match="need 84 tokens"):   # the schedule's shortest examples count
+        Trainer(TINY, _cfg(tmp_path, seq_len=800, passkey_schedule="64:2"), corpus=_corpus(), log=None)
     with pytest.raises(ValueError, match="passkey examples with 1 needle\\(s\\) need 84 tokens"):
         Trainer(TINY, _cfg(tmp_path, seq_len=800, passkey_len=800, passkey_len_from=64), corpus=_corpus(), log=None)
     with pytest.raises(ValueError, match="MQAR examples of 50 pairs"):
