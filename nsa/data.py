@@ -138,10 +138,10 @@ def passkey_example(filler: np.ndarray, length: int, depth: float | None, rng, d
     marks = [bytes([m]) for m in rng.choice(list(MARKS), needles, replace=False)]
     keys = ["".join(str(d) for d in rng.integers(0, 10, digits)).encode() for _ in range(needles)]
     needle = [NEEDLE[0] + m + k + NEEDLE[1] for m, k in zip(marks, keys)]
-    room = length - sum(map(len, needle)) - needles * (len(QUESTION) + 1 + digits)
-    if room < 1:
-        raise ValueError(f"length {length} too short for {needles} passkey needle(s): "
-                         f"needs >= {passkey_min_length(needles, digits)}")
+    shortest = passkey_min_length(needles, digits)
+    if length < shortest:
+        raise ValueError(f"length {length} too short for {needles} passkey needle(s): needs >= {shortest}")
+    room = length - shortest + 1   # filler bytes
     start = int(rng.integers(0, len(filler) - room))
     hay = filler[start:start + room].tobytes()
     for m in MARKS:   # a user corpus may hold a marker byte: only the needles do
