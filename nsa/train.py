@@ -218,6 +218,7 @@ class Trainer:
             g["lr"] = lr_at(self.step, c)
         x, y = self.batches.next()
         self.model.train()
+        pk_len = self.passkey_len_at(self.step)
         lm, task = self.losses(x, y, self.tasks())
         loss = lm + sum(t[0] for t in task.values())
         self.opt.zero_grad(set_to_none=True)
@@ -237,6 +238,8 @@ class Trainer:
         names = {"passkey": ("passkey_loss", "passkey_digit_acc"), "mqar": ("mqar_loss", "mqar_acc")}
         for i, name in enumerate(task):
             rec.update(zip(names[name], vals[1 + 2 * i:3 + 2 * i]))
+        if "passkey" in task:
+            rec["passkey_len"] = pk_len   # the example length of this step (curricula)
         return rec
 
     # ------------------------------------------------------------------ evaluation

@@ -88,7 +88,7 @@ def test_short_passkey_examples(tmp_path):
     x, y = tr.tasks()["passkey"]
     assert x.shape == y.shape == (6, 100) and ((y >= 0).sum(1) == 5).all()
     r = tr.train_step()
-    assert np.isfinite(r["passkey_loss"]) and 0 <= r["passkey_digit_acc"] <= 1
+    assert np.isfinite(r["passkey_loss"]) and 0 <= r["passkey_digit_acc"] <= 1 and r["passkey_len"] == 100
     with pytest.raises(ValueError, match="passkey_len"):
         Trainer(TINY, _cfg(tmp_path, passkey_len=129), corpus=_corpus(), log=None)
     cur = Trainer(TINY, _cfg(tmp_path, steps=12, seq_len=800, passkey_len=800, passkey_len_from=100),
@@ -97,6 +97,7 @@ def test_short_passkey_examples(tmp_path):
     cur.step = 3
     assert cur.tasks()["passkey"][0].shape == (4, 200)
     assert cur.tasks()["mqar"][0].shape == (4, 200)   # MQAR examples follow the same lengths
+    assert cur.train_step()["passkey_len"] == 200   # the length the step trained on, logged
     sch = Trainer(TINY, _cfg(tmp_path, steps=12, seq_len=800, passkey_len=800, passkey_schedule="100:2, 400:7"),
                   corpus=_corpus(), log=None)
     assert [sch.passkey_len_at(s) for s in range(9)] == [100, 100, 400, 400, 400, 400, 400, 800, 800]
