@@ -5,6 +5,7 @@ Triton for CUDA tensors and the reference otherwise. An explicit backend never f
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -231,8 +232,11 @@ def nsa_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, config=
     if gates.shape != (*q.shape[:3], 3):
         raise ValueError(f"gates must have shape {(*q.shape[:3], 3)} ([B,T,HQ,3]), got {tuple(gates.shape)}")
     impl = _backend(backend, q)
-    run = getattr(impl, "nsa_attention", None)   # a backend may fuse the branches
-    run = run or (lambda *a, **kw: gated_nsa(impl, *a, **kw))
+    # a backend may fuse the branches into one autograd node (eager only: compiled graphs
+    # trace the composed custom ops)
+    run = getattr(impl, "nsa_attention", None)
+    if run is None or torch.compiler.is_compiling():
+        run = functools.partial(gated_nsa, impl)
     o, idx = run(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates,
                  config=cfg, scale=_scale(scale), cu_seqlens=cu)
     return (o, idx) if return_block_idx else o

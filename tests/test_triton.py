@@ -175,8 +175,9 @@ def test_selected_dkv_segments_and_determinism(segment, monkeypatch):
 @pytest.mark.parametrize("HQ,H", [(2, 2), (4, 2), (8, 2), (16, 1)], ids=["G1", "G2", "G4", "G16"])
 def test_selected_layouts(HQ, H, monkeypatch):
     """Both selected-attention layouts (per query; per key block with partials merged, here over
-    several row chunks and list segments) on packed sequences with empty slots: output and
-    gradients equal the float64 reference, and the forwards' lse (it feeds the backward) agree."""
+    several row chunks and list segments; the key-centric backward also in passes of one KV
+    head each) on packed sequences with empty slots: output and gradients equal the float64
+    reference, and the forwards' lse (it feeds the backward) agree."""
     lens = [70, 3, 45]
     t, cu = make_inputs(0, HQ, H, 16, 8, CFG, seqlens=lens, device=DEV, dtype=torch.float32, seed=HQ,
                         requires_grad=True)
@@ -195,21 +196,40 @@ def test_selected_layouts(HQ, H, monkeypatch):
     from nsa.triton import ops
     P = lambda x: x.detach().reshape(-1, x.shape[2], x.shape[3]).contiguous()
     lses = []
-    for kc in (0, 1):
-        monkeypatch.setenv("NSA_TUNE", f'{{"selected_kc": [{kc}], "selected_kc_bwd": [{kc}]}}')
+    # key-centric budgets: 48 rows -> row chunks; half of 120 rows of 2 heads fits one head's 118 rows -> head passes
+    for kc, rows in ((0, 48), (1, 48), (1, 120)):
+        assert H == 1 or (rows * H // 2 // 118 == 1) == (rows == 120)
+        monkeypatch.setenv("NSA_TUNE", f'{{"selected_kc": [{kc}], "selected_kc_bwd": [{kc}], "selected_kc_rows": [{rows}]}}')
         o = run(t, "triton")
         assert rel_err(o, o_r) < TOL[torch.float32], kc
         grads = torch.autograd.grad((o.double() * g).sum(), [t[n] for n in names])
         for n, x, y in zip(names, grads, grads_r):
-            assert rel_err(x, y) < TOL[torch.float32], (kc, n)
+            assert rel_err(x, y) < TOL[torch.float32], (kc, rows, n)
         lses.append(ops.selected_fwd(P(t["q"]), P(t["k_slc"]), P(t["v_slc"]), P(idx), cu, 0.25, CFG.sel_block_size)[1])
     assert torch.isfinite(lses[0]).all()
-    torch.testing.assert_close(lses[1], lses[0], rtol=1e-5, atol=1e-5)
+    for x in lses[1:]:
+        torch.testing.assert_close(x, lses[0], rtol=1e-5, atol=1e-5)
+
+
+def test_fused_backward_frees_branch_outputs():
+    """The eager nsa_attention is one autograd node that keeps its three branch outputs until
+    the backward has read them, then drops them; a second backward is refused, clearly."""
+    t, _ = make_inputs(40, 4, 2, 8, 8, CFG, device=DEV, dtype=torch.float32, seed=19, requires_grad=True)
+    o = nsa.nsa_attention(**t, config=CFG, backend="triton")
+    node = o.grad_fn
+    while not hasattr(node, "branch_out"):   # past the reshape back to [B, T, HQ, dv]
+        node = node.next_functions[0][0]
+    assert len(node.branch_out) == 3 and all(x.shape == (40, 4, 8) for x in node.branch_out)
+    o.sum().backward(retain_graph=True)
+    assert node.branch_out is None
+    with pytest.raises(RuntimeError, match="second backward through the same graph"):
+        o.sum().backward()
 
 
 def test_torch_compile_fullgraph():
     """The kernels are custom ops with fake implementations: torch.compile traces the whole
-    NSA call (forward and backward) without a graph break."""
+    NSA call (forward and backward) without a graph break. The compiled graph composes the
+    custom ops; eager runs the fused node: both give the same output and gradients."""
     t, _ = make_inputs(40, 4, 2, 8, 8, CFG, device=DEV, dtype=torch.float32, seed=17, requires_grad=True)
     f = lambda *xs: nsa.nsa_attention(*xs, config=CFG, backend="triton")
     cf = torch.compile(f, fullgraph=True, backend="aot_eager")

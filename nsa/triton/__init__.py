@@ -69,6 +69,17 @@ def selected_attention(q, k, v, block_idx, *, sel_block_size, scale=None, cu_seq
     return o.view(B, T, HQ, -1)
 
 
+def nsa_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, config, scale, cu_seqlens):
+    """All of NSA in one autograd node (ops.FusedNSA: a leaner backward). Eager only: under
+    torch.compile nsa.api composes the custom ops, which it traces."""
+    c = config
+    B, T, HQ, _ = q.shape
+    cu, cu_k = _setup(q, cu_seqlens, cmp=(c.cmp_block_size, c.cmp_stride), tc=k_cmp.shape[1])
+    o, idx = ops.FusedNSA.apply(*(_packed(x) for x in (q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates)),
+                                cu, cu_k, _scale(scale, q), c)
+    return o.view(B, T, HQ, -1), idx.view(B, T, k_cmp.shape[2], c.sel_block_count)
+
+
 def combine(o_cmp, o_slc, o_win, gates):
     """SPEC.md step 6 in one fused pass (forward and backward)."""
     return ops.gate_fwd(o_cmp.contiguous(), o_slc.contiguous(), o_win.contiguous(), gates.contiguous())

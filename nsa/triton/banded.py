@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from .utils import (band_keys, band_visible, dot2, dot_keys, load_keys_t, load_rows, load_rows2, seq_tile,
-                    softmax_finish, softmax_step, store_rows, store_rows2, tile_rows, zeros2)
+                    softmax_finish, softmax_step, store_rows, store_rows2, store_rows2_add, tile_rows, zeros2)
 
 
 @triton.jit
@@ -145,16 +145,21 @@ def nsa_banded_bwd_dq_kernel(
     DK: tl.constexpr, DV: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr, BV: tl.constexpr,
     BT: tl.constexpr, BN: tl.constexpr,
     STRIDE: tl.constexpr, OFFSET: tl.constexpr, WIN: tl.constexpr,
-    PREC: tl.constexpr, UNMASKED: tl.constexpr,
+    PREC: tl.constexpr, UNMASKED: tl.constexpr, DELTA_IN: tl.constexpr, DQ_ADD: tl.constexpr,
 ):
+    """DELTA_IN: delta is given (o and dlse unused); else computed here and stored for dK/dV.
+    DQ_ADD: dQ is added to what dq holds."""
     pid = tl.program_id(0)
     hk = tl.program_id(1)
     if pid >= tl.load(tiles_q + n_seq):
         return
     q0, Tq, k0, Tk, t0 = seq_tile(pid, tiles_q, cu_q, cu_k, n_seq, BT)
     t, rows, row_ok, qa, qb, dot_, lse2 = _query_tile(q, do, lse, q0, t0, Tq, hk, HQ, G, GP, DK, DV, KA, KB, BV, BT)
-    dlt = _delta_rows(o, dlse, dot_, rows, row_ok, tl.arange(0, BV), DV)
-    tl.store(delta + rows, dlt, mask=row_ok)
+    if DELTA_IN:
+        dlt = tl.load(delta + rows, mask=row_ok, other=0.0)
+    else:
+        dlt = _delta_rows(o, dlse, dot_, rows, row_ok, tl.arange(0, BV), DV)
+        tl.store(delta + rows, dlt, mask=row_ok)
 
     BM: tl.constexpr = BT * GP
     acc_a, acc_b = zeros2(BM, KA, KB)
@@ -168,7 +173,7 @@ def nsa_banded_bwd_dq_kernel(
     for s0 in range(b, s_hi, BN):
         acc_a, acc_b = _dq_tile(qa, qb, k, v, k0, s0, s_hi, t, hk, row_ok, dot_, lse2, dlt, acc_a, acc_b, scale_log2,
                                 H, DK, DV, KA, KB, BV, BN, STRIDE, OFFSET, WIN, PREC, True)
-    store_rows2(dq, rows, row_ok, DK, KA, KB, acc_a * scale, acc_b * scale)
+    store_rows2_add(dq, rows, row_ok, DK, KA, KB, acc_a * scale, acc_b * scale, DQ_ADD)
 
 
 @triton.jit

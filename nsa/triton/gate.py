@@ -2,7 +2,9 @@
 
 Forward:  o = g0*o_cmp + g1*o_slc + g2*o_win.
 Backward: dO_i = g_i * dO and dg_i = rowsum(dO * o_i), reading dO and each o_i once. Rows are
-(token, query head) pairs; gates are [rows, 3].
+(token, query head) pairs; gates are [rows, 3]. The fused backward (ops.FusedNSA) instead takes
+dg_i and each branch's softmax correction rowsum(o_i * dO_i) in one pass, so that the branch
+outputs can be freed before the branches' backward runs.
 """
 from __future__ import annotations
 
@@ -49,3 +51,27 @@ def _gate_branch_bwd(o_i, do_i, gp, dgp, i: tl.constexpr, d, ok, off, m):
     oi = tl.load(o_i + off, mask=m, other=0.0).to(tl.float32)
     tl.store(dgp + i, tl.sum(d * oi, 1).to(dgp.dtype.element_ty), mask=ok)
     tl.store(do_i + off, (gi[:, None] * d).to(do_i.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def nsa_gate_delta_kernel(oc, osl, ow, g, do, dg, delta, n_rows,
+                          DV: tl.constexpr, BV: tl.constexpr, BR: tl.constexpr):
+    """dg_i = rowsum(dO * o_i) and delta_i = rowsum(o_i * dO_i) (delta [3, rows] fp32), with
+    dO_i = g_i * dO rounded to dO's dtype, as the branch kernels will read it."""
+    r, ok, off, m = _rows(tl.program_id(0), n_rows, BR, DV, BV)
+    gp = g + r.to(tl.int64) * 3
+    dgp = dg + r.to(tl.int64) * 3
+    d = tl.load(do + off, mask=m, other=0.0)
+    _gate_branch_delta(oc, gp, dgp, delta, 0, d, r, ok, off, m, n_rows)
+    _gate_branch_delta(osl, gp, dgp, delta, 1, d, r, ok, off, m, n_rows)
+    _gate_branch_delta(ow, gp, dgp, delta, 2, d, r, ok, off, m, n_rows)
+
+
+@triton.jit
+def _gate_branch_delta(o_i, gp, dgp, delta, i: tl.constexpr, d, r, ok, off, m, n_rows):
+    gi = tl.load(gp + i, mask=ok, other=0.0).to(tl.float32)
+    oi = tl.load(o_i + off, mask=m, other=0.0).to(tl.float32)
+    df = d.to(tl.float32)
+    tl.store(dgp + i, tl.sum(df * oi, 1).to(dgp.dtype.element_ty), mask=ok)
+    do_i = (gi[:, None] * df).to(d.dtype).to(tl.float32)
+    tl.store(delta + i * n_rows + r.to(tl.int64), tl.sum(oi * do_i, 1), mask=ok)

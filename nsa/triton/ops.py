@@ -13,7 +13,7 @@ from torch import Tensor
 from torch.library import custom_op
 
 from . import tuning
-from .gate import nsa_gate_bwd_kernel, nsa_gate_fwd_kernel
+from .gate import nsa_gate_bwd_kernel, nsa_gate_delta_kernel, nsa_gate_fwd_kernel
 from .decode import (nsa_decode_cmp_win_kernel, nsa_decode_merge_kernel,
                      nsa_decode_score_kernel, nsa_decode_selected_kernel)
 from .banded import nsa_banded_bwd_dkv_kernel, nsa_banded_bwd_dq_kernel, nsa_banded_fwd_kernel
@@ -76,18 +76,21 @@ def _(q, k, v, cu_q, cu_k, scale, stride, offset, win):
     return q.new_empty(q.shape[0], q.shape[1], v.shape[2]), q.new_empty(q.shape[:2], dtype=torch.float32)
 
 
-@custom_op("nsa::banded_bwd", mutates_args=())
-def banded_bwd(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, do: Tensor, dlse: Tensor,
-               cu_q: Tensor, cu_k: Tensor, scale: float, stride: int, offset: int,
-               win: int) -> tuple[Tensor, Tensor, Tensor]:
+def banded_bwd_launch(q, k, v, o, lse, do, dlse, cu_q, cu_k, scale, stride, offset, win, delta=None, dq=None):
+    """(dq, dk, dv) of a banded attention. delta given: rowsum(o * dO) - dlse, precomputed (o
+    and dlse are then not read); dq given: dQ is added to it (the fused backward's one dQ)."""
     N, Nk, H, n_seq = q.shape[0], k.shape[0], k.shape[1], cu_q.numel() - 1
-    delta = empty(N, q.shape[1], dtype=torch.float32, device=q.device)
-    dq = empty(*q.shape, dtype=q.dtype, device=q.device)
+    delta_in, dq_add = delta is not None, dq is not None
+    if not delta_in:
+        delta = empty(N, q.shape[1], dtype=torch.float32, device=q.device)
+    if not dq_add:
+        dq = empty(*q.shape, dtype=q.dtype, device=q.device)
     args = (scale, scale * LOG2E)
     meta = _banded_meta("dq", q, v, stride, offset, win)
     tq = tile_cu(cu_q, meta["BT"])
     nsa_banded_bwd_dq_kernel[(tile_grid_bound(N, n_seq, meta["BT"]), H)](
-        q, k, v, o, do, lse, dlse, delta, dq, cu_q, cu_k, tq, n_seq, *args, **meta)
+        q, k, v, do if delta_in else o, do, lse, delta if delta_in else dlse, delta, dq, cu_q, cu_k, tq, n_seq,
+        *args, DELTA_IN=delta_in, DQ_ADD=dq_add, **meta)
     meta = _banded_meta("dkv", q, v, stride, offset, win)
     nsplit = tuning.banded_query_splits(N, triton.cdiv(Nk, meta["BN"]) * H, win, q.device)
     if nsplit == 1:
@@ -100,6 +103,13 @@ def banded_bwd(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, do: Tens
     if nsplit > 1:   # fixed-order sum over the splits: deterministic
         dk, dv = dk.sum(0).to(k.dtype), dv.sum(0).to(v.dtype)
     return dq, dk, dv
+
+
+@custom_op("nsa::banded_bwd", mutates_args=())
+def banded_bwd(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, do: Tensor, dlse: Tensor,
+               cu_q: Tensor, cu_k: Tensor, scale: float, stride: int, offset: int,
+               win: int) -> tuple[Tensor, Tensor, Tensor]:
+    return banded_bwd_launch(q, k, v, o, lse, do, dlse, cu_q, cu_k, scale, stride, offset, win)
 
 
 @banded_bwd.register_fake
@@ -195,9 +205,10 @@ def _selected_fwd_key_centric(q, k, v, idx, o, lse, cu_q, scale, sel_block_size,
     ii = inverse_index(idx, cu_q, sel_block_size, SEG, chunk=chunk, keep_empty=False)
     o_part = empty(chunk * H * n, G, DV, dtype=q.dtype, device=q.device)
     lse_part = empty(chunk * H * n, G, dtype=torch.float32, device=q.device)
+    grid = ii.bounds(chunk * H * n, ii.n_buckets)[1]
     for c, row0 in enumerate(range(0, N, chunk)):
         R = min(chunk, N - row0)
-        nsa_selected_fwd_kc_kernel[(ii.grid,)](
+        nsa_selected_fwd_kc_kernel[(grid,)](
             q, k, v, o_part, lse_part, ii.q_list, ii.lists(c), ii.seg_cu[c], ii.blk_cu, cu_q, n_seq,
             ii.n_buckets, ii.nbu, row0 * H * n, scale * LOG2E, HQ=HQ, H=H, G=G, GP=GP, DK=meta["DK"],
             DV=DV, KA=meta["KA"], KB=meta["KB"], BV=meta["BV"], BS=meta["BS"], SEL_L=sel_block_size,
@@ -225,12 +236,17 @@ class InverseIndex(NamedTuple):
     blk_cu: Tensor          # [n_seq + 1] first global block of each sequence
     n_buckets: int          # H * nbu
     nbu: int                # blocks per head, an upper bound (no host sync)
-    n_part: int             # bound on the partial slots of one chunk
-    grid: int               # bound on the segments of one chunk: its launch size
+    seg: int                # queries per segment
 
     def lists(self, c: int) -> Tensor:
         """list_cu of chunk c (absolute list positions), as the kernels index it."""
         return self.list_cu[c * (self.n_buckets + 1):]
+
+    def bounds(self, entries: int, buckets: int):
+        """(fp32 partial slots, segments) bounds of a pass over `buckets` buckets holding
+        `entries` list entries: buckets of several segments hold > seg entries each, and every
+        bucket has at most entries / seg + 1 segments. The segment bound is the launch size."""
+        return 2 * entries // self.seg + 1, buckets + entries // self.seg + 1
 
 
 def inverse_index(idx, cu_q, sel_block_size, seg, chunk=None, keep_empty=True, with_pos=True):
@@ -268,66 +284,84 @@ def inverse_index(idx, cu_q, sel_block_size, seg, chunk=None, keep_empty=True, w
     zero = nseg.new_zeros(C, 1)
     seg_cu = torch.cat([zero, nseg.cumsum(1)], 1).to(torch.int32)
     part_cu = torch.cat([zero, torch.where(nseg > 1, nseg, 0).cumsum(1)], 1).to(torch.int32)
-    return InverseIndex(q_list, pos_of, list_cu, seg_cu, part_cu, blk_cu, H * nbu, nbu,
-                        2 * (chunk * H * n) // seg + 1, H * nbu + (chunk * H * n) // seg + 1)
+    return InverseIndex(q_list, pos_of, list_cu, seg_cu, part_cu, blk_cu, H * nbu, nbu, seg)
 
 
-@custom_op("nsa::selected_bwd", mutates_args=())
-def selected_bwd(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, o: Tensor, lse: Tensor, do: Tensor,
-                 cu_q: Tensor, scale: float, sel_block_size: int) -> tuple[Tensor, Tensor, Tensor]:
-    """dK/dV key-centric (inverse index, no atomics). dQ either group-centric (its own kernel,
-    which also writes delta = rowsum(o * dO)) or, for small groups, key-centric: the dK/dV
-    kernel writes one dQ partial per (query, slot) and a second kernel sums them; the rows then
-    go in chunks that bound the partials, dK/dV summed over the chunks in fp32."""
+def selected_bwd_launch(q, k, v, idx, o, lse, do, cu_q, scale, sel_block_size, delta=None, dq=None):
+    """(dq, dk, dv) of selected attention. dK/dV key-centric (inverse index, no atomics). dQ
+    either group-centric (its own kernel, which also writes delta = rowsum(o * dO)) or, for
+    small groups, key-centric: the dK/dV kernel writes one dQ partial per (query, slot) and a
+    second kernel sums them. The key-centric passes bound the partials: whole KV heads when one
+    head's partials fit (dK/dV written once), else row chunks (dK/dV summed over them in fp32).
+    delta given: precomputed (o is then not read); dq given: dQ is added to it."""
     meta = _selected_meta("dq", q, v, idx, sel_block_size)
     N, HQ, H, G, GP, DK, DV, BK, BV = _dims(q, v)
     n = idx.shape[-1]
     n_seq = cu_q.numel() - 1
-    delta = empty(N, HQ, dtype=torch.float32, device=q.device)
-    dq, dk, dv = (empty(*x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v))
+    delta_in, dq_add = delta is not None, dq is not None
+    if not delta_in:
+        delta = empty(N, HQ, dtype=torch.float32, device=q.device)
+    if not dq_add:
+        dq = empty(*q.shape, dtype=q.dtype, device=q.device)
+    dk, dv = (empty(*x.shape, dtype=x.dtype, device=x.device) for x in (k, v))
     if N == 0:
         return dq, dk, dv
     args = (scale, scale * LOG2E)
     kc = tuning.selected_key_centric(G, "bwd")
+    heads = 0
     if kc:
-        BR = max(1, 4096 // BV)
-        nsa_row_dot_kernel[(triton.cdiv(N * HQ, BR),)](o, do, delta, N * HQ, D=DV, BD=BV, BR=BR)
-        chunk = tuning.selected_key_centric_rows(H, n, G, DK, q.element_size())
+        if not delta_in:
+            BR = max(1, 4096 // BV)
+            nsa_row_dot_kernel[(triton.cdiv(N * HQ, BR),)](o, do, delta, N * HQ, D=DV, BD=BV, BR=BR)
+        chunk = min(N, tuning.selected_key_centric_rows(H, n, G, DK, q.element_size()))
+        heads = tuning.selected_key_centric_heads(N, H, chunk)
+        chunk = N if heads else chunk
     else:
-        nsa_selected_bwd_dq_kernel[(N, H)](q, k, v, idx, o, do, lse, delta, dq, cu_q, n_seq, *args, **meta)
+        nsa_selected_bwd_dq_kernel[(N, H)](q, k, v, idx, do if delta_in else o, do, lse, delta, dq, cu_q, n_seq,
+                                           *args, DELTA_IN=delta_in, DQ_ADD=dq_add, **meta)
         chunk = N
     rows, SEG, warps, stages = tuning.selected_bwd_queries(GP)
     BQ = max(1, rows // GP)
     BS = meta["BS"]
     common = dict(H=H, DK=DK, DV=DV, BV=BV, BS=BS, SEL_L=sel_block_size)
-    chunk = min(chunk, N)
     accum = chunk < N
     dk_sum, dv_sum = (empty(*x.shape, dtype=torch.float32, device=x.device) for x in (k, v)) if accum else (dk, dv)
     # chunks after the first add to dk/dv, so their unselected keys need no program
     ii = inverse_index(idx, cu_q, sel_block_size, SEG, chunk=chunk, keep_empty=True, with_pos=kc)
-    dk_part = torch.empty(ii.n_part, BS, DK, dtype=torch.float32, device=q.device)
-    dv_part = torch.empty(ii.n_part, BS, DV, dtype=torch.float32, device=q.device)
-    dq_part = empty(chunk * H * n, G, DK, dtype=q.dtype, device=q.device) if kc else dq
+    # passes (row chunk, first KV head, heads): whole heads, or row chunks of all heads
+    passes = ([(0, h0, min(heads, H - h0)) for h0 in range(0, H, heads)] if heads
+              else [(c, 0, H) for c in range(-(-N // chunk))])
+    n_part, grid = ii.bounds(chunk * passes[0][2] * n, passes[0][2] * ii.nbu)
+    dk_part = torch.empty(n_part, BS, DK, dtype=torch.float32, device=q.device)
+    dv_part = torch.empty(n_part, BS, DV, dtype=torch.float32, device=q.device)
+    dq_part = empty(chunk * passes[0][2] * n * G, DK, dtype=q.dtype, device=q.device) if kc else dq
     BT = tuning.selected_key_centric_shape(GP)[2]   # positions per dQ-sum program
-    for c, row0 in enumerate(range(0, N, chunk)):
+    for c, h0, hn in passes:
+        row0 = c * chunk
         R = min(chunk, N - row0)
-        add = c > 0
-        nsa_selected_bwd_dkv_kernel[(ii.grid,)](
+        b0, n_b, add = h0 * ii.nbu, hn * ii.nbu, c > 0
+        nsa_selected_bwd_dkv_kernel[(grid,)](
             q, k, v, do, lse, delta, dk_sum, dv_sum, dk_part, dv_part, dq_part, ii.q_list, ii.lists(c),
-            ii.seg_cu[c], ii.part_cu[c], ii.blk_cu, cu_q, n_seq, ii.n_buckets, ii.nbu, row0 * H * n, *args,
+            ii.seg_cu[c], ii.part_cu[c], ii.blk_cu, cu_q, n_seq, b0, n_b, ii.nbu, *args,
             HQ=HQ, G=G, GP=GP, BQ=BQ, SEG=SEG, KA=meta["KA"], KB=meta["KB"], PREC=meta["PREC"], DQ_PART=kc,
             ACCUM=add, num_warps=warps, num_stages=stages, **common)
-        nsa_selected_bwd_reduce_kernel[(ii.n_buckets,)](
-            dk_sum, dv_sum, dk_part, dv_part, ii.seg_cu[c], ii.part_cu[c], ii.blk_cu, cu_q, n_seq, ii.nbu,
+        nsa_selected_bwd_reduce_kernel[(n_b,)](
+            dk_sum, dv_sum, dk_part, dv_part, ii.seg_cu[c], ii.part_cu[c], ii.blk_cu, cu_q, n_seq, b0, ii.nbu,
             BK=BK, ACCUM=add, num_warps=4, **common)
         if kc:
-            nsa_selected_dq_sum_kernel[(triton.cdiv(R, BT), H)](
-                idx, ii.pos_of, dq_part, dq, row0, R, scale, HQ=HQ, H=H, G=G, GP=GP, DK=DK, BK=BK, BT=BT,
-                N_SEL=n, num_warps=4)
+            nsa_selected_dq_sum_kernel[(triton.cdiv(R, BT), hn)](
+                idx, ii.pos_of, dq_part, dq, ii.lists(c)[b0:], row0, R, h0, scale, HQ=HQ, H=H, G=G, GP=GP,
+                DK=DK, KA=meta["KA"], KB=meta["KB"], BT=BT, N_SEL=n, DQ_ADD=dq_add, num_warps=4)
     if accum:
         dk.copy_(dk_sum)
         dv.copy_(dv_sum)
     return dq, dk, dv
+
+
+@custom_op("nsa::selected_bwd", mutates_args=())
+def selected_bwd(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, o: Tensor, lse: Tensor, do: Tensor,
+                 cu_q: Tensor, scale: float, sel_block_size: int) -> tuple[Tensor, Tensor, Tensor]:
+    return selected_bwd_launch(q, k, v, idx, o, lse, do, cu_q, scale, sel_block_size)
 
 
 @selected_bwd.register_fake
@@ -397,6 +431,60 @@ def _gate_backward(ctx, do):
 
 
 gate_fwd.register_autograd(_gate_backward, setup_context=_gate_setup)
+
+
+# ----------------------------------------------------------------------------- fused (eager)
+class FusedNSA(torch.autograd.Function):
+    """nsa_attention on packed rows, eager mode: the three branches and the gate in one
+    autograd node whose backward holds as little as it can at once (at 64k and G = 1 the
+    composed ops peaked at 2.3x FlashAttention-2's memory). The branch outputs are kept on the
+    node, not saved, and freed as soon as one pass has read them for the gate gradients and the
+    branches' softmax corrections; each branch's dO = g * dO is made only while that branch
+    runs; one dQ is written by the first branch and added to by the others; the compression
+    branch goes first, as its fp32 split partials are the largest buffers. So a second backward
+    through one graph (retain_graph) is refused. torch.compile takes the composed custom ops
+    instead (nsa.triton.nsa_attention)."""
+
+    @staticmethod
+    def forward(ctx, q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, cu, cu_k, scale, c):
+        o_cmp, lse_cmp = banded_fwd(q, k_cmp, v_cmp, cu, cu_k, scale, c.cmp_stride, c.cmp_block_size - 1, 0)
+        idx = select_blocks(q, k_cmp, lse_cmp, cu, cu_k, scale, c.cmp_block_size, c.cmp_stride,
+                            c.sel_block_size, c.sel_block_count, c.sel_init_blocks, c.sel_local_blocks)
+        o_slc, lse_slc = selected_fwd(q, k_slc, v_slc, idx, cu, scale, c.sel_block_size)
+        o_win, lse_win = banded_fwd(q, k_win, v_win, cu, cu, scale, 1, 0, c.window_size)
+        o = gate_fwd(o_cmp, o_slc, o_win, gates)
+        ctx.save_for_backward(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, idx, lse_cmp, lse_slc,
+                              lse_win, cu, cu_k)
+        ctx.branch_out = [o_cmp, o_slc, o_win]
+        ctx.consts = (scale, c)
+        ctx.mark_non_differentiable(idx)
+        return o, idx
+
+    @staticmethod
+    def backward(ctx, do, _didx):
+        if ctx.branch_out is None:
+            raise RuntimeError("nsa_attention (backend='triton') frees its branch outputs during the "
+                               "backward: a second backward through the same graph (retain_graph=True) "
+                               "is not supported; run the forward again")
+        q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, idx, lse_cmp, lse_slc, lse_win, cu, cu_k = ctx.saved_tensors
+        scale, c = ctx.consts
+        outs, ctx.branch_out = ctx.branch_out, None
+        do = do.contiguous()
+        n_rows, dv = do.numel() // do.shape[-1], do.shape[-1]
+        dgates = empty(*gates.shape, dtype=gates.dtype, device=gates.device)
+        delta = empty(3, *do.shape[:-1], dtype=torch.float32, device=do.device)
+        BV, BR, grid = _gate_launch(n_rows, dv)
+        if n_rows:
+            nsa_gate_delta_kernel[grid](*outs, gates, do, dgates, delta, n_rows, DV=dv, BV=BV, BR=BR)
+        del outs   # the branch outputs go here
+        g = lambda i: do * gates[..., i:i + 1]
+        dq, dk_cmp, dv_cmp = banded_bwd_launch(q, k_cmp, v_cmp, None, lse_cmp, g(0), None, cu, cu_k, scale,
+                                               c.cmp_stride, c.cmp_block_size - 1, 0, delta=delta[0])
+        _, dk_slc, dv_slc = selected_bwd_launch(q, k_slc, v_slc, idx, None, lse_slc, g(1), cu, scale,
+                                                c.sel_block_size, delta=delta[1], dq=dq)
+        _, dk_win, dv_win = banded_bwd_launch(q, k_win, v_win, None, lse_win, g(2), None, cu, cu, scale, 1, 0,
+                                              c.window_size, delta=delta[2], dq=dq)
+        return dq, dk_cmp, dv_cmp, dk_slc, dv_slc, dk_win, dv_win, dgates, None, None, None, None
 
 
 # ----------------------------------------------------------------------------- decoding

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from .utils import (dot2, dot_keys, find_segment, load_keys_t, load_rows2, load_rows, running_max, softmax_finish,
-                    softmax_step, store_rows, store_rows2, tile_rows, zeros2)
+                    softmax_step, store_rows, store_rows2, store_rows2_add, tile_rows, zeros2)
 
 
 @triton.jit
@@ -73,8 +73,10 @@ def nsa_selected_bwd_dq_kernel(
     HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, BM: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr, BV: tl.constexpr,
     BS: tl.constexpr, SEL_L: tl.constexpr, N_SEL: tl.constexpr, NP: tl.constexpr,
-    PREC: tl.constexpr,
+    PREC: tl.constexpr, DELTA_IN: tl.constexpr, DQ_ADD: tl.constexpr,
 ):
+    """DELTA_IN: delta is given (o unused); else rowsum(o * dO), stored for dK/dV. DQ_ADD: dQ
+    is added to what dq holds."""
     pid_t = tl.program_id(0)
     hk = tl.program_id(1)
     q0, t, rows, row_ok = _query_group(pid_t, hk, cu_q, n_seq, HQ, G, BM)
@@ -83,9 +85,12 @@ def nsa_selected_bwd_dq_kernel(
     qa, qb = load_rows2(q, rows, row_ok, DK, KA, KB)
     dot_ = load_rows(do, rows, row_ok, dv, DV)
     lse2 = tl.load(lse + rows, mask=row_ok, other=0.0) * 1.4426950408889634
-    ot = load_rows(o, rows, row_ok, dv, DV)
-    dlt = tl.sum(ot.to(tl.float32) * dot_.to(tl.float32), 1)     # rowsum(o * dO), stored for dK/dV
-    tl.store(delta + rows, dlt, mask=row_ok)
+    if DELTA_IN:
+        dlt = tl.load(delta + rows, mask=row_ok, other=0.0)
+    else:
+        ot = load_rows(o, rows, row_ok, dv, DV)
+        dlt = tl.sum(ot.to(tl.float32) * dot_.to(tl.float32), 1)
+        tl.store(delta + rows, dlt, mask=row_ok)
     acc_a, acc_b = zeros2(BM, KA, KB)
     slots = tl.arange(0, NP)
     blocks = tl.load(idx + (pid_t.to(tl.int64) * H + hk) * N_SEL + slots, mask=slots < N_SEL, other=-1)
@@ -99,7 +104,7 @@ def nsa_selected_bwd_dq_kernel(
         acc_a = tl.dot(ds.to(ka.dtype), tl.trans(ka), acc_a, input_precision=PREC)
         if KB > 0:
             acc_b = tl.dot(ds.to(kb.dtype), tl.trans(kb), acc_b, input_precision=PREC)
-    store_rows2(dq, rows, row_ok, DK, KA, KB, acc_a * scale, acc_b * scale)
+    store_rows2_add(dq, rows, row_ok, DK, KA, KB, acc_a * scale, acc_b * scale, DQ_ADD)
 
 
 @triton.jit
@@ -133,23 +138,25 @@ def _list_tile(q, q_list, p0, hi, hk, base, HQ: tl.constexpr, G: tl.constexpr, G
 @triton.jit
 def nsa_selected_bwd_dkv_kernel(
     q, k, v, do, lse, delta, dk_out, dv_out, dk_part, dv_part, dq_part,
-    q_list, list_cu, seg_cu, part_cu, blk_cu, cu_q, n_seq, n_buckets, nbu, base, scale, scale_log2,
+    q_list, list_cu, seg_cu, part_cu, blk_cu, cu_q, n_seq, b0, n_b, nbu, scale, scale_log2,
     HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr, BV: tl.constexpr,
     BS: tl.constexpr, SEL_L: tl.constexpr, BQ: tl.constexpr, SEG: tl.constexpr,
     PREC: tl.constexpr, DQ_PART: tl.constexpr, ACCUM: tl.constexpr,
 ):
-    """DQ_PART: also the key-centric dQ, one unscaled partial [G, DK] per list position minus
-    base (the chunk's first; summed by nsa_selected_dq_sum_kernel). ACCUM: dk_out/dv_out are
-    fp32 sums over row chunks, added to."""
-    pid = tl.program_id(0)
-    if pid >= tl.load(seg_cu + n_buckets):
+    """The buckets [b0, b0 + n_b) of one row chunk's lists (a pass: a row chunk, all buckets;
+    or all rows, the buckets of some KV heads). DQ_PART: also the key-centric dQ, one unscaled
+    partial [G, DK] per list position minus the pass's first (summed by
+    nsa_selected_dq_sum_kernel). ACCUM: dk_out/dv_out are fp32 sums over row chunks, added to."""
+    pid = tl.program_id(0) + tl.load(seg_cu + b0)
+    if pid >= tl.load(seg_cu + b0 + n_b):
         return
-    b = find_segment(seg_cu, n_buckets, pid)  # bucket = hk * nbu + global block
+    b = b0 + find_segment(seg_cu + b0, n_b, pid)  # bucket = hk * nbu + global block
     seg = pid - tl.load(seg_cu + b)
     nseg = tl.load(seg_cu + b + 1) - tl.load(seg_cu + b)
     if b % nbu >= tl.load(blk_cu + n_seq):            # beyond the last real block
         return
+    base = tl.load(list_cu + b0)
     hk, q0, s, kmask, krow = _bucket_keys(b, nbu, blk_cu, cu_q, n_seq, H, BS, SEL_L)
     lane = tl.arange(0, BS)
     dv = tl.arange(0, BV)
@@ -186,8 +193,8 @@ def nsa_selected_bwd_dkv_kernel(
                 dk_b += load_rows(dk_out, krow, kmask, KA + tl.arange(0, KB), DK)
         store_rows2(dk_out, krow, kmask, DK, KA, KB, dk_a, dk_b)
         store_rows(dv_out, krow, kmask, dv, DV, dv_acc)
-    else:   # fp32 partials [slot, BS, D]
-        slot = (tl.load(part_cu + b) + seg).to(tl.int64)
+    else:   # fp32 partials [slot, BS, D], numbered from the pass's first
+        slot = (tl.load(part_cu + b) - tl.load(part_cu + b0) + seg).to(tl.int64)
         prow = slot * BS + lane
         store_rows2(dk_part, prow, lane >= 0, DK, KA, KB, dk_a, dk_b)
         store_rows(dv_part, prow, lane >= 0, dv, DV, dv_acc)
@@ -195,13 +202,13 @@ def nsa_selected_bwd_dkv_kernel(
 
 @triton.jit
 def nsa_selected_bwd_reduce_kernel(
-    dk_out, dv_out, dk_part, dv_part, seg_cu, part_cu, blk_cu, cu_q, n_seq, nbu,
+    dk_out, dv_out, dk_part, dv_part, seg_cu, part_cu, blk_cu, cu_q, n_seq, b0, nbu,
     H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     BS: tl.constexpr, SEL_L: tl.constexpr, ACCUM: tl.constexpr,
 ):
-    """Adds, in segment order, the partial dK/dV of buckets that had several segments (ACCUM:
-    to what dk_out/dv_out hold)."""
-    b = tl.program_id(0)
+    """Adds, in segment order, the partial dK/dV of bucket b0 + program_id that had several
+    segments (ACCUM: to what dk_out/dv_out hold)."""
+    b = b0 + tl.program_id(0)
     nseg = tl.load(seg_cu + b + 1) - tl.load(seg_cu + b)
     if (nseg > 1) & (b % nbu < tl.load(blk_cu + n_seq)):
         hk, q0, s, kmask, krow = _bucket_keys(b, nbu, blk_cu, cu_q, n_seq, H, BS, SEL_L)
@@ -213,7 +220,7 @@ def nsa_selected_bwd_reduce_kernel(
         if ACCUM:
             dk_acc = load_rows(dk_out, krow, kmask, dk, DK)
             dv_acc = load_rows(dv_out, krow, kmask, dv, DV)
-        first = tl.load(part_cu + b).to(tl.int64)
+        first = (tl.load(part_cu + b) - tl.load(part_cu + b0)).to(tl.int64)
         for i in range(nseg):
             slot = first + i
             dk_acc += tl.load(dk_part + (slot * BS + lane[:, None]) * DK + dk[None, :], mask=dk[None, :] < DK, other=0.0)
@@ -310,19 +317,23 @@ def nsa_selected_merge_kernel(
 
 @triton.jit
 def nsa_selected_dq_sum_kernel(
-    idx, pos_of, dq_part, dq, row0, n_rows, scale,
+    idx, pos_of, dq_part, dq, first, row0, n_rows, hk0, scale,
     HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, DK: tl.constexpr,
-    BK: tl.constexpr, BT: tl.constexpr, N_SEL: tl.constexpr,
+    KA: tl.constexpr, KB: tl.constexpr, BT: tl.constexpr, N_SEL: tl.constexpr, DQ_ADD: tl.constexpr,
 ):
-    """dQ of BT positions x G heads: the sum of their n partials, in slot order (deterministic)."""
-    hk = tl.program_id(1)
+    """dQ of BT positions x G heads of KV head hk0 + program_id(1): the sum of their n partials
+    (list positions minus the pass's first, loaded from `first`), in slot order
+    (deterministic). DQ_ADD: added to what dq holds."""
+    hk = hk0 + tl.program_id(1)
     g, ok, sel, rows = _merge_rows(row0, n_rows, hk, G, GP, BT, H, HQ, N_SEL)
-    dk = tl.arange(0, BK)
-    acc = tl.zeros([BT * GP, BK], tl.float32)
+    base = tl.load(first)
+    acc_a, acc_b = zeros2(BT * GP, KA, KB)
     for slot in range(N_SEL):
-        prow, valid = _slot_partial(idx, pos_of, sel, slot, ok, g, row0 * H * N_SEL, G)
-        acc += load_rows(dq_part, prow, valid, dk, DK).to(tl.float32)
-    store_rows(dq, rows, ok, dk, DK, acc * scale)
+        prow, valid = _slot_partial(idx, pos_of, sel, slot, ok, g, base, G)
+        acc_a += load_rows(dq_part, prow, valid, tl.arange(0, KA), DK).to(tl.float32)
+        if KB > 0:
+            acc_b += load_rows(dq_part, prow, valid, KA + tl.arange(0, KB), DK).to(tl.float32)
+    store_rows2_add(dq, rows, ok, DK, KA, KB, acc_a * scale, acc_b * scale, DQ_ADD)
 
 
 @triton.jit

@@ -147,12 +147,26 @@ def selected_key_centric_rows(h: int, n: int, g: int, d: int, esize: int, lse: b
     selected_kc_mib MiB. Fewer chunks are faster (each reloads the K/V blocks; the backward adds
     to fp32 dK/dV per chunk), more use less memory. 64k, G=1, H100 (results/small_groups/call6),
     forward / backward: 128 MiB 5.5 / 12.5 ms, 256 MiB 4.8 / 9.0, 512 MiB 4.6 / 7.4, 1024 MiB
-    4.5 / 6.6; fwd+bwd peak memory 2.4 GB at 512. Default 512. The interpreter: 48 rows, so that
-    CI runs several chunks."""
+    4.5 / 6.6; fwd+bwd peak memory 2.4 GB at 512. Default 512. The interpreter: 48 rows
+    (NSA_TUNE selected_kc_rows), so that CI runs several chunks."""
     if interpreting():
-        return 48
+        return _pick("selected_kc_rows", (48,))[0]
     mib = _pick("selected_kc_mib", (512,))[0]
     return max(1, (mib << 20) // (h * n * g * (d * esize + 4 * lse)))
+
+
+def selected_key_centric_heads(n_rows: int, h: int, rows: int) -> int:
+    """KV heads per pass of the key-centric backward when one head's partials for all n_rows
+    rows fit half the budget that `rows` rows of all h heads have (selected_key_centric_rows);
+    0 when they do not. A pass over whole heads writes dK/dV once, in q's dtype; row chunks
+    instead sum dK/dV over the chunks in fp32 buffers the size of two K/V sets in fp32. Half:
+    at 64k, G=1, dk 128 (H200, results/session10) two heads a pass (512 MiB of partials) peaked
+    at 1439 MB (FA2 1028), one head a pass (256 MiB, with the forward also at 256) at 1218 MB,
+    fwd+bwd 24.9 -> 25.7 ms; row chunks 2408 MB. NSA_TUNE='{"selected_kc_heads": [0]}' turns head
+    passes off (A/B timing)."""
+    if not _pick("selected_kc_heads", (1,))[0]:
+        return 0
+    return min(h, rows * h // 2 // max(1, n_rows))
 
 
 def selected_bwd_queries(gp: int):
@@ -184,4 +198,4 @@ def decode(programs: int, cmp_tokens: int, win_tokens: int, sel_tokens: int, blo
     return {**t, **over}
 
 
-__all__ = ["banded", "key_tiles", "select", "selected", "selected_key_centric", "selected_key_centric_shape", "selected_key_centric_rows", "selected_bwd_queries", "decode", "interpreting", "pow2"]
+__all__ = ["banded", "key_tiles", "select", "selected", "selected_key_centric", "selected_key_centric_shape", "selected_key_centric_rows", "selected_key_centric_heads", "selected_bwd_queries", "decode", "interpreting", "pow2"]
