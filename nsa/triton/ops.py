@@ -441,9 +441,9 @@ class FusedNSA(torch.autograd.Function):
     node, not saved, and freed as soon as one pass has read them for the gate gradients and the
     branches' softmax corrections; each branch's dO = g * dO is made only while that branch
     runs; one dQ is written by the first branch and added to by the others; the compression
-    branch goes first, as its fp32 split partials are the largest buffers. So a second backward
-    through one graph (retain_graph) is refused. torch.compile takes the composed custom ops
-    instead (nsa.triton.nsa_attention)."""
+    branch goes first, as its fp32 split partials are the largest buffers. A second backward
+    through one graph (retain_graph) recomputes the branch outputs from the kept selection.
+    torch.compile takes the composed custom ops instead (nsa.api.nsa_attention)."""
 
     @staticmethod
     def forward(ctx, q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, cu, cu_k, scale, c):
@@ -462,13 +462,13 @@ class FusedNSA(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, _didx):
-        if ctx.branch_out is None:
-            raise RuntimeError("nsa_attention (backend='triton') frees its branch outputs during the "
-                               "backward: a second backward through the same graph (retain_graph=True) "
-                               "is not supported; run the forward again")
         q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, idx, lse_cmp, lse_slc, lse_win, cu, cu_k = ctx.saved_tensors
         scale, c = ctx.consts
         outs, ctx.branch_out = ctx.branch_out, None
+        if outs is None:   # freed by an earlier backward through this graph: recompute them
+            outs = [banded_fwd(q, k_cmp, v_cmp, cu, cu_k, scale, c.cmp_stride, c.cmp_block_size - 1, 0)[0],
+                    selected_fwd(q, k_slc, v_slc, idx, cu, scale, c.sel_block_size)[0],
+                    banded_fwd(q, k_win, v_win, cu, cu, scale, 1, 0, c.window_size)[0]]
         do = do.contiguous()
         n_rows, dv = do.numel() // do.shape[-1], do.shape[-1]
         dgates = empty(*gates.shape, dtype=gates.dtype, device=gates.device)
