@@ -23,7 +23,8 @@ elif [ "$M" = train ]; then
   R=runs/small_nsa; mkdir -p $R
   [ -f $R/checkpoint.pt ] && RES=--resume || RES=
   LIMIT=${LIMIT:-480}
-  timeout $LIMIT python3 -m nsa.cli train --preset small --attention nsa --out $R $RES "$@" 2>&1 | tail -c 200000 > $O/train_$(date +%s).log
+  # the trainer stops in time to checkpoint (--time-limit); timeout is the backstop
+  timeout $((LIMIT + 60)) python3 -m nsa.cli train --preset small --attention nsa --out $R $RES --time-limit $LIMIT "$@" 2>&1 | tail -c 200000 > $O/train_$(date +%s).log
   tail -c 400 $O/train_*.log
   cp $R/metrics.jsonl $O/ 2>/dev/null
   if [ -n "${EVAL:-}" ]; then

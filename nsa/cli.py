@@ -56,6 +56,8 @@ def _train_args(p):
     p.add_argument("--corpus", nargs="*", default=None, help="text files and/or Hugging Face datasets as hf:NAME[?config=C&split=S&column=COL] "
                         "(default: Python's stdlib sources)")
     p.add_argument("--save-every", type=int, default=0, help="also checkpoint every N steps (default: at the end)")
+    p.add_argument("--time-limit", type=float, default=0,
+                   help="seconds: stop between steps in time to checkpoint (continue with --resume)")
     p.add_argument("--passkey-rows", type=int, default=2, help="rows of each batch that are passkey examples")
     p.add_argument("--passkey-needles", type=int, default=1, help="needles (each with its question) per passkey example")
     p.add_argument("--passkey-len", type=int, default=0,
@@ -84,7 +86,7 @@ def _train_cfg(a, out_dir):
                        seed=a.seed, device=a.device, out_dir=out_dir, passkey_rows=a.passkey_rows, save_every=a.save_every,
                        passkey_needles=a.passkey_needles, passkey_len=a.passkey_len,
                        passkey_len_from=a.passkey_len_from, passkey_schedule=a.passkey_schedule, mqar_rows=a.mqar_rows, mqar_pairs=a.mqar_pairs,
-                       parallel=getattr(a, "parallel", "ddp"))
+                       parallel=getattr(a, "parallel", "ddp"), time_limit=getattr(a, "time_limit", 0))
 
 
 def _init_distributed():
@@ -110,6 +112,10 @@ def train(a) -> int:
         print(f"resumed from {ckpt} at step {tr.step}")
     print(f"{a.attention} model, {tr.model.num_params() / 1e6:.2f}M parameters, on {tr.device}")
     tr.fit()
+    if tr.stopped_early:
+        print(f"time limit: stopped at step {tr.step} of {tr.cfg.steps}; saved {tr.save()} "
+              f"(continue with --resume)")
+        return 0
     print(f"saved {tr.save()}; held-out loss {tr.val_loss():.4f}")
     return 0
 

@@ -60,6 +60,8 @@ class TrainConfig:
     mqar_queries: int = 8          # this many queries)
     eval_every: int = 100
     save_every: int = 0            # also checkpoint every this many steps (0: only when fit ends)
+    time_limit: float = 0          # seconds (0: none): fit stops between steps, leaving twice the
+                                   # longest step for the checkpoint; a resumed run continues exactly
     eval_batches: int = 8
     seed: int = 0
     device: str = "auto"
@@ -274,13 +276,18 @@ class Trainer:
         for rec in self.history if metrics else ():   # a resumed run: the steps its checkpoint holds
             metrics.write(json.dumps(rec) + "\n")
         tokens = c.batch_size * c.seq_len
-        t0, last = time.time(), self.step
+        t0, last = self.clock(), self.step
+        self.stopped_early, longest = False, 0.0
         while self.step < c.steps:
+            if self._out_of_time(self.clock() - t0, longest):
+                self.stopped_early = True
+                break
+            t_step = self.clock()
             rec = self.train_step()
             if self.step % c.eval_every == 0 or self.step == c.steps:
                 rec["val_loss"] = self.val_loss()
                 rec.update(self.needle_selection())
-            dt = time.time() - t0
+            dt = self.clock() - t0
             rec["tokens_per_s"] = (self.step - last) * tokens / max(dt, 1e-9)
             self.history.append(rec)
             if metrics:
@@ -288,11 +295,25 @@ class Trainer:
             self._progress(rec)
             if c.save_every and self.step % c.save_every == 0 and self.step < c.steps:
                 self.save()
+            longest = max(longest, self.clock() - t_step)
         if metrics:
             metrics.close()
         if self.log is not None:
             self.log.write("\n")
         return self.history
+
+    clock = staticmethod(time.monotonic)   # seconds, for the time limit and tokens/s
+
+    def _out_of_time(self, elapsed, longest):
+        """Whether the next step (with room for a checkpoint: twice the longest step so far)
+        would end past time_limit; rank 0 decides for all ranks, so that they stop together."""
+        if not self.cfg.time_limit:
+            return False
+        stop = torch.tensor(float(elapsed + 2 * longest > self.cfg.time_limit))
+        if self.world > 1:
+            stop = stop.to(self.device)
+            dist.broadcast(stop, 0)
+        return bool(stop)
 
     def _progress(self, r):
         if self.log is None:

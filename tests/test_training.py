@@ -59,6 +59,22 @@ def test_resume_is_exact(tmp_path):
     assert [r["loss"] for r in a.history] == [r["loss"] for r in c.history]
     lines = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()   # no step twice
     assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4]
+    # a time limit stops between steps and the run continues from its checkpoint as if never
+    # stopped. A clock on which each step takes 10 s, limit 25 s: after step 1, 10 s + twice
+    # the longest step (room for the checkpoint) would pass it
+    d = Trainer(TINY, _cfg(tmp_path / "d", time_limit=25), corpus=corpus, log=None)
+    now, step = [0.0], d.train_step
+    d.clock = lambda: now[0]
+
+    def timed_step():
+        now[0] += 10
+        return step()
+    d.train_step = timed_step
+    d.fit()
+    assert d.stopped_early and d.step == 1
+    e = Trainer(TINY, _cfg(tmp_path / "d"), corpus=corpus, log=None).load(d.save())
+    e.fit()
+    assert not e.stopped_early and [r["loss"] for r in e.history] == [r["loss"] for r in a.history]
 
 
 def test_training_lowers_the_loss(tmp_path):
