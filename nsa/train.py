@@ -309,11 +309,12 @@ class Trainer:
         would end past time_limit; rank 0 decides for all ranks, so that they stop together."""
         if not self.cfg.time_limit:
             return False
-        stop = torch.tensor(float(elapsed + 2 * longest > self.cfg.time_limit))
+        stop = elapsed + 2 * longest > self.cfg.time_limit
         if self.world > 1:
-            stop = stop.to(self.device)
-            dist.broadcast(stop, 0)
-        return bool(stop)
+            flag = torch.tensor(float(stop), device=self.device)
+            dist.broadcast(flag, 0)
+            stop = bool(flag)
+        return stop
 
     def _progress(self, r):
         if self.log is None:

@@ -446,16 +446,25 @@ class FusedNSA(torch.autograd.Function):
     torch.compile takes the composed custom ops instead (nsa.api.nsa_attention)."""
 
     @staticmethod
-    def forward(ctx, q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, cu, cu_k, scale, c):
+    def _branches(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, cu, cu_k, scale, c, idx=None):
+        """([o_cmp, o_slc, o_win], [their lse], idx): the three branches; the selection is made
+        from the compression branch unless given (a recompute)."""
         o_cmp, lse_cmp = banded_fwd(q, k_cmp, v_cmp, cu, cu_k, scale, c.cmp_stride, c.cmp_block_size - 1, 0)
-        idx = select_blocks(q, k_cmp, lse_cmp, cu, cu_k, scale, c.cmp_block_size, c.cmp_stride,
-                            c.sel_block_size, c.sel_block_count, c.sel_init_blocks, c.sel_local_blocks)
+        if idx is None:
+            idx = select_blocks(q, k_cmp, lse_cmp, cu, cu_k, scale, c.cmp_block_size, c.cmp_stride,
+                                c.sel_block_size, c.sel_block_count, c.sel_init_blocks, c.sel_local_blocks)
         o_slc, lse_slc = selected_fwd(q, k_slc, v_slc, idx, cu, scale, c.sel_block_size)
         o_win, lse_win = banded_fwd(q, k_win, v_win, cu, cu, scale, 1, 0, c.window_size)
-        o = gate_fwd(o_cmp, o_slc, o_win, gates)
+        return [o_cmp, o_slc, o_win], [lse_cmp, lse_slc, lse_win], idx
+
+    @staticmethod
+    def forward(ctx, q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, cu, cu_k, scale, c):
+        outs, (lse_cmp, lse_slc, lse_win), idx = FusedNSA._branches(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win,
+                                                                    cu, cu_k, scale, c)
+        o = gate_fwd(*outs, gates)
         ctx.save_for_backward(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, idx, lse_cmp, lse_slc,
                               lse_win, cu, cu_k)
-        ctx.branch_out = [o_cmp, o_slc, o_win]
+        ctx.branch_out = outs
         ctx.consts = (scale, c)
         ctx.mark_non_differentiable(idx)
         return o, idx
@@ -466,9 +475,7 @@ class FusedNSA(torch.autograd.Function):
         scale, c = ctx.consts
         outs, ctx.branch_out = ctx.branch_out, None
         if outs is None:   # freed by an earlier backward through this graph: recompute them
-            outs = [banded_fwd(q, k_cmp, v_cmp, cu, cu_k, scale, c.cmp_stride, c.cmp_block_size - 1, 0)[0],
-                    selected_fwd(q, k_slc, v_slc, idx, cu, scale, c.sel_block_size)[0],
-                    banded_fwd(q, k_win, v_win, cu, cu, scale, 1, 0, c.window_size)[0]]
+            outs = FusedNSA._branches(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, cu, cu_k, scale, c, idx)[0]
         do = do.contiguous()
         n_rows, dv = do.numel() // do.shape[-1], do.shape[-1]
         dgates = empty(*gates.shape, dtype=gates.dtype, device=gates.device)

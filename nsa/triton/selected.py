@@ -330,9 +330,10 @@ def nsa_selected_dq_sum_kernel(
     acc_a, acc_b = zeros2(BT * GP, KA, KB)
     for slot in range(N_SEL):
         prow, valid = _slot_partial(idx, pos_of, sel, slot, ok, g, base, G)
-        acc_a += load_rows(dq_part, prow, valid, tl.arange(0, KA), DK).to(tl.float32)
+        pa, pb = load_rows2(dq_part, prow, valid, DK, KA, KB)
+        acc_a += pa.to(tl.float32)
         if KB > 0:
-            acc_b += load_rows(dq_part, prow, valid, KA + tl.arange(0, KB), DK).to(tl.float32)
+            acc_b += pb.to(tl.float32)
     store_rows2_add(dq, rows, ok, DK, KA, KB, acc_a * scale, acc_b * scale, DQ_ADD)
 
 

@@ -174,9 +174,10 @@ def store_rows2_add(base, rows, ok, D: tl.constexpr, KA: tl.constexpr, KB: tl.co
     """store_rows2, adding (in fp32) to what base holds when ADD: a gradient that several
     launches accumulate in place (dQ over the three branches)."""
     if ADD:
-        va += load_rows(base, rows, ok, tl.arange(0, KA), D).to(tl.float32)
+        ha, hb = load_rows2(base, rows, ok, D, KA, KB)
+        va += ha.to(tl.float32)
         if KB > 0:
-            vb += load_rows(base, rows, ok, KA + tl.arange(0, KB), D).to(tl.float32)
+            vb += hb.to(tl.float32)
     store_rows2(base, rows, ok, D, KA, KB, va, vb)
 
 
