@@ -20,16 +20,17 @@ from shapes import PAPER, environment, median_ms, nsa_inputs, save  # noqa: E402
 
 SWEEPS = {
     "banded_fwd": [(64, 64, 4, 2), (64, 64, 4, 3), (64, 128, 4, 2), (64, 32, 4, 3), (128, 64, 8, 2),
-                   (128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 8, 2)],
+                   (128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 8, 2), (128, 64, 4, 3), (128, 128, 8, 3),
+                   (256, 64, 8, 3), (32, 64, 4, 3)],
     "banded_dq": [(64, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 3), (128, 64, 8, 2), (128, 32, 8, 2), (64, 64, 8, 2)],
     "banded_dkv": [(64, 64, 4, 2), (64, 64, 4, 3), (32, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2), (128, 32, 4, 2)],
-    "select": [(64, 4, 2, 1), (64, 4, 2, 0), (128, 4, 2, 0), (128, 4, 2, 1), (32, 4, 2, 1), (128, 8, 2, 1),
-               (256, 8, 2, 0), (256, 8, 2, 1), (64, 4, 3, 1)],   # (rows, warps, stages, tensor-core product)
+    "select": [(64, 4, 2, 1), (64, 4, 2, 2), (128, 4, 2, 1), (128, 4, 2, 2), (128, 8, 2, 2), (256, 8, 2, 2),
+               (32, 4, 2, 1), (64, 4, 3, 1), (128, 4, 3, 2)],   # (rows, warps, stages, spread: select.py)
     "selected_fwd": [(4, 2), (4, 1), (4, 3), (4, 4), (2, 2), (2, 1), (8, 2), (8, 3), (2, 3), (1, 2)],
     "banded_unmasked": [(0,), (1,)],   # A/B: every banded tile masked vs unmasked inner tiles (both branches)
     "selected_kc": [(0,), (1,)],   # A/B: group-centric vs key-centric forward
-    "selected_kc_shape": [(64, 1024, 16, 4, 2), (32, 1024, 16, 4, 2), (128, 1024, 16, 8, 2), (64, 4096, 16, 4, 2),
-                          (64, 1024, 16, 4, 3), (64, 1024, 16, 8, 2), (32, 1024, 16, 2, 2), (64, 256, 16, 4, 2)],
+    "selected_kc_shape": [(64, 256, 16, 4, 2), (64, 256, 4, 4, 2), (64, 256, 8, 4, 2), (64, 256, 32, 4, 2),
+                          (64, 256, 2, 4, 2), (32, 256, 16, 4, 2), (64, 512, 16, 4, 2), (128, 256, 16, 8, 2)],
     "selected_kc_mib": [(128,), (256,), (512,), (1024,)],
     "selected_kc_bwd": [(0,), (1,)],   # A/B of the dQ: group-centric vs key-centric partials
     "selected_dq": [(4, 2), (4, 1), (4, 3), (2, 2), (8, 2)],
@@ -77,7 +78,7 @@ def parts(T, HQ, H, dk, dv, cfg):
 # which ops a kernel's override affects
 AFFECTS = {"banded_unmasked": ["cmp_fwd", "cmp_bwd", "win_fwd", "win_bwd"], "banded_fwd": ["cmp_fwd", "win_fwd"], "banded_dq": ["cmp_bwd", "win_bwd"], "banded_dkv": ["cmp_bwd", "win_bwd"],
            "select": ["select"], "selected_fwd": ["slc_fwd"], "selected_kc": ["slc_fwd", "api_fwd"],
-           "selected_kc_shape": ["slc_fwd"], "selected_kc_mib": ["slc_fwd", "slc_bwd"],
+           "selected_kc_shape": ["slc_fwd", "slc_bwd"], "selected_kc_mib": ["slc_fwd", "slc_bwd"],
            "selected_kc_bwd": ["slc_bwd", "api_fwd_bwd"], "selected_dq": ["slc_bwd"], "selected_dkv": ["slc_bwd"]}
 
 

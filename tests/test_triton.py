@@ -106,6 +106,28 @@ def test_select_many_blocks_merges_chunks():
     _check_selection({k: v.double() for k, v in t.items()}, lse.double(), cfg, idx)
 
 
+# small blocks, so that 90 positions span two chunks of 16 blocks (the carry between them):
+# l'/d = 2, and l'/d = 3 (not a power of two: the kernel pads each block's token slots to 4)
+R2 = nsa.NSAConfig(cmp_block_size=4, cmp_stride=2, sel_block_size=4, sel_block_count=4,
+                   sel_init_blocks=1, sel_local_blocks=1, window_size=9)
+R3 = R2.replace(cmp_block_size=2, cmp_stride=1, sel_block_size=3)
+
+
+@pytest.mark.parametrize("spread,HQ,rows,cfg", [
+    (1, 2, 32, R2), (2, 2, 32, R2), (2, 2, 16, R2), (1, 1, 16, R3), (2, 1, 16, R3), (2, 4, 32, R3)],
+    ids=["split-G2-16pos", "stencil-G2-16pos", "G2-8pos", "split-G1-R3", "stencil-G1-R3", "G4-R3-8pos"])
+def test_select_spread_modes(spread, HQ, rows, cfg, monkeypatch):
+    """Every way of spreading probabilities over blocks (select.py), at tiles of 8 and 16
+    positions, l'/d a power of two or not, against the float64 reference."""
+    monkeypatch.setenv("NSA_TUNE", f'{{"select": [{rows}, 4, 1, {spread}]}}')
+    t, _ = make_inputs(90, HQ, 1, 8, 8, cfg, device=DEV, dtype=torch.float32, seed=5 + spread)
+    t["q"] = t["q"] * 3   # sharper probabilities: well-separated scores
+    _, lse = nsa.compressed_attention(t["q"], t["k_cmp"], t["v_cmp"], cmp_block_size=cfg.cmp_block_size,
+                                      cmp_stride=cfg.cmp_stride, backend="torch")
+    idx = nsa.select_blocks(t["q"], t["k_cmp"], lse, **cfg_kwargs(cfg), backend="triton")
+    _check_selection({k: v.double() for k, v in t.items()}, lse.double(), cfg, idx)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 def test_nsa_attention_all_gradients_packed(dtype):
     lens = [1, 37, 16, 70]

@@ -24,7 +24,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .select import _merge_top
+from .select import _merge_top, spread_counts
 from .utils import softmax_step
 
 
@@ -150,13 +150,9 @@ def nsa_decode_score_kernel(
         l_sum += tl.load(pl + base, mask=g < G, other=0.0) * tl.exp2(ms - m_use)
     lse2 = m_use + tl.log2(tl.where(l_sum > 0, l_sum, 1.0))
 
-    # Compressed token i starts in block i // R at offset r = i % R (R = l'/d tokens start in
-    # each block); since l <= l' it covers that block by min(l, l' - r*d) keys and spills
-    # max(0, r*d + l - l') keys into the next one.
     R: tl.constexpr = SEL_L // CMP_D
     r = tl.arange(0, RP)
-    w_in = tl.where(r < R, tl.minimum(CMP_L, SEL_L - r * CMP_D).to(tl.float32) / CMP_D, 0.0)
-    w_spill = tl.where(r < R, tl.maximum(r * CMP_D + CMP_L - SEL_L, 0).to(tl.float32) / CMP_D, 0.0)
+    w_in, w_spill = spread_counts(r, R, CMP_L, CMP_D, SEL_L)   # d times SPEC's weights
     lo, hi = _split((L - 1) // SEL_L + 1, tl.program_id(1), S_B, BCH)
     lg_row = logits + bh.to(tl.int64) * G * NC
     for j0 in range(lo, hi, BCH):

@@ -50,7 +50,7 @@ def _key_dims(meta):
 
 def _banded_meta(kind, q, v, stride, offset, win):
     N, HQ, H, G, GP, DK, DV, BK, BV = _dims(q, v)
-    rows, BN, warps, stages = tuning.banded(kind, BK, BV, GP)
+    rows, BN, warps, stages = tuning.banded(kind, BK, BV, GP, win)
     meta = dict(HQ=HQ, H=H, G=G, GP=GP, DK=DK, DV=DV, BK=BK, BV=BV, BT=max(1, rows // GP), BN=BN,
                 STRIDE=stride, OFFSET=offset, WIN=win, PREC=_prec(q), num_warps=warps,
                 num_stages=stages)
@@ -147,18 +147,20 @@ def select_blocks(q: Tensor, k: Tensor, lse: Tensor, cu_q: Tensor, cu_k: Tensor,
                   sel_init_blocks: int, sel_local_blocks: int) -> Tensor:
     N, HQ, H, G, GP, DK, DV, BK, BV = _dims(q, k)
     n_seq = cu_q.numel() - 1
-    rows, warps, stages, split_tc = tuning.select(DK, GP)
+    rows, warps, stages, spread = tuning.select(DK, GP)
     KA, KB = tuning.key_tiles(DK)
     BT = max(1, rows // GP)
+    RP = pow2(sel_block_size // cmp_stride)
     # tensor-core overlap product: needs 16 rows for tl.dot and counts exact in bf16
-    split_tc = split_tc and BT >= 16 and min(cmp_block_size, sel_block_size) <= 256
+    if not (BT >= 16 and min(cmp_block_size, sel_block_size) <= 256):
+        spread = 2
     out = empty(N, H, sel_block_count, dtype=torch.int32, device=q.device)
     tiles = tile_cu(cu_q, BT)
     nsa_select_kernel[(tile_grid_bound(N, n_seq, BT), H)](
         q, k, lse, out, cu_q, cu_k, tiles, n_seq, scale * LOG2E,
         HQ=HQ, H=H, G=G, GP=GP, DK=DK, KA=KA, KB=KB, BT=BT, CMP_L=cmp_block_size, CMP_D=cmp_stride,
         SEL_L=sel_block_size, N_SEL=sel_block_count, INIT=sel_init_blocks, LOCAL=sel_local_blocks,
-        NTOP=_ntop(sel_block_count, sel_block_size // cmp_stride), PREC=_prec(q), SPLIT_TC=split_tc,
+        NTOP=_ntop(sel_block_count, RP), RP=RP, PREC=_prec(q), SPREAD=spread,
         SPLIT=tl.float32 if tuning.interpreting() else tl.bfloat16, num_warps=warps, num_stages=stages)
     return out
 

@@ -10,14 +10,18 @@ of the chunk, then a bitonic merge) of packed int64 keys (score bits << 32 | ~bl
 order puts higher scores first and, among equal scores, the lower block. Scores never leave
 registers.
 
-The spread over blocks is a product [positions, tokens] x [tokens, blocks] of overlap weights.
-In fp32 on CUDA cores it holds many registers: with one head per position (G = 1) and 128
-positions a tile, ptxas spilled ~2.9 KB a thread (9.4 ms at 64k on an H100; 4.6 at 64
-positions). With SPLIT_TC it runs on tensor cores instead: the probabilities as three bf16 parts
-(8 + 8 + 8 significant bits: fp32's 24) times the integer overlap counts (exact in bf16), summed
-in fp32: 2.8 ms at 64 positions (benchmarks/results/session8/call1). Larger groups have few
-positions a tile and gain nothing from it (tuning.select). The interpreter takes the same path
-with fp32 parts (its bf16 products are not exact): CI checks the counts, the GPU the bf16 split.
+Spreading the probabilities over blocks (SPREAD): a compressed token starting at offset r of a
+block covers it by spread_counts' own(r) keys and spills spill(r) keys into the next block.
+As a product [positions, tokens] x [tokens, blocks] of those counts in fp32 on CUDA cores it
+held many registers (G = 1, 128 positions a tile: ptxas spilled ~2.9 KB a thread, 9.4 ms at
+64k on an H100; 4.6 at 64 positions; that path was removed in session 11). SPREAD 1: the
+product on tensor cores, the probabilities as three bf16 parts (8 + 8 + 8 significant bits:
+fp32's 24) times the counts (exact in bf16), summed in fp32: 2.8 ms at 64 positions
+(results/session8/call1). SPREAD 2: a stencil, no product: the tokens as [positions, blocks,
+RP] (RP = l'/d padded to a power of two), each block's own sum and spill sum, the spill moved
+one block on by a gather. Defaults and timings: tuning.select. The interpreter runs the split
+with fp32 parts (its bf16 products are not exact): CI checks the counts, the GPU the bf16
+split.
 """
 from __future__ import annotations
 
@@ -28,12 +32,14 @@ from .utils import band_keys, band_visible, dot_keys, load_rows2, seq_tile, tile
 
 
 @triton.jit
-def _overlap(i, j, CMP_L: tl.constexpr, CMP_D: tl.constexpr, SEL_L: tl.constexpr):
-    """Tokens that compressed token i and selection block j share: an integer count, d times
-    SPEC.md's overlap weight (scores here are d times SPEC's; the top-n is the same)."""
-    lo = tl.maximum(i * CMP_D, j * SEL_L)
-    hi = tl.minimum(i * CMP_D + CMP_L, (j + 1) * SEL_L)
-    return tl.maximum(hi - lo, 0)
+def spread_counts(r, R: tl.constexpr, CMP_L: tl.constexpr, CMP_D: tl.constexpr, SEL_L: tl.constexpr):
+    """Compressed token i starts in block i // R at offset r = i % R (R = l'/d tokens start in
+    each block); since l <= l' it covers that block by min(l, l' - r*d) keys and spills
+    max(0, r*d + l - l') keys into the next one. Both counts (d times SPEC.md's overlap
+    weights; fp32, exact) for r of arange(RP), zero for padding r >= R."""
+    own = tl.where(r < R, tl.minimum(CMP_L, SEL_L - r * CMP_D), 0).to(tl.float32)
+    spill = tl.where(r < R, tl.maximum(r * CMP_D + CMP_L - SEL_L, 0), 0).to(tl.float32)
+    return own, spill
 
 
 @triton.jit
@@ -46,40 +52,57 @@ def _merge_top(top, key):
 
 
 @triton.jit
+def _spread(pg, jj, carry, BT: tl.constexpr, NTOP: tl.constexpr, R: tl.constexpr, RP: tl.constexpr,
+            CMP_L: tl.constexpr, CMP_D: tl.constexpr, SEL_L: tl.constexpr, SPREAD: tl.constexpr,
+            SPLIT: tl.constexpr):
+    """Block scores [BT, NTOP] of the chunk's group-summed probabilities pg [BT, NTOP * RP]
+    (token slot c: chunk block c // RP, offset c % RP), plus the carry from the previous chunk's
+    spill; and the spill of this chunk's last block (the next carry). SPREAD (select.py doc):
+    1 the product on tensor cores as three parts of SPLIT, 2 the stencil."""
+    if SPREAD == 2:
+        own, spill = spread_counts(tl.arange(0, RP), R, CMP_L, CMP_D, SEL_L)
+        p3 = tl.reshape(pg, [BT, NTOP, RP])
+        score = tl.sum(p3 * own[None, None, :], axis=2)                      # [BT, NTOP]
+        nxt = tl.sum(p3 * spill[None, None, :], axis=2)                      # into block + 1
+        prev = tl.gather(nxt, tl.broadcast_to(tl.maximum(jj - 1, 0)[None, :], [BT, NTOP]), axis=1)
+        score += tl.where(jj[None, :] == 0, carry[:, None], prev)
+        return score, tl.sum(tl.where(jj[None, :] == NTOP - 1, nxt, 0.0), axis=1)
+    c = tl.arange(0, NTOP * RP)
+    own, spill = spread_counts(c % RP, R, CMP_L, CMP_D, SEL_L)
+    jc = (c // RP)[:, None]
+    wc = tl.where(jc == jj[None, :], own[:, None], tl.where(jc + 1 == jj[None, :], spill[:, None], 0.0))
+    wc = wc.to(SPLIT)    # counts <= min(l, l') <= 256: exact in bf16
+    hi = pg.to(SPLIT)
+    r = pg - hi.to(tl.float32)
+    mid = r.to(SPLIT)
+    lo = (r - mid.to(tl.float32)).to(SPLIT)
+    score = tl.dot(hi, wc, input_precision="ieee")                           # [BT, NTOP]
+    score = tl.dot(mid, wc, score, input_precision="ieee")
+    score = tl.dot(lo, wc, score, input_precision="ieee")
+    score += tl.where(jj[None, :] == 0, carry[:, None], 0.0)
+    return score, tl.sum(pg * tl.where(c // RP == NTOP - 1, spill, 0.0)[None, :], axis=1)
+
+
+@triton.jit
 def _chunk(j0, qa, qb, k, k0, hk, t, tp, lse2, last, Tq, Tc, top, carry, scale_log2, H: tl.constexpr,
            DK: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr, BT: tl.constexpr, GP: tl.constexpr,
-           CMP_L: tl.constexpr, CMP_D: tl.constexpr, SEL_L: tl.constexpr, NTOP: tl.constexpr,
+           CMP_L: tl.constexpr, CMP_D: tl.constexpr, SEL_L: tl.constexpr, NTOP: tl.constexpr, RP: tl.constexpr,
            INIT: tl.constexpr, LOCAL: tl.constexpr, PREC: tl.constexpr, MASKED: tl.constexpr,
-           SPLIT_TC: tl.constexpr, SPLIT: tl.constexpr):
+           SPREAD: tl.constexpr, SPLIT: tl.constexpr):
     """Scores of blocks [j0, j0 + NTOP) merged into the running top list; MASKED = False when
     every row sees every compressed token of the chunk."""
     R: tl.constexpr = SEL_L // CMP_D          # compressed tokens starting in one block
-    BC: tl.constexpr = NTOP * R
-    i = j0 * R + tl.arange(0, BC)                                           # [BC]
+    c = tl.arange(0, NTOP * RP)
+    i = (j0 + c // RP) * R + c % RP                                         # [NTOP * RP] tokens
+    tok = (c % RP < R) & (i < Tc)
     krow = (k0 + i).to(tl.int64) * H + hk
-    qk = dot_keys(qa, qb, k, krow, i < Tc, DK, KA, KB, PREC) * scale_log2  # [BT*GP, BC]
+    qk = dot_keys(qa, qb, k, krow, tok, DK, KA, KB, PREC) * scale_log2     # [BT*GP, NTOP*RP]
     p = tl.exp2(qk - lse2[:, None])
     if MASKED:
         p = tl.where(band_visible(t[:, None], i[None, :], Tc, CMP_D, CMP_L - 1, 0), p, 0.0)
-    pg = tl.sum(tl.reshape(p, [BT, GP, BC]), axis=1)                        # [BT, BC] group sum
+    pg = tl.sum(tl.reshape(p, [BT, GP, NTOP * RP]), axis=1)                 # [BT, NTOP*RP] group sum
     jj = tl.arange(0, NTOP)
-    wc = _overlap(i[:, None], j0 + jj[None, :], CMP_L, CMP_D, SEL_L)        # [BC, NTOP] counts
-    w_next = _overlap(i, j0 + NTOP, CMP_L, CMP_D, SEL_L).to(tl.float32)    # [BC]
-    if SPLIT_TC:   # on tensor cores: pg as three parts of SPLIT times the integer counts
-        wc = wc.to(SPLIT)               # counts <= min(l, l') <= 256: exact in bf16
-        hi = pg.to(SPLIT)
-        r = pg - hi.to(tl.float32)
-        mid = r.to(SPLIT)
-        lo = (r - mid.to(tl.float32)).to(SPLIT)
-        score = tl.dot(hi, wc, input_precision="ieee")
-        score = tl.dot(mid, wc, score, input_precision="ieee")
-        score = tl.dot(lo, wc, score, input_precision="ieee")
-    elif BT >= 16:
-        score = tl.dot(pg, wc.to(tl.float32), input_precision="ieee")       # [BT, NTOP]
-    else:   # tl.dot needs 16 rows; a sum of products is exact and cheap at this size
-        score = tl.sum(pg[:, :, None] * wc.to(tl.float32)[None, :, :], axis=1)
-    score += tl.where(jj[None, :] == 0, carry[:, None], 0.0)
-    carry = tl.sum(pg * w_next[None, :], axis=1)
+    score, carry = _spread(pg, jj, carry, BT, NTOP, R, RP, CMP_L, CMP_D, SEL_L, SPREAD, SPLIT)
 
     j = j0 + jj[None, :]
     cand = (j <= last[:, None]) & (tp[:, None] < Tq)
@@ -97,8 +120,8 @@ def nsa_select_kernel(
     HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
     DK: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr, BT: tl.constexpr,
     CMP_L: tl.constexpr, CMP_D: tl.constexpr, SEL_L: tl.constexpr,
-    N_SEL: tl.constexpr, NTOP: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr,
-    PREC: tl.constexpr, SPLIT_TC: tl.constexpr, SPLIT: tl.constexpr,
+    N_SEL: tl.constexpr, NTOP: tl.constexpr, RP: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr,
+    PREC: tl.constexpr, SPREAD: tl.constexpr, SPLIT: tl.constexpr,
 ):
     pid = tl.program_id(0)
     hk = tl.program_id(1)
@@ -122,10 +145,10 @@ def nsa_select_kernel(
     n_full = band_keys(t0, t0, Tc, CMP_D, CMP_L - 1, 0)[1] // BC * NTOP
     for j0 in range(0, n_full, NTOP):
         top, carry = _chunk(j0, qa, qb, k, k0, hk, t, tp, lse2, last, Tq, Tc, top, carry, scale_log2,
-                            H, DK, KA, KB, BT, GP, CMP_L, CMP_D, SEL_L, NTOP, INIT, LOCAL, PREC, False, SPLIT_TC, SPLIT)
+                            H, DK, KA, KB, BT, GP, CMP_L, CMP_D, SEL_L, NTOP, RP, INIT, LOCAL, PREC, False, SPREAD, SPLIT)
     for j0 in range(n_full, n_blocks, NTOP):
         top, carry = _chunk(j0, qa, qb, k, k0, hk, t, tp, lse2, last, Tq, Tc, top, carry, scale_log2,
-                            H, DK, KA, KB, BT, GP, CMP_L, CMP_D, SEL_L, NTOP, INIT, LOCAL, PREC, True, SPLIT_TC, SPLIT)
+                            H, DK, KA, KB, BT, GP, CMP_L, CMP_D, SEL_L, NTOP, RP, INIT, LOCAL, PREC, True, SPREAD, SPLIT)
 
     keep = (top >= 0) & (jj[None, :] < N_SEL)  # top is in descending order: ranks < n
     blk = tl.where(keep, 2147483647 - (top & 0xFFFFFFFF), 2147483647).to(tl.int32)

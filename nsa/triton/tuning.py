@@ -27,14 +27,18 @@ def _pick(name, default):
     return tuple(v) if v else default
 
 
-def banded(kind: str, bk: int, bv: int, gp: int):
+def banded(kind: str, bk: int, bv: int, gp: int, win: int = 0):
     """(rows, BN keys, num_warps, num_stages) for kind in fwd / dq / dkv; BT = rows // gp
-    positions."""
+    positions; win > 0: the window branch."""
     if interpreting():
         return max(1, 16 // gp) * gp, 16, 4, 1
     # measured at 64k, HQ=64, H=4, 192/128 (profile_T65536_before): fwd 25 -> 15 ms with
-    # 128 rows, 8 warps, 3 stages; dq best at 128/64/8/2; dkv best with 32-key tiles
+    # 128 rows, 8 warps, 3 stages; dq best at 128/64/8/2; dkv best with 32-key tiles. Small
+    # groups' window forward (H200, results/session11/tiles): 64 rows, 32-key tiles, 4 warps
+    # G=4 1.14 -> 0.98 ms, G=1 0.64 -> 0.53 (their compression forward: 128/64/8/3 stays best)
     default = {"fwd": (128, 64, 8, 3), "dq": (128, 64, 8, 2), "dkv": (64, 32, 4, 2)}[kind]
+    if kind == "fwd" and win > 0 and gp <= 4:
+        default = (64, 32, 4, 3)
     return _pick(f"banded_{kind}", default)
 
 
@@ -90,22 +94,26 @@ def key_tiles(dk: int):
 
 
 def select(dk: int, gp: int):
-    """(rows, num_warps, num_stages, split_tc) of the selection kernel; split_tc: the overlap
-    product on tensor cores (select.py). 64k sweeps on an H100 (results/session8/call1, call2;
-    ms, fp32 product -> tensor cores): G=1 (HQ=H=8, dk 128) 128 rows 9.35 (ptxas spills) ->
-    3.12, 64 rows 4.61 -> 3.03; G=2 (8/4) 128 rows 2.89 -> 2.47, 64 rows 2.69 -> 3.23; G=4
-    (16/4) 128 rows 3.90 -> 4.78, 64 rows 4.08; paper (64/4, dk 192) 128 rows/4 warps 15.6,
-    256 rows/8 warps 13.5 (17.98 on tensor cores). So: 64 positions a tile on tensor cores
-    for G <= 2, fp32 products beyond. Past dk 192 the 256-row tile would hold ~205 KB of shared
-    memory (sm_90 allows 227; unmeasured there): 128 rows / 4 warps as before.
-    NSA_TUNE='{"select": [rows, warps, stages(, split_tc)]}' overrides. The interpreter tiles
-    16 positions so that small groups take the tensor-core path there too."""
+    """(rows, num_warps, num_stages, spread) of the selection kernel; spread: how the
+    probabilities go to block scores (select.py): 1 product on tensor cores, 2 stencil (the
+    launcher takes 2 where 1 cannot run). Sweeps at 64k, ms: H100 (results/session8/call1,
+    call2; fp32 product -> tensor cores) G=1 (HQ=H=8, dk 128) 128 rows 9.35 (ptxas spills) ->
+    3.12, 64 rows 4.61 -> 3.03; G=2 (8/4) 128 rows 2.89 -> 2.47, 64 rows 2.69 -> 3.23. H200
+    (results/session11, fp32 product / tensor cores / stencil): G=1 64 rows 3.92 / 2.53 / 2.63;
+    G=4 (16/4) 128 rows 4.02 / 4.46 / 3.26, 64 rows 3.85 / 6.19 / 3.34; paper (64/4, dk 192)
+    256 rows 8 warps 11.77 / 17.89 / 12.15, 128 rows 8 warps - / 17.44 / 10.97, 128 rows 4 warps
+    13.97 / 13.99 / 11.54. So: 64 positions a tile on tensor cores for G <= 2, the stencil on
+    128 rows beyond (8 warps past G = 4, except past dk 192: unmeasured there, 4 as before).
+    NSA_TUNE='{"select": [rows, warps, stages(, spread)]}' overrides ("select_spread": [s] the
+    spread alone). The interpreter tiles 16 positions so that small groups take the
+    tensor-core path there too."""
     if interpreting():
-        return (16 * gp, 4, 1, True) if gp <= 2 else (max(1, 16 // gp) * gp, 4, 1, False)
-    default = ((64 * gp, 4, 2, True) if gp <= 2 else (128, 4, 2, False) if gp <= 4 or dk > 192
-               else (256, 8, 2, False))
+        default = (16 * gp, 4, 1, 1) if gp <= 2 else (max(1, 16 // gp) * gp, 4, 1, 2)
+    else:
+        default = ((64 * gp, 4, 2, 1) if gp <= 2 else (128, 4, 2, 2) if gp <= 4 or dk > 192
+                   else (128, 8, 2, 2))
     v = _pick("select", default)
-    return v if len(v) == 4 else (*v, default[3])
+    return (*v[:3], _pick("select_spread", (v[3] if len(v) == 4 else default[3],))[0])
 
 
 def selected(kind: str, gp: int):
@@ -135,7 +143,8 @@ def selected_key_centric(g: int, kind: str) -> bool:
 
 def selected_key_centric_shape(gp: int):
     """(rows per tile, SEG queries per program, BT merge positions, num_warps, num_stages) of the
-    key-centric forward; BT also sizes the key-centric dQ's sum. The interpreter uses short segments so that CI sees long lists split."""
+    key-centric forward; BT also sizes the key-centric dQ's sum. The interpreter uses short
+    segments so that CI sees long lists split."""
     if interpreting():
         return 16, int(os.environ.get("NSA_SEL_SEGMENT", "8")), max(1, 4 // gp), 4, 1
     return _pick("selected_kc_shape", (64, 256, max(1, 16 // gp), 4, 2))
