@@ -10,6 +10,8 @@
 #   prof:  kernel profiles of this tree's G=1 / G=4 forward+backward.
 #   final: bf16 check; the 64k benchmark (paper, G=4, G=1) with the previous commit's G4/G1
 #          rows (ab_old) in the same call.
+#   index: the inverse index's list starts by searchsorted instead of a scatter of counts:
+#          G4/G1 rows of the previous commit (ab_old) and this tree; G=1 kernel profile.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:${PYTHONPATH:-}"
 O=/tmp/s11; rm -rf $O; mkdir -p $O
@@ -59,6 +61,12 @@ final)
   (cd /tmp && PYTHONPATH="$OLDPWD/ab_old:$PYTHONPATH" python3 -c "import nsa; print(nsa.__file__)") | tee $O/bench_old.log
   PYTHONPATH="$PWD/ab_old:$PYTHONPATH" timeout 150 python3 benchmarks/bench_train.py --lengths 65536 --settings G4 G1 --name ab_old 2>&1 | tail -12 | tee -a $O/bench_old.log
   timeout 200 python3 benchmarks/bench_train.py --lengths 65536 --settings paper G4 G1 --name train64k 2>&1 | tail -24 | tee $O/bench.log
+  ;;
+index)
+  (cd /tmp && PYTHONPATH="$OLDPWD/ab_old:$PYTHONPATH" python3 -c "import nsa; print(nsa.__file__)") | tee $O/bench_old.log
+  PYTHONPATH="$PWD/ab_old:$PYTHONPATH" timeout 150 python3 benchmarks/bench_train.py --lengths 65536 --settings G4 G1 --name ab_old 2>&1 | tail -12 | tee -a $O/bench_old.log
+  timeout 150 python3 benchmarks/bench_train.py --lengths 65536 --settings G4 G1 --name ab_new 2>&1 | tail -12 | tee $O/bench_new.log
+  timeout 100 python3 benchmarks/profile_kernels.py --setting G1 --backward --rows 24 2>&1 | grep -v Warn | tee $O/profile_fwd_bwd.log
   ;;
 esac
 find benchmarks/results -maxdepth 1 -newer $O/gpu.txt -name "*_NVIDIA_H200.*" -exec cp {} $O/ \;

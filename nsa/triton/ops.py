@@ -270,16 +270,16 @@ def inverse_index(idx, cu_q, sel_block_size, seg, chunk=None, keep_empty=True, w
     heads = torch.arange(H, device=idx.device)[None, :, None]
     bucket = torch.where(idx >= 0, heads * nbu + gb, H * nbu)                # H*nbu: empty slot
     key = ((rows // chunk)[:, None, None] * NB1 + bucket).flatten()
-    order = torch.sort(key.to(torch.int32) if C * NB1 < 2 ** 31 else key, stable=True).indices
+    keys, order = torch.sort(key.to(torch.int32) if C * NB1 < 2 ** 31 else key, stable=True)
     q_list = (order // (H * n)).to(torch.int32)
     pos_of = None
     if with_pos:
         pos_of = torch.empty_like(order)
         pos_of[order] = torch.arange(order.numel(), device=idx.device)
         pos_of = pos_of.view(N, H, n).to(torch.int32)
-    counts = torch.zeros(C * NB1, dtype=torch.long, device=idx.device)
-    counts.scatter_add_(0, key, torch.ones_like(key))
-    list_cu = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(torch.int32)
+    # each (chunk, bucket) list starts at the first sorted key >= it (no scatter of counts)
+    list_cu = torch.searchsorted(keys, torch.arange(C * NB1 + 1, dtype=keys.dtype, device=idx.device)).to(torch.int32)
+    counts = (list_cu[1:] - list_cu[:-1]).long()
     nseg = (counts.view(C, NB1)[:, :-1] + seg - 1) // seg
     if keep_empty:
         nseg[0] = nseg[0].clamp(min=1)
