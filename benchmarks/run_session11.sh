@@ -12,6 +12,7 @@
 #          rows (ab_old) in the same call.
 #   index: the inverse index's list starts by searchsorted instead of a scatter of counts:
 #          G4/G1 rows of the previous commit (ab_old) and this tree; G=1 kernel profile.
+#   check: bf16 check of this tree at 4k and 16k (paper) and small groups at 8k.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:${PYTHONPATH:-}"
 O=/tmp/s11; rm -rf $O; mkdir -p $O
@@ -67,6 +68,9 @@ index)
   PYTHONPATH="$PWD/ab_old:$PYTHONPATH" timeout 150 python3 benchmarks/bench_train.py --lengths 65536 --settings G4 G1 --name ab_old 2>&1 | tail -12 | tee -a $O/bench_old.log
   timeout 150 python3 benchmarks/bench_train.py --lengths 65536 --settings G4 G1 --name ab_new 2>&1 | tail -12 | tee $O/bench_new.log
   timeout 100 python3 benchmarks/profile_kernels.py --setting G1 --backward --rows 24 2>&1 | grep -v Warn | tee $O/profile_fwd_bwd.log
+  ;;
+check)
+  timeout 300 python3 benchmarks/gpu_check.py --lengths 4096 16384 --small-groups-at 8192 2>&1 | tail -14 | tee $O/gpu_check.log
   ;;
 esac
 find benchmarks/results -maxdepth 1 -newer $O/gpu.txt -name "*_NVIDIA_H200.*" -exec cp {} $O/ \;
