@@ -99,7 +99,7 @@ def select(dk: int, gp: int):
     launcher takes 2 where 1 cannot run). Sweeps at 64k, ms: H100 (results/session8/call1,
     call2; fp32 product -> tensor cores) G=1 (HQ=H=8, dk 128) 128 rows 9.35 (ptxas spills) ->
     3.12, 64 rows 4.61 -> 3.03; G=2 (8/4) 128 rows 2.89 -> 2.47, 64 rows 2.69 -> 3.23. H200
-    (results/session11, fp32 product / tensor cores / stencil): G=1 64 rows 3.92 / 2.53 / 2.63;
+    (results/session11/probe, fp32 product / tensor cores / stencil): G=1 64 rows 3.92 / 2.53 / 2.63;
     G=4 (16/4) 128 rows 4.02 / 4.46 / 3.26, 64 rows 3.85 / 6.19 / 3.34; paper (64/4, dk 192)
     256 rows 8 warps 11.77 / 17.89 / 12.15, 128 rows 8 warps - / 17.44 / 10.97, 128 rows 4 warps
     13.97 / 13.99 / 11.54. So: 64 positions a tile on tensor cores for G <= 2, the stencil on
