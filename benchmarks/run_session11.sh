@@ -13,6 +13,8 @@
 #   index: the inverse index's list starts by searchsorted instead of a scatter of counts:
 #          G4/G1 rows of the previous commit (ab_old) and this tree; G=1 kernel profile.
 #   check: bf16 check of this tree at 4k and 16k (paper) and small groups at 8k.
+#   gate:  the fused backward scales dO by the gates in the kernels: bf16 check, the 64k
+#          benchmark, then the previous commit's (ab_old) G4/G1 rows; logs straight to $OUT.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:${PYTHONPATH:-}"
 O=/tmp/s11; rm -rf $O; mkdir -p $O
@@ -71,6 +73,13 @@ index)
   ;;
 check)
   timeout 300 python3 benchmarks/gpu_check.py --lengths 4096 16384 --small-groups-at 8192 2>&1 | tail -14 | tee $O/gpu_check.log
+  ;;
+gate)
+  D=${OUT:-/tmp}
+  timeout 100 python3 benchmarks/gpu_check.py --lengths 4096 --small-groups-at 8192 2>&1 | tail -14 | tee $D/gpu_check.log
+  timeout 130 python3 benchmarks/bench_train.py --lengths 65536 --settings paper G4 G1 --name train64k 2>&1 | tail -24 | tee $D/bench.log
+  cp benchmarks/results/train64k_NVIDIA_H200.json $D/ 2>/dev/null
+  PYTHONPATH="$PWD/ab_old:$PYTHONPATH" timeout 80 python3 benchmarks/bench_train.py --lengths 65536 --settings G4 G1 --name ab_old 2>&1 | tail -12 | tee $D/bench_old.log
   ;;
 esac
 find benchmarks/results -maxdepth 1 -newer $O/gpu.txt -name "*_NVIDIA_H200.*" -exec cp {} $O/ \;
