@@ -134,11 +134,12 @@ banded_fwd.register_autograd(_banded_backward, setup_context=_banded_setup)
 
 
 # ----------------------------------------------------------------------------- selection
-def _ntop(n, tokens_per_block):
+def _ntop(n, slots_per_block):
     """Running top-list width: n rounded up to a power of two, >= 16 (an MMA dimension of the
     score product when 16+ positions share a tile), and wide enough that a chunk of NTOP blocks
-    holds >= 16 compressed tokens (the smallest tl.dot). Ranks >= n are dropped at the end."""
-    return max(pow2(n, 16), pow2(-(-16 // tokens_per_block)))
+    holds >= 16 token slots (l'/d padded to a power of two per block: the K of the smallest
+    tl.dot). Ranks >= n are dropped at the end."""
+    return max(pow2(n, 16), pow2(-(-16 // slots_per_block)))
 
 
 @custom_op("nsa::select_blocks", mutates_args=())
