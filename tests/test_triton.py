@@ -233,6 +233,42 @@ def test_selected_layouts(HQ, H, monkeypatch):
         torch.testing.assert_close(x, lses[0], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("HQ,H", [(2, 2), (8, 2)], ids=["G1", "G4"])
+def test_selected_any_indices(HQ, H, monkeypatch):
+    """selected_attention takes any selection: forced blocks missing, blocks after the query's
+    own (none of their keys is visible; past a packed sequence's end they do not exist, and the
+    key-centric index once mapped them into the next sequence), empty slots. Both layouts give
+    the float64 reference's output and gradients."""
+    lens = [50, 3, 29]
+    t, cu = make_inputs(0, HQ, H, 16, 8, CFG, seqlens=lens, device=DEV, dtype=torch.float32, seed=5,
+                        requires_grad=True)
+    N, n = sum(lens), 4
+    g = torch.Generator().manual_seed(7)
+    last = torch.cat([torch.arange(x) for x in lens])[:, None, None] // 16
+    idx = torch.randint(-1, 5, (N, H, n), generator=g)
+    near = last - torch.randint(0, 2, (N, H, n), generator=g)          # own or previous block
+    idx = torch.where(torch.rand(N, H, n, generator=g) < 0.4, near, idx)
+    idx = torch.where(idx > last + 1, -1, idx).sort(-1).values             # up to one block after
+    idx = torch.where(idx.diff(dim=-1, prepend=idx[..., :1] - 1) == 0, -1, idx).int()   # unique
+    past_end = idx > torch.tensor([(x - 1) // 16 for x in lens]).repeat_interleave(torch.tensor(lens))[:, None, None]
+    assert past_end.any() and (idx == -1).any() and not (idx == last).any(-1).all()
+    idx = idx.view(1, N, H, n).to(DEV)
+    names = ["q", "k_slc", "v_slc"]
+    tr = {k: t[k].detach().double().requires_grad_() for k in names}
+    run = lambda x, backend: nsa.selected_attention(*(x[k] for k in names), idx, sel_block_size=16, scale=0.25,
+                                                    cu_seqlens=cu, backend=backend)
+    o_r = run(tr, "torch")
+    gr = torch.randn(o_r.shape, dtype=torch.float64, generator=g).to(DEV)
+    grads_r = torch.autograd.grad((o_r * gr).sum(), [tr[k] for k in names])
+    for kc in (0, 1):
+        monkeypatch.setenv("NSA_TUNE", f'{{"selected_kc": [{kc}], "selected_kc_bwd": [{kc}]}}')
+        o = run(t, "triton")
+        assert rel_err(o, o_r) < TOL[torch.float32], kc
+        grads = torch.autograd.grad((o.double() * gr).sum(), [t[k] for k in names])
+        for k, x, y in zip(names, grads, grads_r):
+            assert rel_err(x, y) < TOL[torch.float32], (kc, k)
+
+
 def test_fused_backward_frees_branch_outputs():
     """The eager nsa_attention is one autograd node that keeps its three branch outputs until
     the backward has read them, then drops them; a second backward through the graph

@@ -217,7 +217,7 @@ def _selected_fwd_key_centric(q, k, v, idx, o, lse, cu_q, scale, sel_block_size,
             DV=DV, KA=meta["KA"], KB=meta["KB"], BV=meta["BV"], BS=meta["BS"], SEL_L=sel_block_size,
             BQ=max(1, rows // GP), SEG=SEG, PREC=meta["PREC"], num_warps=warps, num_stages=stages)
         nsa_selected_merge_kernel[(triton.cdiv(R, BT), H)](
-            idx, ii.pos_of, o_part, lse_part, o, lse, row0, R, HQ=HQ, H=H, G=G, GP=GP, DV=DV,
+            ii.pos_of, o_part, lse_part, o, lse, row0, R, HQ=HQ, H=H, G=G, GP=GP, DV=DV,
             BV=meta["BV"], BT=BT, N_SEL=n, num_warps=4)
 
 
@@ -231,7 +231,8 @@ class InverseIndex(NamedTuple):
     Chunk c's lists are q_list[c*chunk*H*n : (c+1)*chunk*H*n] (every row has H*n entries; a
     chunk's last bucket holds its empty slots)."""
     q_list: Tensor          # [N*H*n] query rows, by (chunk, bucket), in row order within one
-    pos_of: Tensor | None   # [N, H, n] the list position of each (row, head, slot)
+    pos_of: Tensor | None   # [N, H, n] the list position of each (row, head, slot); -1 for
+                            # the slots left out (empty, or a block after the row's own)
     list_cu: Tensor         # [C * (buckets + 1) + 1] where each (chunk, bucket) list starts
     seg_cu: Tensor          # [C, buckets + 1] per chunk: where each bucket's segments start
     part_cu: Tensor         # [C, buckets + 1] per chunk: first fp32 partial slot of buckets
@@ -257,7 +258,9 @@ def inverse_index(idx, cu_q, sel_block_size, seg, chunk=None, keep_empty=True, w
     rows by default), built by one stable sort and without a host sync: the number of blocks is
     bounded by nbu = N // l' + n_seq (>= the real count). With keep_empty, every bucket of the
     first chunk gets a segment (a program that writes its keys' zero gradients); other buckets
-    no row selected get none. pos_of (the key-centric merges' map) is None unless with_pos."""
+    no row selected get none. pos_of (the key-centric merges' map) is None unless with_pos.
+    Left out, as empty slots are: blocks after the row's own block (no key of them is visible;
+    past a packed sequence's end the bucket would be the next sequence's block)."""
     N, H, n = idx.shape
     chunk = N if chunk is None else max(1, chunk)
     C = -(-N // chunk)
@@ -269,7 +272,9 @@ def inverse_index(idx, cu_q, sel_block_size, seg, chunk=None, keep_empty=True, w
     seq = torch.searchsorted(cu_q[1:].long(), rows, right=True)
     gb = blk_cu.long()[seq][:, None, None] + idx.long()                      # global block
     heads = torch.arange(H, device=idx.device)[None, :, None]
-    bucket = torch.where(idx >= 0, heads * nbu + gb, H * nbu)                # H*nbu: empty slot
+    last = ((rows - cu_q.long()[seq]) // sel_block_size)[:, None, None]   # each row's own block
+    keep = (idx >= 0) & (idx <= last)
+    bucket = torch.where(keep, heads * nbu + gb, H * nbu)                    # H*nbu: left out
     key = ((rows // chunk)[:, None, None] * NB1 + bucket).flatten()
     keys, order = torch.sort(key.to(torch.int32) if C * NB1 < 2 ** 31 else key, stable=True)
     q_list = (order // (H * n)).to(torch.int32)
@@ -277,7 +282,7 @@ def inverse_index(idx, cu_q, sel_block_size, seg, chunk=None, keep_empty=True, w
     if with_pos:
         pos_of = torch.empty_like(order)
         pos_of[order] = torch.arange(order.numel(), device=idx.device)
-        pos_of = pos_of.view(N, H, n).to(torch.int32)
+        pos_of = torch.where(keep, pos_of.view(N, H, n), -1).to(torch.int32)
     # each (chunk, bucket) list starts at the first sorted key >= it (no scatter of counts)
     list_cu = torch.searchsorted(keys, torch.arange(C * NB1 + 1, dtype=keys.dtype, device=idx.device)).to(torch.int32)
     counts = (list_cu[1:] - list_cu[:-1]).long()
@@ -353,7 +358,7 @@ def selected_bwd_launch(q, k, v, idx, o, lse, do, cu_q, scale, sel_block_size, d
             BK=BK, ACCUM=add, num_warps=4, **common)
         if kc:
             nsa_selected_dq_sum_kernel[(triton.cdiv(R, BT), hn)](
-                idx, ii.pos_of, dq_part, dq, ii.lists(c)[b0:], row0, R, h0, scale, HQ=HQ, H=H, G=G, GP=GP,
+                ii.pos_of, dq_part, dq, ii.lists(c)[b0:], row0, R, h0, scale, HQ=HQ, H=H, G=G, GP=GP,
                 DK=DK, KA=meta["KA"], KB=meta["KB"], BT=BT, N_SEL=n, DQ_ADD=dq_add, num_warps=4)
     if accum:
         dk.copy_(dk_sum)

@@ -279,16 +279,16 @@ def _merge_rows(row0, n_rows, hk, G: tl.constexpr, GP: tl.constexpr, BT: tl.cons
 
 
 @triton.jit
-def _slot_partial(idx, pos_of, sel, slot, ok, g, base, G: tl.constexpr):
+def _slot_partial(pos_of, sel, slot, ok, g, base, G: tl.constexpr):
     """The partial row (list position - base) * G + g of each row's selection `slot`, and
-    whether that slot holds a block."""
-    valid = ok & (tl.load(idx + sel + slot, mask=ok, other=-1) >= 0)
-    return (tl.load(pos_of + sel + slot, mask=valid, other=0) - base).to(tl.int64) * G + g, valid
+    whether it has one (pos_of is -1 for the slots the index left out)."""
+    pos = tl.load(pos_of + sel + slot, mask=ok, other=-1)
+    return (pos - base).to(tl.int64) * G + g, pos >= 0
 
 
 @triton.jit
 def nsa_selected_merge_kernel(
-    idx, pos_of, o_part, lse_part, o, lse, row0, n_rows,   # rows row0 .. row0 + n_rows of idx/o/lse
+    pos_of, o_part, lse_part, o, lse, row0, n_rows,   # rows row0 .. row0 + n_rows of pos_of/o/lse
     HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, DV: tl.constexpr,
     BV: tl.constexpr, BT: tl.constexpr, N_SEL: tl.constexpr,
 ):
@@ -302,7 +302,7 @@ def nsa_selected_merge_kernel(
     l_i = tl.zeros([BT * GP], tl.float32)
     acc = tl.zeros([BT * GP, BV], tl.float32)
     for slot in range(N_SEL):
-        prow, valid = _slot_partial(idx, pos_of, sel, slot, ok, g, row0 * H * N_SEL, G)
+        prow, valid = _slot_partial(pos_of, sel, slot, ok, g, row0 * H * N_SEL, G)
         lj = tl.load(lse_part + prow, mask=valid, other=float("-inf")) * 1.4426950408889634
         oj = load_rows(o_part, prow, valid, dv, DV).to(tl.float32)
         m_new, m_use, alpha = running_max(m_i, lj)
@@ -317,7 +317,7 @@ def nsa_selected_merge_kernel(
 
 @triton.jit
 def nsa_selected_dq_sum_kernel(
-    idx, pos_of, dq_part, dq, first, row0, n_rows, hk0, scale,
+    pos_of, dq_part, dq, first, row0, n_rows, hk0, scale,
     HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, DK: tl.constexpr,
     KA: tl.constexpr, KB: tl.constexpr, BT: tl.constexpr, N_SEL: tl.constexpr, DQ_ADD: tl.constexpr,
 ):
@@ -329,7 +329,7 @@ def nsa_selected_dq_sum_kernel(
     base = tl.load(first)
     acc_a, acc_b = zeros2(BT * GP, KA, KB)
     for slot in range(N_SEL):
-        prow, valid = _slot_partial(idx, pos_of, sel, slot, ok, g, base, G)
+        prow, valid = _slot_partial(pos_of, sel, slot, ok, g, base, G)
         pa, pb = load_rows2(dq_part, prow, valid, DK, KA, KB)
         acc_a += pa.to(tl.float32)
         if KB > 0:
