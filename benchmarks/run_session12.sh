@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Session 12 device calls (H200), small-group forward: the forced blocks in a band kernel.
-#   band:  bf16 check (paper 4k, small groups 8k); the G=4 / G=1 64k rows of the previous
-#          commit (its nsa package in ab_old/, carried) and of this tree; band on/off A/B and
-#          band tile sweep of the selected forward; kernel profiles of the G=1 / G=4 forward.
+#   band:  (run with results/session12/patches/forced_band.diff applied; its sweeps are gone
+#          with it) bf16 check (paper 4k, small groups 8k); the G=4 / G=1 64k rows of the
+#          session's starting commit (its nsa package in ab_old/, carried) and of this tree;
+#          band on/off A/B and band tile sweep; kernel profiles of the G=1 / G=4 forward.
+#   index: the inverse index in two kernels around the sort: bf16 check; old/new G4/G1 rows;
+#          kernel profiles of the G=1 / G=4 forward and forward+backward.
 #   final: bf16 check (paper 4k/16k, small groups 8k); the 64k benchmark (paper, G=4, G=1)
 #          with the previous commit's G4/G1 rows (ab_old) in the same call.
 set -uo pipefail
@@ -22,6 +25,15 @@ band)
   timeout 120 python3 benchmarks/profile_parts.py --HQ 8 --H 8 --dk 128 --ops slc_fwd --sweep selected_band selected_band_shape --budget 80 2>&1 | tee $O/band_G1.log
   for s in G1 G4; do
     timeout 100 python3 benchmarks/profile_kernels.py --setting $s --rows 16 2>&1 | grep -v Warn | tee -a $O/profile_fwd.log
+  done
+  ;;
+index)
+  timeout 120 python3 benchmarks/gpu_check.py --lengths 4096 --small-groups-at 8192 2>&1 | tail -14 | tee $O/gpu_check.log
+  old_rows
+  timeout 150 python3 benchmarks/bench_train.py --lengths 65536 --settings G4 G1 --name ab_new 2>&1 | tail -12 | tee $O/bench_new.log
+  for s in G1 G4; do
+    timeout 100 python3 benchmarks/profile_kernels.py --setting $s --rows 16 2>&1 | grep -v Warn | tee -a $O/profile_fwd.log
+    timeout 100 python3 benchmarks/profile_kernels.py --setting $s --backward --rows 24 2>&1 | grep -v Warn | tee -a $O/profile_fwd_bwd.log
   done
   ;;
 final)

@@ -21,7 +21,7 @@ from .select import nsa_select_kernel
 from .selected import (nsa_selected_bwd_dkv_kernel, nsa_selected_bwd_dq_kernel,
                        nsa_selected_bwd_reduce_kernel, nsa_selected_fwd_kc_kernel,
                        nsa_selected_dq_sum_kernel, nsa_selected_fwd_kernel, nsa_selected_merge_kernel,
-                       nsa_row_dot_kernel)
+                       nsa_index_keys_kernel, nsa_index_lists_kernel, nsa_row_dot_kernel)
 from .utils import LOG2E, empty, pow2, tile_cu, tile_grid_bound
 
 
@@ -267,22 +267,22 @@ def inverse_index(idx, cu_q, sel_block_size, seg, chunk=None, keep_empty=True, w
     n_seq = cu_q.numel() - 1
     blk_cu = tile_cu(cu_q, sel_block_size)                                   # blocks per sequence
     nbu = N // sel_block_size + n_seq
-    NB1 = H * nbu + 1                                                        # + empty slots
-    rows = torch.arange(N, device=idx.device)
-    seq = torch.searchsorted(cu_q[1:].long(), rows, right=True)
-    gb = blk_cu.long()[seq][:, None, None] + idx.long()                      # global block
-    heads = torch.arange(H, device=idx.device)[None, :, None]
-    last = ((rows - cu_q.long()[seq]) // sel_block_size)[:, None, None]   # each row's own block
-    keep = (idx >= 0) & (idx <= last)
-    bucket = torch.where(keep, heads * nbu + gb, H * nbu)                    # H*nbu: left out
-    key = ((rows // chunk)[:, None, None] * NB1 + bucket).flatten()
-    keys, order = torch.sort(key.to(torch.int32) if C * NB1 < 2 ** 31 else key, stable=True)
-    q_list = (order // (H * n)).to(torch.int32)
-    pos_of = None
-    if with_pos:
-        pos_of = torch.empty_like(order)
-        pos_of[order] = torch.arange(order.numel(), device=idx.device)
-        pos_of = torch.where(keep, pos_of.view(N, H, n), -1).to(torch.int32)
+    NB1 = H * nbu + 1                                                        # + the left-out bucket
+    E = N * H * n
+    seq = torch.searchsorted(cu_q[1:], torch.arange(N, dtype=cu_q.dtype, device=idx.device), right=True)
+    key = torch.empty(E, dtype=torch.int32 if C * NB1 < 2 ** 31 else torch.int64, device=idx.device)
+    BE = 1024
+    grid = (triton.cdiv(E, BE),)
+    if E:
+        nsa_index_keys_kernel[grid](idx, cu_q[seq].contiguous(), blk_cu[seq].contiguous(), key, E, nbu, chunk,
+                                    NB1, H=H, N_SEL=n, SEL_L=sel_block_size, BE=BE)
+    keys, order = torch.sort(key, stable=True)
+    q_list = empty(E, dtype=torch.int32, device=idx.device)
+    pos_of = empty(E, dtype=torch.int32, device=idx.device) if with_pos else None
+    if E:
+        nsa_index_lists_kernel[grid](order, keys, q_list, q_list if pos_of is None else pos_of, E, NB1,
+                                     HN=H * n, WITH_POS=with_pos, BE=BE)
+    pos_of = pos_of.view(N, H, n) if with_pos else None
     # each (chunk, bucket) list starts at the first sorted key >= it (no scatter of counts)
     list_cu = torch.searchsorted(keys, torch.arange(C * NB1 + 1, dtype=keys.dtype, device=idx.device)).to(torch.int32)
     counts = (list_cu[1:] - list_cu[:-1]).long()

@@ -229,6 +229,46 @@ def nsa_selected_bwd_reduce_kernel(
         store_rows(dv_out, krow, kmask, dv, DV, dv_acc)
 
 
+# ----------------------------------------------------------------------------- inverse index
+# Built by ops.inverse_index: one kernel writes every (row, head, slot) entry's sort key, torch
+# sorts them (stable), a second kernel writes the lists and the entries' list positions.
+
+@triton.jit
+def nsa_index_keys_kernel(
+    idx, seq_q0, seq_b0, key,   # idx [E] (= [N, H, N_SEL]) seq_q0/seq_b0 [N]: each row's sequence's
+    n_entries, nbu, chunk, NB1,  # first row and first global block; key [E] int32/int64
+    H: tl.constexpr, N_SEL: tl.constexpr, SEL_L: tl.constexpr, BE: tl.constexpr,
+):
+    """key = row chunk * NB1 + bucket, bucket = head * nbu + global block, or H * nbu (the
+    chunk's last bucket) for slots left out: empty ones and blocks after the row's own (no key
+    of them is visible; past a packed sequence's end the bucket would be the next sequence's
+    block)."""
+    e = tl.program_id(0).to(tl.int64) * BE + tl.arange(0, BE)
+    ok = e < n_entries
+    row = e // (H * N_SEL)
+    j = tl.load(idx + e, mask=ok, other=-1)
+    q0 = tl.load(seq_q0 + row, mask=ok, other=0)
+    keep = (j >= 0) & (j <= (row - q0) // SEL_L)
+    bucket = tl.where(keep, (e // N_SEL) % H * nbu + tl.load(seq_b0 + row, mask=ok, other=0) + j, H * nbu)
+    tl.store(key + e, ((row // chunk) * NB1 + bucket).to(key.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def nsa_index_lists_kernel(
+    order, keys, q_list, pos_of,   # order [E] (entries by sorted key) keys [E] sorted; out: int32
+    n_entries, NB1, HN: tl.constexpr, WITH_POS: tl.constexpr, BE: tl.constexpr,
+):
+    """q_list[p] = the row of the p-th sorted entry; pos_of[entry] = p, or -1 for entries left
+    out (the last bucket of their chunk)."""
+    p = tl.program_id(0).to(tl.int64) * BE + tl.arange(0, BE)
+    ok = p < n_entries
+    e = tl.load(order + p, mask=ok, other=0)
+    tl.store(q_list + p, (e // HN).to(tl.int32), mask=ok)
+    if WITH_POS:
+        kept = tl.load(keys + p, mask=ok, other=0) % NB1 != NB1 - 1
+        tl.store(pos_of + e, tl.where(kept, p, -1).to(tl.int32), mask=ok)
+
+
 # ----------------------------------------------------------------------------- small groups
 # With G < 16 query heads per KV head, the group-centric forward pads each query's G rows to the
 # 16-row MMA minimum and loads every selected block once per query. Key-centric instead: one
