@@ -4,6 +4,8 @@
 #          with it) bf16 check (paper 4k, small groups 8k); the G=4 / G=1 64k rows of the
 #          session's starting commit (its nsa package in ab_old/, carried) and of this tree;
 #          band on/off A/B and band tile sweep; kernel profiles of the G=1 / G=4 forward.
+#   mib:   the key-centric partial budget (selected_kc_mib) 1024 / 2048 MiB: G4/G1 64k rows and a
+#          G=4 sweep of the selected forward and backward.
 #   index: the inverse index in two kernels around the sort: bf16 check; old/new G4/G1 rows;
 #          kernel profiles of the G=1 / G=4 forward and forward+backward.
 #   final: bf16 check (paper 4k/16k, small groups 8k); the 64k benchmark (paper, G=4, G=1)
@@ -35,6 +37,12 @@ index)
     timeout 100 python3 benchmarks/profile_kernels.py --setting $s --rows 16 2>&1 | grep -v Warn | tee -a $O/profile_fwd.log
     timeout 100 python3 benchmarks/profile_kernels.py --setting $s --backward --rows 24 2>&1 | grep -v Warn | tee -a $O/profile_fwd_bwd.log
   done
+  ;;
+mib)
+  for m in 1024 2048; do
+    NSA_TUNE="{\"selected_kc_mib\": [$m]}" timeout 150 python3 benchmarks/bench_train.py --lengths 65536 --settings G4 G1 --name mib$m 2>&1 | tail -12 | tee -a $O/bench_mib.log
+  done
+  timeout 150 python3 benchmarks/profile_parts.py --HQ 16 --H 4 --dk 128 --ops slc_fwd slc_bwd --sweep selected_kc_mib --budget 100 2>&1 | tee $O/mib_G4.log
   ;;
 final)
   timeout 300 python3 benchmarks/gpu_check.py --lengths 4096 16384 --small-groups-at 8192 2>&1 | tail -14 | tee $O/gpu_check.log

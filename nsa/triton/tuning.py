@@ -156,11 +156,15 @@ def selected_key_centric_rows(h: int, n: int, g: int, d: int, esize: int, lse: b
     selected_kc_mib MiB. Fewer chunks are faster (each reloads the K/V blocks; the backward adds
     to fp32 dK/dV per chunk), more use less memory. 64k, G=1, H100 (results/small_groups/call6),
     forward / backward: 128 MiB 5.5 / 12.5 ms, 256 MiB 4.8 / 9.0, 512 MiB 4.6 / 7.4, 1024 MiB
-    4.5 / 6.6; fwd+bwd peak memory 2.4 GB at 512. Default 512. The interpreter: 48 rows
+    4.5 / 6.6; fwd+bwd peak memory 2.4 GB at 512. The partials per row grow with the query heads
+    (G=4, 16/4, has twice G=1's 8/8), as do the tensors full attention holds, so the budget is
+    64 MiB per query head, at least 512: 64k, H200 (results/session12/mib), G=4 512 -> 1024 MiB
+    fwd 12.83 -> 12.69 ms, fwd+bwd 43.09 -> 40.87, peak 0.82x -> 1.07x FA2's; G=1 stays at 512
+    (1024 there: fwd+bwd 23.31 -> 22.72 but peak 1.09x -> 1.40x). The interpreter: 48 rows
     (NSA_TUNE selected_kc_rows), so that CI runs several chunks."""
     if interpreting():
         return _pick("selected_kc_rows", (48,))[0]
-    mib = _pick("selected_kc_mib", (512,))[0]
+    mib = _pick("selected_kc_mib", (max(512, 64 * h * g),))[0]
     return max(1, (mib << 20) // (h * n * g * (d * esize + 4 * lse)))
 
 
