@@ -31,6 +31,10 @@ SWEEPS = {
     "selected_kc": [(0,), (1,)],   # A/B: group-centric vs key-centric forward
     "selected_kc_shape": [(64, 256, 16, 4, 2), (64, 256, 4, 4, 2), (64, 256, 8, 4, 2), (64, 256, 32, 4, 2),
                           (64, 256, 2, 4, 2), (32, 256, 16, 4, 2), (64, 512, 16, 4, 2), (128, 256, 16, 8, 2)],
+    # merge / dQ-sum positions per program (3rd), twice each in turn (session 12, when the two
+    # shared it): is the session-11 sweep's spread noise?
+    "selected_kc_merge": [(64, 256, b, 4, 2) for _ in range(2) for b in (4, 16, 32, 64)],
+    "selected_merge": [(4,), (8,), (16,), (32,), (64,)],   # the forward's merge alone
     "selected_kc_mib": [(128,), (256,), (512,), (1024,)],
     "selected_kc_bwd": [(0,), (1,)],   # A/B of the dQ: group-centric vs key-centric partials
     "selected_dq": [(4, 2), (4, 1), (4, 3), (2, 2), (8, 2)],
@@ -75,10 +79,13 @@ def parts(T, HQ, H, dk, dv, cfg):
     return fns
 
 
+# sweeps of another name's override
+ALIAS = {"selected_kc_merge": "selected_kc_shape"}
+
 # which ops a kernel's override affects
 AFFECTS = {"banded_unmasked": ["cmp_fwd", "cmp_bwd", "win_fwd", "win_bwd"], "banded_fwd": ["cmp_fwd", "win_fwd"], "banded_dq": ["cmp_bwd", "win_bwd"], "banded_dkv": ["cmp_bwd", "win_bwd"],
            "select": ["select"], "selected_fwd": ["slc_fwd"], "selected_kc": ["slc_fwd", "api_fwd"],
-           "selected_kc_shape": ["slc_fwd", "slc_bwd"], "selected_kc_mib": ["slc_fwd", "slc_bwd"],
+           "selected_kc_shape": ["slc_fwd", "slc_bwd"], "selected_kc_merge": ["slc_fwd", "slc_bwd"], "selected_merge": ["slc_fwd"], "selected_kc_mib": ["slc_fwd", "slc_bwd"],
            "selected_kc_bwd": ["slc_bwd", "api_fwd_bwd"], "selected_dq": ["slc_bwd"], "selected_dkv": ["slc_bwd"]}
 
 
@@ -113,7 +120,7 @@ def main():
                 if time.time() - start > a.budget:
                     print("budget reached; sweep stopped")
                     break
-                os.environ["NSA_TUNE"] = json.dumps({kern: list(cfg)})
+                os.environ["NSA_TUNE"] = json.dumps({ALIAS.get(kern, kern): list(cfg)})
                 res = {}
                 for op in AFFECTS[kern]:
                     try:

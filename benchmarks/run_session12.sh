@@ -6,6 +6,9 @@
 #          band on/off A/B and band tile sweep; kernel profiles of the G=1 / G=4 forward.
 #   mib:   the key-centric partial budget (selected_kc_mib) 1024 / 2048 MiB: G4/G1 64k rows and a
 #          G=4 sweep of the selected forward and backward.
+#   merge: the key-centric merge / dQ-sum positions per program, 4 / 16 / 32 / 64, twice each.
+#   final2: the merge's own tile: bf16 check (paper 4k, small groups 8k); old/new G4/G1 rows;
+#          the merge-positions sweep at G=4.
 #   index: the inverse index in two kernels around the sort: bf16 check; old/new G4/G1 rows;
 #          kernel profiles of the G=1 / G=4 forward and forward+backward.
 #   final: bf16 check (paper 4k/16k, small groups 8k); the 64k benchmark (paper, G=4, G=1)
@@ -43,6 +46,16 @@ mib)
     NSA_TUNE="{\"selected_kc_mib\": [$m]}" timeout 150 python3 benchmarks/bench_train.py --lengths 65536 --settings G4 G1 --name mib$m 2>&1 | tail -12 | tee -a $O/bench_mib.log
   done
   timeout 150 python3 benchmarks/profile_parts.py --HQ 16 --H 4 --dk 128 --ops slc_fwd slc_bwd --sweep selected_kc_mib --budget 100 2>&1 | tee $O/mib_G4.log
+  ;;
+merge)
+  timeout 150 python3 benchmarks/profile_parts.py --HQ 16 --H 4 --dk 128 --ops slc_fwd slc_bwd --sweep selected_kc_merge --budget 110 2>&1 | tee $O/merge_G4.log
+  timeout 150 python3 benchmarks/profile_parts.py --HQ 8 --H 8 --dk 128 --ops slc_fwd slc_bwd --sweep selected_kc_merge --budget 110 2>&1 | tee $O/merge_G1.log
+  ;;
+final2)
+  timeout 120 python3 benchmarks/gpu_check.py --lengths 4096 --small-groups-at 8192 2>&1 | tail -14 | tee $O/gpu_check.log
+  old_rows
+  timeout 150 python3 benchmarks/bench_train.py --lengths 65536 --settings G4 G1 --name ab_new 2>&1 | tail -12 | tee $O/bench_new.log
+  timeout 100 python3 benchmarks/profile_parts.py --HQ 16 --H 4 --dk 128 --ops slc_fwd --sweep selected_merge --budget 40 2>&1 | tee $O/merge_G4.log
   ;;
 final)
   timeout 300 python3 benchmarks/gpu_check.py --lengths 4096 16384 --small-groups-at 8192 2>&1 | tail -14 | tee $O/gpu_check.log

@@ -202,7 +202,8 @@ def _selected_fwd_key_centric(q, k, v, idx, o, lse, cu_q, scale, sel_block_size,
     merge. The chunks bound the partial buffer (tuning.selected_key_centric_rows)."""
     N, H, n = idx.shape
     HQ, G, GP, DV = meta["HQ"], meta["G"], pow2(meta["G"]), meta["DV"]
-    rows, SEG, BT, warps, stages = tuning.selected_key_centric_shape(GP)
+    rows, SEG, _, warps, stages = tuning.selected_key_centric_shape(GP)
+    BT = tuning.selected_merge_positions(GP)
     chunk = min(N, tuning.selected_key_centric_rows(H, n, G, DV, q.element_size(), lse=True))
     n_seq = cu_q.numel() - 1
     ii = inverse_index(idx, cu_q, sel_block_size, SEG, chunk=chunk, keep_empty=False)
@@ -270,7 +271,9 @@ def inverse_index(idx, cu_q, sel_block_size, seg, chunk=None, keep_empty=True, w
     NB1 = H * nbu + 1                                                        # + the left-out bucket
     E = N * H * n
     seq = torch.searchsorted(cu_q[1:], torch.arange(N, dtype=cu_q.dtype, device=idx.device), right=True)
-    key = torch.empty(E, dtype=torch.int32 if C * NB1 < 2 ** 31 else torch.int64, device=idx.device)
+    # the narrowest key: a radix sort of 16-bit keys takes two passes, of 32-bit four
+    kt = next(t for t in (torch.int16, torch.int32, torch.int64) if C * NB1 < torch.iinfo(t).max)
+    key = torch.empty(E, dtype=kt, device=idx.device)
     BE = 1024
     grid = (triton.cdiv(E, BE),)
     if E:

@@ -142,12 +142,23 @@ def selected_key_centric(g: int, kind: str) -> bool:
 
 
 def selected_key_centric_shape(gp: int):
-    """(rows per tile, SEG queries per program, BT merge positions, num_warps, num_stages) of the
-    key-centric forward; BT also sizes the key-centric dQ's sum. The interpreter uses short
-    segments so that CI sees long lists split."""
+    """(rows per tile, SEG queries per program, BT positions per program of the key-centric dQ's
+    sum, num_warps, num_stages) of the key-centric forward. The interpreter uses short segments
+    so that CI sees long lists split."""
     if interpreting():
         return 16, int(os.environ.get("NSA_SEL_SEGMENT", "8")), max(1, 4 // gp), 4, 1
     return _pick("selected_kc_shape", (64, 256, max(1, 16 // gp), 4, 2))
+
+
+def selected_merge_positions(gp: int) -> int:
+    """Positions per program of the key-centric forward's merge. 64k, H200, twice each
+    (results/session12/merge; 4 / 16 / 32 / 64 positions, the selected forward in ms): G=4 (16/4)
+    5.42 / 5.51 / 5.29 / 23.6, G=1 (8/8) 3.48 / 3.45 / 3.72 / 4.08 (the dQ sum, which had shared
+    the merge's tile, is best at 4 positions for G=4: 8.61 ms against 9.47 at 32). The interpreter:
+    the dQ sum's. NSA_TUNE='{"selected_merge": [positions]}'."""
+    if interpreting():
+        return max(1, 4 // gp)
+    return _pick("selected_merge", (32 if gp >= 4 else 16,))[0]
 
 
 def selected_key_centric_rows(h: int, n: int, g: int, d: int, esize: int, lse: bool = False) -> int:
@@ -211,4 +222,4 @@ def decode(programs: int, cmp_tokens: int, win_tokens: int, sel_tokens: int, blo
     return {**t, **over}
 
 
-__all__ = ["banded", "key_tiles", "select", "selected", "selected_key_centric", "selected_key_centric_shape", "selected_key_centric_rows", "selected_key_centric_heads", "selected_bwd_queries", "decode", "interpreting", "pow2"]
+__all__ = ["banded", "key_tiles", "select", "selected", "selected_key_centric", "selected_key_centric_shape", "selected_merge_positions", "selected_key_centric_rows", "selected_key_centric_heads", "selected_bwd_queries", "decode", "interpreting", "pow2"]
