@@ -307,3 +307,35 @@ def test_float64_is_refused():
     t, _ = make_inputs(20, 2, 1, 8, 8, CFG, device=DEV)
     with pytest.raises(TypeError, match="backend='triton' supports float32/float16/bfloat16"):
         nsa.nsa_attention(**t, config=CFG, backend="triton")
+
+
+@pytest.mark.parametrize("N,chunk", [(300, 300), (4000, 48)], ids=["int16-keys", "int32-keys"])
+def test_inverse_index(N, chunk):
+    """The inverse index against a direct construction: every kept (row, head, slot) entry sits
+    in its (chunk, head, block) list, lists in row order, pos_of pointing back at it, left-out
+    slots (empty, or a block after the row's own) at -1; for bucket counts that need 16-bit and
+    32-bit sort keys."""
+    from nsa.triton import ops
+    H, n, L = 2, 4, 16
+    lens = [N - N // 3, N // 3]
+    cu = torch.tensor([0, lens[0], N], dtype=torch.int32, device=DEV)
+    g = torch.Generator().manual_seed(N)
+    pos = torch.cat([torch.arange(x) for x in lens])
+    idx = torch.randint(-1, 1 + max(lens) // L, (N, H, n), generator=g).int()
+    ii = ops.inverse_index(idx.to(DEV), cu, L, seg=8, chunk=chunk, keep_empty=False)
+    C, NB1 = -(-N // chunk), H * ii.nbu + 1
+    assert (C * NB1 < 2 ** 15) == (N == 300)
+    seq = (torch.arange(N) >= lens[0]).long()
+    first_block = torch.tensor([0, -(-lens[0] // L)])[seq]
+    kept = (idx >= 0) & (idx <= (pos // L)[:, None, None])
+    q_list, pos_of, list_cu = ii.q_list.cpu(), ii.pos_of.cpu(), ii.list_cu.cpu().long()
+    assert torch.equal(pos_of < 0, ~kept)
+    rows, heads, slots = kept.nonzero(as_tuple=True)
+    p = pos_of[rows, heads, slots].long()
+    assert torch.equal(q_list[p].long(), rows)
+    bucket = (rows // chunk) * NB1 + heads * ii.nbu + first_block[rows] + idx[rows, heads, slots].long()
+    assert ((list_cu[bucket] <= p) & (p < list_cu[bucket + 1])).all()
+    assert int(list_cu[-1]) == N * H * n
+    for b in bucket.unique()[:50]:   # each list in row order
+        lst = q_list[list_cu[b]:list_cu[b + 1]]
+        assert (lst[1:] >= lst[:-1]).all()

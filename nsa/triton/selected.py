@@ -236,7 +236,7 @@ def nsa_selected_bwd_reduce_kernel(
 @triton.jit
 def nsa_index_keys_kernel(
     idx, seq_q0, seq_b0, key,   # idx [E] (= [N, H, N_SEL]) seq_q0/seq_b0 [N]: each row's sequence's
-    n_entries, nbu, chunk, NB1,  # first row and first global block; key [E] int32/int64
+    n_entries, nbu, chunk, NB1,  # first row and first global block; key [E] int16/32/64
     H: tl.constexpr, N_SEL: tl.constexpr, SEL_L: tl.constexpr, BE: tl.constexpr,
 ):
     """key = row chunk * NB1 + bucket, bucket = head * nbu + global block, or H * nbu (the
