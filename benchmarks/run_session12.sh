@@ -9,6 +9,8 @@
 #   merge: the key-centric merge / dQ-sum positions per program, 4 / 16 / 32 / 64, twice each.
 #   final2: the merge's own tile: bf16 check (paper 4k, small groups 8k); old/new G4/G1 rows;
 #          the merge-positions sweep at G=4.
+#   fband: the forced blocks in the window kernel's launch (nsa_attention): bf16 check; G4/G1
+#          rows with it off (NSA_TUNE selected_band 0) and on; kernel profiles of the forward.
 #   index: the inverse index in two kernels around the sort: bf16 check; old/new G4/G1 rows;
 #          kernel profiles of the G=1 / G=4 forward and forward+backward.
 #   final: bf16 check (paper 4k/16k, small groups 8k); the 64k benchmark (paper, G=4, G=1)
@@ -56,6 +58,14 @@ final2)
   old_rows
   timeout 150 python3 benchmarks/bench_train.py --lengths 65536 --settings G4 G1 --name ab_new 2>&1 | tail -12 | tee $O/bench_new.log
   timeout 100 python3 benchmarks/profile_parts.py --HQ 16 --H 4 --dk 128 --ops slc_fwd --sweep selected_merge --budget 40 2>&1 | tee $O/merge_G4.log
+  ;;
+fband)
+  timeout 120 python3 benchmarks/gpu_check.py --lengths 4096 --small-groups-at 8192 2>&1 | tail -14 | tee $O/gpu_check.log
+  NSA_TUNE='{"selected_band": [0]}' timeout 150 python3 benchmarks/bench_train.py --lengths 65536 --settings G4 G1 --name band_off 2>&1 | tail -12 | tee $O/bench_off.log
+  timeout 150 python3 benchmarks/bench_train.py --lengths 65536 --settings G4 G1 --name band_on 2>&1 | tail -12 | tee $O/bench_on.log
+  for s in G1 G4; do
+    timeout 100 python3 benchmarks/profile_kernels.py --setting $s --rows 12 2>&1 | grep -v Warn | tee -a $O/profile_fwd.log
+  done
   ;;
 final)
   timeout 300 python3 benchmarks/gpu_check.py --lengths 4096 16384 --small-groups-at 8192 2>&1 | tail -14 | tee $O/gpu_check.log
