@@ -31,8 +31,8 @@ SWEEPS = {
     "selected_kc": [(0,), (1,)],   # A/B: group-centric vs key-centric forward
     "selected_kc_shape": [(64, 256, 16, 4, 2), (64, 256, 4, 4, 2), (64, 256, 8, 4, 2), (64, 256, 32, 4, 2),
                           (64, 256, 2, 4, 2), (32, 256, 16, 4, 2), (64, 512, 16, 4, 2), (128, 256, 16, 8, 2)],
-    # merge / dQ-sum positions per program (3rd), twice each in turn (session 12, when the two
-    # shared it): is the session-11 sweep's spread noise?
+    # dQ-sum positions per program (3rd), twice each in turn. In session 12 (results/session12/
+    # merge) the forward's merge shared it, hence slc_fwd there; since, "selected_merge" has its own
     "selected_kc_merge": [(64, 256, b, 4, 2) for _ in range(2) for b in (4, 16, 32, 64)],
     "selected_merge": [(4,), (8,), (16,), (32,), (64,)],   # the forward's merge alone
     "selected_kc_mib": [(128,), (256,), (512,), (1024,)],
@@ -85,7 +85,7 @@ ALIAS = {"selected_kc_merge": "selected_kc_shape"}
 # which ops a kernel's override affects
 AFFECTS = {"banded_unmasked": ["cmp_fwd", "cmp_bwd", "win_fwd", "win_bwd"], "banded_fwd": ["cmp_fwd", "win_fwd"], "banded_dq": ["cmp_bwd", "win_bwd"], "banded_dkv": ["cmp_bwd", "win_bwd"],
            "select": ["select"], "selected_fwd": ["slc_fwd"], "selected_kc": ["slc_fwd", "api_fwd"],
-           "selected_kc_shape": ["slc_fwd", "slc_bwd"], "selected_kc_merge": ["slc_fwd", "slc_bwd"], "selected_merge": ["slc_fwd"], "selected_kc_mib": ["slc_fwd", "slc_bwd"],
+           "selected_kc_shape": ["slc_fwd", "slc_bwd"], "selected_kc_merge": ["slc_bwd"], "selected_merge": ["slc_fwd"], "selected_kc_mib": ["slc_fwd", "slc_bwd"],
            "selected_kc_bwd": ["slc_bwd", "api_fwd_bwd"], "selected_dq": ["slc_bwd"], "selected_dkv": ["slc_bwd"]}
 
 

@@ -6,7 +6,8 @@
 #          band on/off A/B and band tile sweep; kernel profiles of the G=1 / G=4 forward.
 #   mib:   the key-centric partial budget (selected_kc_mib) 1024 / 2048 MiB: G4/G1 64k rows and a
 #          G=4 sweep of the selected forward and backward.
-#   merge: the key-centric merge / dQ-sum positions per program, 4 / 16 / 32 / 64, twice each.
+#   merge: the key-centric merge / dQ-sum positions per program (one knob then), 4 / 16 / 32 / 64,
+#          twice each.
 #   final2: the merge's own tile: bf16 check (paper 4k, small groups 8k); old/new G4/G1 rows;
 #          the merge-positions sweep at G=4.
 #   fband: the forced blocks in the window kernel's launch (nsa_attention): bf16 check; G4/G1

@@ -230,7 +230,7 @@ def _(q, k, v, idx, cu_q, scale, sel_block_size):
 class InverseIndex(NamedTuple):
     """Per chunk of `chunk` rows and (KV head, block) bucket, the query rows that selected it.
     Chunk c's lists are q_list[c*chunk*H*n : (c+1)*chunk*H*n] (every row has H*n entries; a
-    chunk's last bucket holds its empty slots)."""
+    chunk's last bucket holds its left-out slots: empty ones, blocks after the row's own)."""
     q_list: Tensor          # [N*H*n] query rows, by (chunk, bucket), in row order within one
     pos_of: Tensor | None   # [N, H, n] the list position of each (row, head, slot); -1 for
                             # the slots left out (empty, or a block after the row's own)
