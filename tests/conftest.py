@@ -9,7 +9,10 @@ sys.path.insert(0, os.path.dirname(__file__))
 # defined, so it must be set before nsa.triton is imported.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# one core's share per xdist worker: oversubscribed torch threads (2 workers x 2 threads on the
+# CI's 2 cores) spin against the other worker's interpreter (a CPU-model test 8 s alone, 78 s
+# beside interpreter tests)
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))))
 
 
 def _interpreter_patches_once():
