@@ -26,6 +26,7 @@ SWEEPS = {
     "banded_dkv": [(64, 64, 4, 2), (64, 64, 4, 3), (32, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2), (128, 32, 4, 2)],
     "select": [(64, 4, 2, 1), (64, 4, 2, 2), (128, 4, 2, 1), (128, 4, 2, 2), (128, 8, 2, 2), (256, 8, 2, 2),
                (32, 4, 2, 1), (64, 4, 3, 1), (128, 4, 3, 2)],   # (rows, warps, stages, spread: select.py)
+    "cmp_select": [(64, 4, 2), (64, 4, 3), (128, 8, 2), (128, 8, 3), (128, 4, 2), (32, 4, 2), (64, 8, 2)],
     "selected_fwd": [(4, 2), (4, 1), (4, 3), (4, 4), (2, 2), (2, 1), (8, 2), (8, 3), (2, 3), (1, 2)],
     "banded_unmasked": [(0,), (1,)],   # A/B: every banded tile masked vs unmasked inner tiles (both branches)
     "selected_kc": [(0,), (1,)],   # A/B: group-centric vs key-centric forward
@@ -72,6 +73,9 @@ def parts(T, HQ, H, dk, dv, cfg):
         "slc_bwd": lambda: ops.selected_bwd(q, ks, vs, idx, o_s, lse_s, do, cu, sc, cfg.sel_block_size),
         "win_bwd": lambda: ops.banded_bwd(q, kw, vw, o_w, lse_w, do, zw, cu, cu, sc, 1, 0, cfg.window_size),
     }
+    if HQ == H:   # G = 1: compression attention and selection in one kernel (select.py)
+        fns["cmp_select"] = lambda: ops.cmp_select_fwd(q, kc, vc, cu, cuk, sc, l, d, cfg.sel_block_size,
+                                                       cfg.sel_block_count, cfg.sel_init_blocks, cfg.sel_local_blocks)
     tt = nsa_inputs(T, HQ, H, dk, dv, cfg, requires_grad=True)
     dO = torch.randn(1, T, HQ, dv, device="cuda", dtype=torch.bfloat16)
     fns["api_fwd"] = lambda: nsa.nsa_attention(**tt, config=cfg)
@@ -84,7 +88,7 @@ ALIAS = {"selected_kc_merge": "selected_kc_shape"}
 
 # which ops a kernel's override affects
 AFFECTS = {"banded_unmasked": ["cmp_fwd", "cmp_bwd", "win_fwd", "win_bwd"], "banded_fwd": ["cmp_fwd", "win_fwd"], "banded_dq": ["cmp_bwd", "win_bwd"], "banded_dkv": ["cmp_bwd", "win_bwd"],
-           "select": ["select"], "selected_fwd": ["slc_fwd"], "selected_kc": ["slc_fwd", "api_fwd"],
+           "select": ["select"], "cmp_select": ["cmp_select"], "selected_fwd": ["slc_fwd"], "selected_kc": ["slc_fwd", "api_fwd"],
            "selected_kc_shape": ["slc_fwd", "slc_bwd"], "selected_kc_merge": ["slc_bwd"], "selected_merge": ["slc_fwd"], "selected_kc_mib": ["slc_fwd", "slc_bwd"],
            "selected_kc_bwd": ["slc_bwd", "api_fwd_bwd"], "selected_dq": ["slc_bwd"], "selected_dkv": ["slc_bwd"]}
 

@@ -128,10 +128,63 @@ def test_select_spread_modes(spread, HQ, rows, cfg, monkeypatch):
     _check_selection({k: v.double() for k, v in t.items()}, lse.double(), cfg, idx)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-def test_nsa_attention_all_gradients_packed(dtype):
+@pytest.mark.parametrize("cfg,lens,rows", [(R2, [150, 9], 16), (R3, [1, 90], 32)], ids=["R2-chunks", "R3-padded-slots"])
+def test_cmp_select_g1(cfg, lens, rows, monkeypatch):
+    """G = 1: the compression attention and the selection in one kernel (select.py), its top
+    list rescaled as the running max grows: o and lse as the float64 reference's, the selection
+    as the reference's (near ties aside), over several chunks of blocks (R2: 16 blocks of 4
+    tokens a chunk, the later tiles with unmasked chunks) and with padded token slots (R3)."""
+    from nsa.triton import ops
+    monkeypatch.setenv("NSA_TUNE", f'{{"cmp_select": [{rows}, 4, 1]}}')
+    t, cu = make_inputs(0, 2, 2, 8, 8, cfg, seqlens=lens, device=DEV, dtype=torch.float32, seed=3)
+    t["q"] = t["q"] * 3   # sharper probabilities: well-separated scores
+    P = lambda x: x.reshape(-1, x.shape[2], x.shape[3]).contiguous()
+    cu_k = nsa.compressed_cu_seqlens(cu, cfg.cmp_block_size, cfg.cmp_stride).to(torch.int32)
+    o, lse, idx = ops.cmp_select_fwd(P(t["q"]), P(t["k_cmp"]), P(t["v_cmp"]), cu, cu_k, 0.3, *cfg_kwargs(cfg).values())
+    td = {k: v.double() for k, v in t.items()}
+    o_r, lse_r = nsa.compressed_attention(td["q"], td["k_cmp"], td["v_cmp"], cmp_block_size=cfg.cmp_block_size,
+                                          cmp_stride=cfg.cmp_stride, scale=0.3, cu_seqlens=cu, backend="torch")
+    assert rel_err(o, P(o_r)) < TOL[torch.float32]
+    finite = torch.isfinite(lse_r[0])
+    assert torch.equal(torch.isfinite(lse), finite) and rel_err(lse[finite], lse_r[0][finite]) < TOL[torch.float32]
+    idx_r = nsa.select_blocks(td["q"], td["k_cmp"], lse_r, **cfg_kwargs(cfg), scale=0.3, cu_seqlens=cu, backend="torch")
+    assert (idx[None] != idx_r).any(-1).float().mean() < 0.02
+
+
+def test_cmp_select_rescales_list_and_carry():
+    """The fused G = 1 kernel's scores live under the running max: when it grows (here from 1
+    to 12 at the second chunk of blocks), both the top list and the spill carried into the
+    chunk's first block must be rescaled. Logits are set exactly (q = e0, k_cmp = logit * e0,
+    scale 1; R2: token i starts in block i // 2, token 2j+1 spills into block j+1): chunk 0
+    (blocks 0-15, tokens 0-31) has logits -1, and 1 for its last token; chunk 1 has -20 for
+    block 16's own tokens, 12 and 11 for block 31's, 0 elsewhere (ties there are computed
+    alike). Rows that see all of chunk 1 pick blocks 0 (forced), 31, 32 (token 63's spill) and
+    their own; an unscaled carry would pick 16, an unscaled list 15."""
+    from nsa.triton import ops
+    T, cfg = 150, R2
+    Tc = nsa.reference.num_compressed(T, cfg.cmp_block_size, cfg.cmp_stride)
+    logit = torch.zeros(Tc)
+    logit[:31], logit[31], logit[32:34], logit[62], logit[63] = -1.0, 1.0, -20.0, 12.0, 11.0
+    q = torch.zeros(T, 1, 8)
+    q[:, :, 0] = 1
+    k = torch.zeros(Tc, 1, 8)
+    k[:, 0, 0] = logit
+    v = torch.randn(Tc, 1, 8, generator=torch.Generator().manual_seed(0))
+    cu, cu_k = (torch.tensor([0, n], dtype=torch.int32) for n in (T, Tc))
+    _, _, idx = ops.cmp_select_fwd(q, k, v, cu, cu_k, 1.0, *cfg_kwargs(cfg).values())
+    _, lse_r = nsa.compressed_attention(q[None].double(), k[None].double(), v[None].double(), scale=1.0,
+                                        cmp_block_size=cfg.cmp_block_size, cmp_stride=cfg.cmp_stride, backend="torch")
+    idx_r = nsa.select_blocks(q[None].double(), k[None].double(), lse_r, **cfg_kwargs(cfg), scale=1.0, backend="torch")[0]
+    assert idx_r[140, 0].tolist() == [0, 31, 32, 35]
+    assert torch.equal(idx, idx_r)
+
+
+@pytest.mark.parametrize("dtype,HQ", [(torch.float32, 4), (torch.float16, 4), (torch.float32, 2)], ids=["fp32", "fp16", "G1-fp32"])
+def test_nsa_attention_all_gradients_packed(dtype, HQ):
+    """All of nsa_attention on packed sequences, output and every input's gradient, G = 2 and
+    G = 1 (the fused compression + selection kernel)."""
     lens = [1, 37, 16, 70]
-    t64, cu = make_inputs(0, 4, 2, 16, 8, CFG, seqlens=lens, device=DEV, seed=11)
+    t64, cu = make_inputs(0, HQ, 2, 16, 8, CFG, seqlens=lens, device=DEV, seed=11)
     tk, tr = _as(t64, dtype), _as(t64, torch.float64)
     ok_, ik = nsa.nsa_attention(**tk, config=CFG, cu_seqlens=cu, return_block_idx=True, backend="triton")
     orf, ir = nsa.nsa_attention(**tr, config=CFG, cu_seqlens=cu, return_block_idx=True, backend="torch")
@@ -269,16 +322,18 @@ def test_selected_any_indices(HQ, H, monkeypatch):
             assert rel_err(x, y) < TOL[torch.float32], (kc, k)
 
 
-def test_fused_backward_frees_branch_outputs():
+@pytest.mark.parametrize("HQ", [4, 2], ids=["G2", "G1"])
+def test_fused_backward_frees_branch_outputs(HQ):
     """The eager nsa_attention is one autograd node that keeps its three branch outputs until
     the backward has read them, then drops them; a second backward through the graph
-    recomputes them and gives the same gradients, bit for bit."""
-    t, _ = make_inputs(40, 4, 2, 8, 8, CFG, device=DEV, dtype=torch.float32, seed=19, requires_grad=True)
+    recomputes them and gives the same gradients, bit for bit (G = 1: the recompute runs the
+    fused compression + selection kernel and keeps the first selection)."""
+    t, _ = make_inputs(40, HQ, 2, 8, 8, CFG, device=DEV, dtype=torch.float32, seed=19, requires_grad=True)
     o = nsa.nsa_attention(**t, config=CFG, backend="triton")
     node = o.grad_fn
     while not hasattr(node, "branch_out"):   # past the reshape back to [B, T, HQ, dv]
         node = node.next_functions[0][0]
-    assert len(node.branch_out) == 3 and all(x.shape == (40, 4, 8) for x in node.branch_out)
+    assert len(node.branch_out) == 3 and all(x.shape == (40, HQ, 8) for x in node.branch_out)
     g = torch.randn(o.shape, device=DEV)
     first = torch.autograd.grad(o, list(t.values()), g, retain_graph=True)
     assert node.branch_out is None
@@ -332,7 +387,7 @@ def test_inverse_index(N, chunk):
     assert torch.equal(pos_of < 0, ~kept)
     rows, heads, slots = kept.nonzero(as_tuple=True)
     p = pos_of[rows, heads, slots].long()
-    assert torch.equal(q_list[p].long(), rows)
+    assert torch.equal(q_list[p].long(), rows) and p.unique().numel() == p.numel()   # a position each
     bucket = (rows // chunk) * NB1 + heads * ii.nbu + first_block[rows] + idx[rows, heads, slots].long()
     assert ((list_cu[bucket] <= p) & (p < list_cu[bucket + 1])).all()
     assert int(list_cu[-1]) == N * H * n

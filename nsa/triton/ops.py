@@ -17,7 +17,7 @@ from .gate import nsa_gate_bwd_kernel, nsa_gate_delta_kernel, nsa_gate_fwd_kerne
 from .decode import (nsa_decode_cmp_win_kernel, nsa_decode_merge_kernel,
                      nsa_decode_score_kernel, nsa_decode_selected_kernel)
 from .banded import nsa_banded_bwd_dkv_kernel, nsa_banded_bwd_dq_kernel, nsa_banded_fwd_kernel
-from .select import nsa_select_kernel
+from .select import nsa_cmp_select_kernel, nsa_select_kernel
 from .selected import (nsa_selected_bwd_dkv_kernel, nsa_selected_bwd_dq_kernel,
                        nsa_selected_bwd_reduce_kernel, nsa_selected_fwd_kc_kernel,
                        nsa_selected_dq_sum_kernel, nsa_selected_fwd_kernel, nsa_selected_merge_kernel,
@@ -142,6 +142,20 @@ def _ntop(n, slots_per_block):
     return max(pow2(n, 16), pow2(-(-16 // slots_per_block)))
 
 
+def _select_meta(q, k, cmp_block_size, cmp_stride, sel_block_size, sel_block_count, sel_init_blocks,
+                 sel_local_blocks, BT, spread):
+    """The constexprs the selection kernels share (select.py)."""
+    RP = pow2(sel_block_size // cmp_stride)
+    # tensor-core overlap product: needs 16 rows for tl.dot and counts exact in bf16
+    if not (BT >= 16 and min(cmp_block_size, sel_block_size) <= 256):
+        spread = 2
+    KA, KB = tuning.key_tiles(q.shape[2])
+    return dict(DK=q.shape[2], KA=KA, KB=KB, BT=BT, CMP_L=cmp_block_size, CMP_D=cmp_stride,
+                SEL_L=sel_block_size, N_SEL=sel_block_count, INIT=sel_init_blocks, LOCAL=sel_local_blocks,
+                NTOP=_ntop(sel_block_count, RP), RP=RP, PREC=_prec(q), SPREAD=spread,
+                SPLIT=tl.float32 if tuning.interpreting() else tl.bfloat16)
+
+
 @custom_op("nsa::select_blocks", mutates_args=())
 def select_blocks(q: Tensor, k: Tensor, lse: Tensor, cu_q: Tensor, cu_k: Tensor, scale: float,
                   cmp_block_size: int, cmp_stride: int, sel_block_size: int, sel_block_count: int,
@@ -149,21 +163,35 @@ def select_blocks(q: Tensor, k: Tensor, lse: Tensor, cu_q: Tensor, cu_k: Tensor,
     N, HQ, H, G, GP, DK, DV, BK, BV = _dims(q, k)
     n_seq = cu_q.numel() - 1
     rows, warps, stages, spread = tuning.select(DK, GP)
-    KA, KB = tuning.key_tiles(DK)
     BT = max(1, rows // GP)
-    RP = pow2(sel_block_size // cmp_stride)
-    # tensor-core overlap product: needs 16 rows for tl.dot and counts exact in bf16
-    if not (BT >= 16 and min(cmp_block_size, sel_block_size) <= 256):
-        spread = 2
     out = empty(N, H, sel_block_count, dtype=torch.int32, device=q.device)
     tiles = tile_cu(cu_q, BT)
     nsa_select_kernel[(tile_grid_bound(N, n_seq, BT), H)](
-        q, k, lse, out, cu_q, cu_k, tiles, n_seq, scale * LOG2E,
-        HQ=HQ, H=H, G=G, GP=GP, DK=DK, KA=KA, KB=KB, BT=BT, CMP_L=cmp_block_size, CMP_D=cmp_stride,
-        SEL_L=sel_block_size, N_SEL=sel_block_count, INIT=sel_init_blocks, LOCAL=sel_local_blocks,
-        NTOP=_ntop(sel_block_count, RP), RP=RP, PREC=_prec(q), SPREAD=spread,
-        SPLIT=tl.float32 if tuning.interpreting() else tl.bfloat16, num_warps=warps, num_stages=stages)
+        q, k, lse, out, cu_q, cu_k, tiles, n_seq, scale * LOG2E, HQ=HQ, H=H, G=G, GP=GP,
+        **_select_meta(q, k, cmp_block_size, cmp_stride, sel_block_size, sel_block_count, sel_init_blocks,
+                       sel_local_blocks, BT, spread), num_warps=warps, num_stages=stages)
     return out
+
+
+def cmp_select_fwd(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, scale: float,
+                   cmp_block_size: int, cmp_stride: int, sel_block_size: int, sel_block_count: int,
+                   sel_init_blocks: int, sel_local_blocks: int):
+    """G = 1 only: (o, lse) of the compression branch and the selection, in one kernel
+    (select.py, nsa_cmp_select_kernel). What compressed_attention and select_blocks return."""
+    N, HQ, H, G, GP, DK, DV, BK, BV = _dims(q, v)
+    assert G == 1, "the fused compression + selection kernel serves one query head per KV head"
+    n_seq = cu_q.numel() - 1
+    rows, warps, stages = tuning.cmp_select(GP)
+    spread = tuning.select(DK, GP)[3]
+    o = empty(N, H, DV, dtype=q.dtype, device=q.device)
+    lse = empty(N, H, dtype=torch.float32, device=q.device)
+    out = empty(N, H, sel_block_count, dtype=torch.int32, device=q.device)
+    tiles = tile_cu(cu_q, rows)
+    nsa_cmp_select_kernel[(tile_grid_bound(N, n_seq, rows), H)](
+        q, k, v, o, lse, out, cu_q, cu_k, tiles, n_seq, scale * LOG2E, H=H, DV=DV, BV=BV,
+        **_select_meta(q, k, cmp_block_size, cmp_stride, sel_block_size, sel_block_count, sel_init_blocks,
+                       sel_local_blocks, rows, spread), num_warps=warps, num_stages=stages)
+    return o, lse, out
 
 
 @select_blocks.register_fake
@@ -460,10 +488,16 @@ class FusedNSA(torch.autograd.Function):
     def _branches(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, cu, cu_k, scale, c, idx=None):
         """([o_cmp, o_slc, o_win], [their lse], idx): the three branches; the selection is made
         from the compression branch unless given (a recompute)."""
-        o_cmp, lse_cmp = banded_fwd(q, k_cmp, v_cmp, cu, cu_k, scale, c.cmp_stride, c.cmp_block_size - 1, 0)
-        if idx is None:
-            idx = select_blocks(q, k_cmp, lse_cmp, cu, cu_k, scale, c.cmp_block_size, c.cmp_stride,
-                                c.sel_block_size, c.sel_block_count, c.sel_init_blocks, c.sel_local_blocks)
+        sel = (c.cmp_block_size, c.cmp_stride, c.sel_block_size, c.sel_block_count, c.sel_init_blocks,
+               c.sel_local_blocks)
+        if tuning.cmp_select(pow2(q.shape[1] // v_cmp.shape[1])) is not None:
+            # G = 1: one kernel; a recompute gets the same o_cmp from it and keeps the given idx
+            o_cmp, lse_cmp, new_idx = cmp_select_fwd(q, k_cmp, v_cmp, cu, cu_k, scale, *sel)
+            idx = new_idx if idx is None else idx
+        else:
+            o_cmp, lse_cmp = banded_fwd(q, k_cmp, v_cmp, cu, cu_k, scale, c.cmp_stride, c.cmp_block_size - 1, 0)
+            if idx is None:
+                idx = select_blocks(q, k_cmp, lse_cmp, cu, cu_k, scale, *sel)
         o_slc, lse_slc = selected_fwd(q, k_slc, v_slc, idx, cu, scale, c.sel_block_size)
         o_win, lse_win = banded_fwd(q, k_win, v_win, cu, cu, scale, 1, 0, c.window_size)
         return [o_cmp, o_slc, o_win], [lse_cmp, lse_slc, lse_win], idx

@@ -22,13 +22,19 @@ RP] (RP = l'/d padded to a power of two), each block's own sum and spill sum, th
 one block on by a gather. Defaults and timings: tuning.select. The interpreter runs the split
 with fp32 parts (its bf16 products are not exact): CI checks the counts, the GPU the bf16
 split.
+
+nsa_cmp_select_kernel (G = 1 only) is the compression attention and the selection in one pass:
+the chunk loop above, with the online softmax's probabilities ranked in place of
+exp(q.k_cmp - lse) (one head per group: a common factor per position does not change its
+ranking), the top list and carry rescaled as the running max grows.
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-from .utils import band_keys, band_visible, dot_keys, load_rows2, seq_tile, tile_rows
+from .utils import (band_keys, band_visible, dot_keys, load_rows, load_rows2, seq_tile, softmax_accumulate, softmax_finish,
+                    softmax_probs, store_rows, tile_rows)
 
 
 @triton.jit
@@ -84,26 +90,23 @@ def _spread(pg, jj, carry, BT: tl.constexpr, NTOP: tl.constexpr, R: tl.constexpr
 
 
 @triton.jit
-def _chunk(j0, qa, qb, k, k0, hk, t, tp, lse2, last, Tq, Tc, top, carry, scale_log2, H: tl.constexpr,
-           DK: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr, BT: tl.constexpr, GP: tl.constexpr,
-           CMP_L: tl.constexpr, CMP_D: tl.constexpr, SEL_L: tl.constexpr, NTOP: tl.constexpr, RP: tl.constexpr,
-           INIT: tl.constexpr, LOCAL: tl.constexpr, PREC: tl.constexpr, MASKED: tl.constexpr,
-           SPREAD: tl.constexpr, SPLIT: tl.constexpr):
-    """Scores of blocks [j0, j0 + NTOP) merged into the running top list; MASKED = False when
-    every row sees every compressed token of the chunk."""
-    R: tl.constexpr = SEL_L // CMP_D          # compressed tokens starting in one block
+def _chunk_tokens(j0, k0, hk, Tc, H: tl.constexpr, R: tl.constexpr, RP: tl.constexpr, NTOP: tl.constexpr):
+    """The compressed tokens of blocks [j0, j0 + NTOP): slot c holds token (j0 + c // RP) * R + c % RP
+    (R = l'/d start in each block, RP its power-of-two padding). (tokens, valid slots, key rows)."""
     c = tl.arange(0, NTOP * RP)
     i = (j0 + c // RP) * R + c % RP                                         # [NTOP * RP] tokens
     tok = (c % RP < R) & (i < Tc)
-    krow = (k0 + i).to(tl.int64) * H + hk
-    qk = dot_keys(qa, qb, k, krow, tok, DK, KA, KB, PREC) * scale_log2     # [BT*GP, NTOP*RP]
-    p = tl.exp2(qk - lse2[:, None])
-    if MASKED:
-        p = tl.where(band_visible(t[:, None], i[None, :], Tc, CMP_D, CMP_L - 1, 0), p, 0.0)
-    pg = tl.sum(tl.reshape(p, [BT, GP, NTOP * RP]), axis=1)                 # [BT, NTOP*RP] group sum
+    return i, tok, (k0 + i).to(tl.int64) * H + hk
+
+
+@triton.jit
+def _rank(pg, j0, top, carry, last, tp, Tq, BT: tl.constexpr, NTOP: tl.constexpr, R: tl.constexpr,
+          RP: tl.constexpr, CMP_L: tl.constexpr, CMP_D: tl.constexpr, SEL_L: tl.constexpr, INIT: tl.constexpr,
+          LOCAL: tl.constexpr, SPREAD: tl.constexpr, SPLIT: tl.constexpr):
+    """Blocks [j0, j0 + NTOP) scored from the chunk's group-summed probabilities pg [BT, NTOP * RP]
+    (plus the carry), the forced ones at +inf, merged into the running top list: (top, carry)."""
     jj = tl.arange(0, NTOP)
     score, carry = _spread(pg, jj, carry, BT, NTOP, R, RP, CMP_L, CMP_D, SEL_L, SPREAD, SPLIT)
-
     j = j0 + jj[None, :]
     cand = (j <= last[:, None]) & (tp[:, None] < Tq)
     forced = cand & ((j < INIT) | (j > last[:, None] - LOCAL))
@@ -111,6 +114,38 @@ def _chunk(j0, qa, qb, k, k0, hk, t, tp, lse2, last, Tq, Tc, top, carry, scale_l
     bits = score.to(tl.int32, bitcast=True).to(tl.int64)
     key = tl.where(cand, (bits << 32) | (2147483647 - j).to(tl.int64), -1)
     return _merge_top(top, key), carry
+
+
+@triton.jit
+def _chunk(j0, qa, qb, k, k0, hk, t, tp, lse2, last, Tq, Tc, top, carry, scale_log2, H: tl.constexpr,
+           DK: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr, BT: tl.constexpr, GP: tl.constexpr,
+           CMP_L: tl.constexpr, CMP_D: tl.constexpr, SEL_L: tl.constexpr, NTOP: tl.constexpr, RP: tl.constexpr,
+           INIT: tl.constexpr, LOCAL: tl.constexpr, PREC: tl.constexpr, MASKED: tl.constexpr,
+           SPREAD: tl.constexpr, SPLIT: tl.constexpr):
+    """Scores of blocks [j0, j0 + NTOP) merged into the running top list; MASKED = False when
+    every row sees every compressed token of the chunk (padding slots need no mask: their
+    overlap counts are 0)."""
+    R: tl.constexpr = SEL_L // CMP_D          # compressed tokens starting in one block
+    i, tok, krow = _chunk_tokens(j0, k0, hk, Tc, H, R, RP, NTOP)
+    qk = dot_keys(qa, qb, k, krow, tok, DK, KA, KB, PREC) * scale_log2     # [BT*GP, NTOP*RP]
+    p = tl.exp2(qk - lse2[:, None])
+    if MASKED:
+        p = tl.where(band_visible(t[:, None], i[None, :], Tc, CMP_D, CMP_L - 1, 0), p, 0.0)
+    pg = tl.sum(tl.reshape(p, [BT, GP, NTOP * RP]), axis=1)                 # [BT, NTOP*RP] group sum
+    return _rank(pg, j0, top, carry, last, tp, Tq, BT, NTOP, R, RP, CMP_L, CMP_D, SEL_L, INIT, LOCAL, SPREAD, SPLIT)
+
+
+@triton.jit
+def _store_selection(top, out, q0, tp, Tq, hk, H: tl.constexpr, N_SEL: tl.constexpr, NTOP: tl.constexpr):
+    """The first N_SEL blocks of the descending top list [BT, NTOP], in ascending block order with
+    -1 for empty slots, to out [N, H, N_SEL]."""
+    jj = tl.arange(0, NTOP)
+    keep = (top >= 0) & (jj[None, :] < N_SEL)  # top is in descending order: ranks < n
+    blk = tl.where(keep, 2147483647 - (top & 0xFFFFFFFF), 2147483647).to(tl.int32)
+    blk = tl.sort(blk, dim=1)  # ascending, empties last
+    blk = tl.where(blk == 2147483647, -1, blk)
+    optr = out + ((q0 + tp).to(tl.int64) * H + hk)[:, None] * N_SEL + jj[None, :]
+    tl.store(optr, blk, mask=(tp[:, None] < Tq) & (jj[None, :] < N_SEL))
 
 
 @triton.jit
@@ -137,7 +172,6 @@ def nsa_select_kernel(
 
     tp = t0 + tl.arange(0, BT)  # the tile's positions
     last = tp // SEL_L                        # last candidate block of each position
-    jj = tl.arange(0, NTOP)
     top = tl.full([BT, NTOP], -1, tl.int64)
     carry = tl.zeros([BT], tl.float32)
     n_blocks = (tl.minimum(t0 + BT, Tq) - 1) // SEL_L + 1
@@ -149,10 +183,82 @@ def nsa_select_kernel(
     for j0 in range(n_full, n_blocks, NTOP):
         top, carry = _chunk(j0, qa, qb, k, k0, hk, t, tp, lse2, last, Tq, Tc, top, carry, scale_log2,
                             H, DK, KA, KB, BT, GP, CMP_L, CMP_D, SEL_L, NTOP, RP, INIT, LOCAL, PREC, True, SPREAD, SPLIT)
+    _store_selection(top, out, q0, tp, Tq, hk, H, N_SEL, NTOP)
 
-    keep = (top >= 0) & (jj[None, :] < N_SEL)  # top is in descending order: ranks < n
-    blk = tl.where(keep, 2147483647 - (top & 0xFFFFFFFF), 2147483647).to(tl.int32)
-    blk = tl.sort(blk, dim=1)  # ascending, empties last
-    blk = tl.where(blk == 2147483647, -1, blk)
-    optr = out + ((q0 + tp).to(tl.int64) * H + hk)[:, None] * N_SEL + jj[None, :]
-    tl.store(optr, blk, mask=(tp[:, None] < Tq) & (jj[None, :] < N_SEL))
+
+@triton.jit
+def _rescale_top(top, alpha):
+    """The running top list's scores times alpha [BT] (<= 1: their order holds), the forced
+    (+inf) and empty (-1) entries as they are."""
+    s = (top >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+    s = tl.where(s == float("inf"), s, s * alpha[:, None])
+    scaled = (s.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (top & 0xFFFFFFFF)
+    return tl.where(top >= 0, scaled, top)
+
+
+@triton.jit
+def _cmp_chunk(j0, qa, qb, k, v, k0, hk, t, last, Tq, Tc, m_i, l_i, acc, top, carry, scale_log2,
+               H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr,
+               BV: tl.constexpr, BT: tl.constexpr, CMP_L: tl.constexpr, CMP_D: tl.constexpr, SEL_L: tl.constexpr,
+               NTOP: tl.constexpr, RP: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr, PREC: tl.constexpr,
+               MASKED: tl.constexpr, SPREAD: tl.constexpr, SPLIT: tl.constexpr):
+    """One chunk of nsa_cmp_select_kernel: the compression attention's step over the chunk's
+    tokens, then its probabilities (under the new running max) ranked, the list rescaled first."""
+    R: tl.constexpr = SEL_L // CMP_D
+    i, tok, krow = _chunk_tokens(j0, k0, hk, Tc, H, R, RP, NTOP)
+    qk = dot_keys(qa, qb, k, krow, tok, DK, KA, KB, PREC) * scale_log2     # [BT, NTOP*RP]
+    if MASKED:
+        qk = tl.where(band_visible(t[:, None], i[None, :], Tc, CMP_D, CMP_L - 1, 0) & tok[None, :], qk, float("-inf"))
+    elif RP != R:
+        qk = tl.where(tok[None, :], qk, float("-inf"))
+    m_i, alpha, p = softmax_probs(qk, m_i)
+    vt = load_rows(v, krow, tok, tl.arange(0, BV), DV)
+    l_i, acc = softmax_accumulate(p, alpha, vt, l_i, acc, PREC)
+    top, carry = _rank(p, j0, _rescale_top(top, alpha), carry * alpha, last, t, Tq, BT, NTOP, R, RP,
+                       CMP_L, CMP_D, SEL_L, INIT, LOCAL, SPREAD, SPLIT)
+    return m_i, l_i, acc, top, carry
+
+
+@triton.jit
+def nsa_cmp_select_kernel(
+    q, k, v, o, lse, out,       # q [Nq,H,DK] k [Nc,H,DK] v [Nc,H,DV] o [Nq,H,DV] lse [Nq,H] f32 out [Nq,H,N_SEL]
+    cu_q, cu_k, tiles_q, n_seq, scale_log2,
+    H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr, BV: tl.constexpr,
+    BT: tl.constexpr, CMP_L: tl.constexpr, CMP_D: tl.constexpr, SEL_L: tl.constexpr,
+    N_SEL: tl.constexpr, NTOP: tl.constexpr, RP: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr,
+    PREC: tl.constexpr, SPREAD: tl.constexpr, SPLIT: tl.constexpr,
+):
+    """G = 1: the compression branch's attention (o, lse) and the block selection in one pass
+    over the compressed keys, q.k_cmp computed once for both. With one head per group a
+    position ranks blocks as it ranks their unnormalised probabilities exp2(qk - m) under any
+    common m, so the lse is not needed first: the running max's rescaling (alpha) is applied to
+    the top list's scores as to the accumulator."""
+    pid = tl.program_id(0)
+    hk = tl.program_id(1)
+    if pid >= tl.load(tiles_q + n_seq):
+        return
+    q0, Tq, k0, Tc, t0 = seq_tile(pid, tiles_q, cu_q, cu_k, n_seq, BT)
+    BC: tl.constexpr = NTOP * (SEL_L // CMP_D)
+    t, head, row_ok = tile_rows(t0, Tq, hk, 1, 1, BT)
+    rows = (q0 + t).to(tl.int64) * H + head
+    qa, qb = load_rows2(q, rows, row_ok, DK, KA, KB)
+    last = t // SEL_L
+    m_i = tl.full([BT], float("-inf"), tl.float32)
+    l_i = tl.zeros([BT], tl.float32)
+    acc = tl.zeros([BT, BV], tl.float32)
+    top = tl.full([BT, NTOP], -1, tl.int64)
+    carry = tl.zeros([BT], tl.float32)
+    n_blocks = (tl.minimum(t0 + BT, Tq) - 1) // SEL_L + 1
+    n_full = band_keys(t0, t0, Tc, CMP_D, CMP_L - 1, 0)[1] // BC * NTOP
+    for j0 in range(0, n_full, NTOP):
+        m_i, l_i, acc, top, carry = _cmp_chunk(
+            j0, qa, qb, k, v, k0, hk, t, last, Tq, Tc, m_i, l_i, acc, top, carry, scale_log2, H, DK, DV, KA, KB,
+            BV, BT, CMP_L, CMP_D, SEL_L, NTOP, RP, INIT, LOCAL, PREC, False, SPREAD, SPLIT)
+    for j0 in range(n_full, n_blocks, NTOP):
+        m_i, l_i, acc, top, carry = _cmp_chunk(
+            j0, qa, qb, k, v, k0, hk, t, last, Tq, Tc, m_i, l_i, acc, top, carry, scale_log2, H, DK, DV, KA, KB,
+            BV, BT, CMP_L, CMP_D, SEL_L, NTOP, RP, INIT, LOCAL, PREC, True, SPREAD, SPLIT)
+    res, lse_val = softmax_finish(m_i, l_i, acc)
+    store_rows(o, rows, row_ok, tl.arange(0, BV), DV, res)
+    tl.store(lse + rows, lse_val, mask=row_ok)
+    _store_selection(top, out, q0, t, Tq, hk, H, N_SEL, NTOP)

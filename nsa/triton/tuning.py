@@ -116,6 +116,21 @@ def select(dk: int, gp: int):
     return (*v[:3], _pick("select_spread", (v[3] if len(v) == 4 else default[3],))[0])
 
 
+def cmp_select(gp: int):
+    """(rows, num_warps, num_stages) of the kernel that runs the compression attention and the
+    selection in one pass (select.py, nsa_cmp_select_kernel), or None where they run apart:
+    groups of G > 1 (their scores sum each head's probabilities, normalised by its own lse,
+    which the compression pass must finish first). H200, 64k, G = 1 (HQ = H = 8, 128/128,
+    results/session13/fused): apart, compression 1.41 + selection 2.55 ms; fused 3.84 at 64
+    rows / 4 warps / 2 stages, 4.20-4.24 at 128 rows / 8 warps, 6.0-10.6 at the others swept;
+    the forward 8.03 -> 7.91 ms. NSA_TUNE='{"cmp_select": [0]}' runs them apart for A/B timing;
+    [rows, warps, stages] sets the launch."""
+    if gp != 1:
+        return None
+    v = _pick("cmp_select", (16, 4, 1) if interpreting() else (64, 4, 2))
+    return None if v[0] == 0 else v
+
+
 def selected(kind: str, gp: int):
     """(num_warps, num_stages) of the group-centric selected-attention kernels (fwd, dq)."""
     if interpreting():
@@ -222,4 +237,4 @@ def decode(programs: int, cmp_tokens: int, win_tokens: int, sel_tokens: int, blo
     return {**t, **over}
 
 
-__all__ = ["banded", "key_tiles", "select", "selected", "selected_key_centric", "selected_key_centric_shape", "selected_merge_positions", "selected_key_centric_rows", "selected_key_centric_heads", "selected_bwd_queries", "decode", "interpreting", "pow2"]
+__all__ = ["banded", "key_tiles", "select", "cmp_select", "selected", "selected_key_centric", "selected_key_centric_shape", "selected_merge_positions", "selected_key_centric_rows", "selected_key_centric_heads", "selected_bwd_queries", "decode", "interpreting", "pow2"]

@@ -198,14 +198,28 @@ def running_max(m_i, m_cand):
 
 
 @triton.jit
+def softmax_probs(qk, m_i):
+    """The first half of softmax_step: (new running max, alpha, p = exp2(qk - max) [M, N], 0
+    where qk = -inf), alpha [M] the factor that rescales what was summed under m_i."""
+    m_new, m_use, alpha = running_max(m_i, tl.max(qk, 1))
+    return m_new, alpha, tl.exp2(qk - m_use[:, None])
+
+
+@triton.jit
+def softmax_accumulate(p, alpha, vt, l_i, acc, PREC: tl.constexpr):
+    """The second half of softmax_step: (l_i, acc) rescaled by alpha, plus p's sums and p @ vt."""
+    acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PREC)
+    return l_i * alpha + tl.sum(p, 1), acc
+
+
+@triton.jit
 def softmax_step(qk, vt, m_i, l_i, acc, PREC: tl.constexpr):
     """One flash-attention step: log2-scaled logits qk [M, N] (-inf where masked) and values
     vt [N, V] update the running max m_i [M], sum l_i [M] and accumulator acc [M, V]. A row that
     has seen nothing keeps m = -inf, l = 0, acc = 0."""
-    m_new, m_use, alpha = running_max(m_i, tl.max(qk, 1))
-    p = tl.exp2(qk - m_use[:, None])
-    acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PREC)
-    return m_new, l_i * alpha + tl.sum(p, 1), acc
+    m_new, alpha, p = softmax_probs(qk, m_i)
+    l_i, acc = softmax_accumulate(p, alpha, vt, l_i, acc, PREC)
+    return m_new, l_i, acc
 
 
 @triton.jit

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Session 13 device calls (H200), small-group forward.
+#   probe: what the selection's top-n costs (probe_topn.py variants, G=1 and G=4, 64k), the
+#          compression and window forwards alone, Triton's compare-and-swap source and TTGIR.
+#   fused: the G = 1 compression + selection kernel (select.py): bf16 check, parts, launch sweep,
+#          G1 64k rows with and without it.
+#   index: the forward's inverse index by counting: bf16 check, old/new G4/G1 rows, profiles.
+set -uo pipefail
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:${PYTHONPATH:-}"
+O=${OUT:-/tmp/s13}; mkdir -p $O
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee $O/gpu.txt
+case "${1:-probe}" in
+probe)
+  for s in G1 G4; do
+    timeout 100 python3 benchmarks/probe_topn.py --variant base --setting $s --branches 2>&1 | tail -3 | tee -a $O/probe.log
+    for v in none sortonly i32; do
+      timeout 100 python3 benchmarks/probe_topn.py --variant $v --setting $s 2>&1 | tail -3 | tee -a $O/probe.log
+    done
+  done
+  ;;
+fused)
+  # the G = 1 compression + selection kernel: bf16 check; its parts and launch sweep; G1 rows
+  # with it (default) and without (NSA_TUNE cmp_select 0), in turn, twice
+  timeout 150 python3 benchmarks/gpu_check.py --lengths 4096 --small-groups-at 8192 2>&1 | tail -14 | tee $O/gpu_check.log
+  timeout 150 python3 benchmarks/profile_parts.py --HQ 8 --H 8 --dk 128 --ops cmp_fwd select cmp_select win_fwd api_fwd --sweep cmp_select --budget 100 2>&1 | tee $O/parts_G1.log
+  for r in 1 2; do
+    for tune in '{"cmp_select": [0]}' ''; do
+      NSA_TUNE="$tune" timeout 100 python3 benchmarks/bench_train.py --lengths 65536 --settings G1 --name "fused$r" 2>&1 | grep -E "nsa:|sdpa-flash:|vs sdpa" | sed "s/^/[${tune:-default}] /" | tee -a $O/bench.log
+    done
+  done
+  ;;
+index)
+  # the forward's inverse index by counting (atomics) instead of a stable sort: bf16 check;
+  # the session's starting commit (ab_old, carried) and this tree, G4/G1 64k rows, in turn, twice;
+  # kernel profiles of the G1 / G4 forward
+  timeout 150 python3 benchmarks/gpu_check.py --lengths 4096 --small-groups-at 8192 2>&1 | tail -14 | tee $O/gpu_check.log
+  (cd /tmp && PYTHONPATH="$OLDPWD/ab_old:$PYTHONPATH" python3 -c "import nsa; print(nsa.__file__)") | tee $O/bench.log
+  for r in 1 2; do
+    PYTHONPATH="$PWD/ab_old:$PYTHONPATH" timeout 150 python3 benchmarks/bench_train.py --lengths 65536 --settings G4 G1 --name "ab_old$r" 2>&1 | grep -E "nsa:|sdpa-flash:|vs sdpa" | sed "s/^/[old] /" | tee -a $O/bench.log
+    timeout 150 python3 benchmarks/bench_train.py --lengths 65536 --settings G4 G1 --name "ab_new$r" 2>&1 | grep -E "nsa:|sdpa-flash:|vs sdpa" | sed "s/^/[new] /" | tee -a $O/bench.log
+  done
+  for s in G1 G4; do
+    timeout 100 python3 benchmarks/profile_kernels.py --setting $s --rows 16 2>&1 | grep -v Warn | tee -a $O/profile_fwd.log
+  done
+  ;;
+esac
