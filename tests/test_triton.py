@@ -128,15 +128,17 @@ def test_select_spread_modes(spread, HQ, rows, cfg, monkeypatch):
     _check_selection({k: v.double() for k, v in t.items()}, lse.double(), cfg, idx)
 
 
-@pytest.mark.parametrize("cfg,lens,rows", [(R2, [150, 9], 16), (R3, [1, 90], 32)], ids=["R2-chunks", "R3-padded-slots"])
-def test_cmp_select_g1(cfg, lens, rows, monkeypatch):
+@pytest.mark.parametrize("cfg,lens,rows,dk", [(R2, [150, 9], 16, 8), (R3, [1, 90], 32, 48)],
+                         ids=["R2-chunks", "R3-padded-slots-dk48=32+16"])
+def test_cmp_select_g1(cfg, lens, rows, dk, monkeypatch):
     """G = 1: the compression attention and the selection in one kernel (select.py), its top
     list rescaled as the running max grows: o and lse as the float64 reference's, the selection
     as the reference's (near ties aside), over several chunks of blocks (R2: 16 blocks of 4
-    tokens a chunk, the later tiles with unmasked chunks) and with padded token slots (R3)."""
+    tokens a chunk, the later tiles with unmasked chunks) and with padded token slots and a
+    key dim in two tiles (R3)."""
     from nsa.triton import ops
     monkeypatch.setenv("NSA_TUNE", f'{{"cmp_select": [{rows}, 4, 1]}}')
-    t, cu = make_inputs(0, 2, 2, 8, 8, cfg, seqlens=lens, device=DEV, dtype=torch.float32, seed=3)
+    t, cu = make_inputs(0, 2, 2, dk, 8, cfg, seqlens=lens, device=DEV, dtype=torch.float32, seed=3)
     t["q"] = t["q"] * 3   # sharper probabilities: well-separated scores
     P = lambda x: x.reshape(-1, x.shape[2], x.shape[3]).contiguous()
     cu_k = nsa.compressed_cu_seqlens(cu, cfg.cmp_block_size, cfg.cmp_stride).to(torch.int32)
@@ -364,13 +366,17 @@ def test_float64_is_refused():
         nsa.nsa_attention(**t, config=CFG, backend="triton")
 
 
-@pytest.mark.parametrize("N,chunk", [(300, 300), (4000, 48)], ids=["int16-keys", "int32-keys"])
-def test_inverse_index(N, chunk):
+@pytest.mark.parametrize("N,chunk,wide", [(300, 300, False), (4000, 48, False), (300, 100, True)],
+                         ids=["int16-keys", "int32-keys", "int64-keys"])
+def test_inverse_index(N, chunk, wide, monkeypatch):
     """The inverse index against a direct construction: every kept (row, head, slot) entry sits
-    in its (chunk, head, block) list, lists in row order, pos_of pointing back at it, left-out
-    slots (empty, or a block after the row's own) at -1; for bucket counts that need 16-bit and
-    32-bit sort keys."""
+    in its (chunk, head, block) list at a position of its own, lists in row order, pos_of
+    pointing back at it, left-out slots (empty, or a block after the row's own) at -1; for
+    bucket counts that need 16-bit and 32-bit sort keys, and with 64-bit keys forced (> 2^31
+    buckets: too many rows for a test)."""
     from nsa.triton import ops
+    if wide:
+        monkeypatch.setattr(ops, "sort_key_dtype", lambda n: torch.int64)
     H, n, L = 2, 4, 16
     lens = [N - N // 3, N // 3]
     cu = torch.tensor([0, lens[0], N], dtype=torch.int32, device=DEV)
@@ -380,6 +386,7 @@ def test_inverse_index(N, chunk):
     ii = ops.inverse_index(idx.to(DEV), cu, L, seg=8, chunk=chunk, keep_empty=False)
     C, NB1 = -(-N // chunk), H * ii.nbu + 1
     assert (C * NB1 < 2 ** 15) == (N == 300)
+    assert ops.sort_key_dtype(C * NB1) == (torch.int64 if wide else torch.int16 if N == 300 else torch.int32)
     seq = (torch.arange(N) >= lens[0]).long()
     first_block = torch.tensor([0, -(-lens[0] // L)])[seq]
     kept = (idx >= 0) & (idx <= (pos // L)[:, None, None])

@@ -282,6 +282,12 @@ class InverseIndex(NamedTuple):
         return 2 * entries // self.seg + 1, buckets + entries // self.seg + 1
 
 
+def sort_key_dtype(n_keys: int) -> torch.dtype:
+    """The narrowest integer type for sort keys 0..n_keys-1: a radix sort of 16-bit keys takes
+    two passes, of 32-bit four."""
+    return next(t for t in (torch.int16, torch.int32, torch.int64) if n_keys < torch.iinfo(t).max)
+
+
 def inverse_index(idx, cu_q, sel_block_size, seg, chunk=None, keep_empty=True, with_pos=True):
     """The inverse index of the selections idx [N, H, n], for row chunks of `chunk` rows (all
     rows by default), built by one stable sort and without a host sync: the number of blocks is
@@ -299,9 +305,7 @@ def inverse_index(idx, cu_q, sel_block_size, seg, chunk=None, keep_empty=True, w
     NB1 = H * nbu + 1                                                        # + the left-out bucket
     E = N * H * n
     seq = torch.searchsorted(cu_q[1:], torch.arange(N, dtype=cu_q.dtype, device=idx.device), right=True)
-    # the narrowest key: a radix sort of 16-bit keys takes two passes, of 32-bit four
-    kt = next(t for t in (torch.int16, torch.int32, torch.int64) if C * NB1 < torch.iinfo(t).max)
-    key = torch.empty(E, dtype=kt, device=idx.device)
+    key = torch.empty(E, dtype=sort_key_dtype(C * NB1), device=idx.device)
     BE = 1024
     grid = (triton.cdiv(E, BE),)
     if E:
