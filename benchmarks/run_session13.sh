@@ -5,6 +5,7 @@
 #   fused: the G = 1 compression + selection kernel (select.py): bf16 check, parts, launch sweep,
 #          G1 64k rows with and without it.
 #   index: the forward's inverse index by counting: bf16 check, old/new G4/G1 rows, profiles.
+#   final: bf16 check and the training benchmark 16k-64k (paper, G4, G1, fla-comparable).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:${PYTHONPATH:-}"
 O=${OUT:-/tmp/s13}; mkdir -p $O
@@ -42,5 +43,15 @@ index)
   for s in G1 G4; do
     timeout 100 python3 benchmarks/profile_kernels.py --setting $s --rows 16 2>&1 | grep -v Warn | tee -a $O/profile_fwd.log
   done
+  ;;
+final)
+  # the session's final code: bf16 check (paper 4k/16k, small groups 8k); the training
+  # benchmark at 16k-64k (paper both dims, G4, G1), fla-comparable against fla-core from the
+  # carried wheels (.whl/) at 32k/64k; JSON and plots
+  python3 -m pip install -q --no-deps --no-index .whl/*.whl 2>&1 | grep -v WARN | tail -3
+  timeout 150 python3 benchmarks/gpu_check.py --lengths 4096 16384 --small-groups-at 8192 2>&1 | tail -14 | tee $O/gpu_check.log
+  timeout 300 python3 benchmarks/bench_train.py --lengths 16384 32768 65536 --settings paper G4 G1 2>&1 | grep -v Warn | tee $O/bench.log
+  timeout 150 python3 benchmarks/bench_train.py --lengths 32768 65536 --settings fla-comparable --name fla 2>&1 | grep -v Warn | tee $O/fla.log
+  cp benchmarks/results/train_NVIDIA_H200.png $O/ 2>/dev/null
   ;;
 esac
