@@ -6,6 +6,9 @@
 #          G1 64k rows with and without it.
 #   index: the forward's inverse index by counting: bf16 check, old/new G4/G1 rows, profiles.
 #   final: bf16 check and the training benchmark 16k-64k (paper, G4, G1, fla-comparable).
+#   gate: the gated merge in the window kernel's epilogue: bf16 check, forward A/B at 64k (ran
+#          with results/session13/patches/gate_epilogue.diff applied: its sweep and knob went
+#          with it when it was reverted).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:${PYTHONPATH:-}"
 O=${OUT:-/tmp/s13}; mkdir -p $O
@@ -53,5 +56,13 @@ final)
   timeout 300 python3 benchmarks/bench_train.py --lengths 16384 32768 65536 --settings paper G4 G1 2>&1 | grep -v Warn | tee $O/bench.log
   timeout 150 python3 benchmarks/bench_train.py --lengths 32768 65536 --settings fla-comparable --name fla 2>&1 | grep -v Warn | tee $O/fla.log
   rm -f $O/gpu.txt   # 8 files come back at most; the JSONs hold the device
+  ;;
+gate)
+  # the gated merge in the window kernel's epilogue: bf16 check; nsa_attention's forward with
+  # it off / on, in turn, twice, at 64k for the paper shape, G4 and G1
+  timeout 150 python3 benchmarks/gpu_check.py --lengths 4096 --small-groups-at 8192 2>&1 | tail -14 | tee $O/gpu_check.log
+  timeout 120 python3 benchmarks/profile_parts.py --ops api_fwd --sweep gate_epilogue 2>&1 | grep -v Warn | tee $O/gate_paper.log
+  timeout 100 python3 benchmarks/profile_parts.py --HQ 16 --H 4 --dk 128 --ops api_fwd --sweep gate_epilogue 2>&1 | grep -v Warn | tee $O/gate_G4.log
+  timeout 100 python3 benchmarks/profile_parts.py --HQ 8 --H 8 --dk 128 --ops api_fwd --sweep gate_epilogue 2>&1 | grep -v Warn | tee $O/gate_G1.log
   ;;
 esac
