@@ -9,6 +9,7 @@
 #   gate: the gated merge in the window kernel's epilogue: bf16 check, forward A/B at 64k (ran
 #          with results/session13/patches/gate_epilogue.diff applied: its sweep and knob went
 #          with it when it was reverted).
+#   long:  the G = 1 fused kernel at 256k + 128k packed against the kernels it replaces.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:${PYTHONPATH:-}"
 O=${OUT:-/tmp/s13}; mkdir -p $O
@@ -64,5 +65,11 @@ gate)
   timeout 120 python3 benchmarks/profile_parts.py --ops api_fwd --sweep gate_epilogue 2>&1 | grep -v Warn | tee $O/gate_paper.log
   timeout 100 python3 benchmarks/profile_parts.py --HQ 16 --H 4 --dk 128 --ops api_fwd --sweep gate_epilogue 2>&1 | grep -v Warn | tee $O/gate_G4.log
   timeout 100 python3 benchmarks/profile_parts.py --HQ 8 --H 8 --dk 128 --ops api_fwd --sweep gate_epilogue 2>&1 | grep -v Warn | tee $O/gate_G1.log
+  ;;
+long)
+  # the G = 1 fused kernel at long packed lengths (int64 offsets) against the two kernels it
+  # replaces, with dk 128 and 192 (two key tiles)
+  timeout 100 python3 benchmarks/check_cmp_select.py --lengths 262144 131149 2>&1 | tee $O/check_long.log
+  timeout 100 python3 benchmarks/check_cmp_select.py --lengths 262144 77 --dk 192 --H 2 2>&1 | tee -a $O/check_long.log
   ;;
 esac
