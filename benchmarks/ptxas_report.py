@@ -71,6 +71,11 @@ def ptxas(kernel):
     with open(path, "w") as f:
         f.write(kernel.asm["ptx"])
     out = subprocess.run([exe, "-arch=sm_90a", "-v", path, "-o", path + ".cubin"], capture_output=True, text=True).stderr
+    old = re.search(r"Unsupported \.version (\S+); current version is '(\S+)'", out)
+    if old:   # a newer Triton than its bundled ptxas: the PTX rarely needs the newer ISA version
+        with open(path, "w") as f:
+            f.write(kernel.asm["ptx"].replace(f".version {old.group(1)}", f".version {old.group(2)}", 1))
+        out = subprocess.run([exe, "-arch=sm_90a", "-v", path, "-o", path + ".cubin"], capture_output=True, text=True).stderr
     spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", out)
     return int(re.search(r"Used (\d+) registers", out).group(1)), int(spill.group(1)), int(spill.group(2))
 
