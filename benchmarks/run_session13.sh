@@ -10,6 +10,7 @@
 #          with results/session13/patches/gate_epilogue.diff applied: its sweep and knob went
 #          with it when it was reverted).
 #   long:  the G = 1 fused kernel at 256k + 128k packed against the kernels it replaces.
+#   stages: more launch shapes of the fused G = 1 kernel (1 stage, 2 warps).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:${PYTHONPATH:-}"
 O=${OUT:-/tmp/s13}; mkdir -p $O
@@ -71,5 +72,10 @@ long)
   # replaces, with dk 128 and 192 (two key tiles)
   timeout 100 python3 benchmarks/check_cmp_select.py --lengths 262144 131149 2>&1 | tee $O/check_long.log
   timeout 100 python3 benchmarks/check_cmp_select.py --lengths 262144 77 --dk 192 --H 2 2>&1 | tee -a $O/check_long.log
+  ;;
+stages)
+  # the fused G = 1 kernel's launch: 1 stage, and 2 warps (in turn with the default, twice)
+  timeout 150 python3 benchmarks/profile_parts.py --HQ 8 --H 8 --dk 128 --ops cmp_select --sweep cmp_select_more --budget 120 2>&1 | grep -v Warn | tee $O/stages_G1.log
+  rm -f $O/gpu.txt
   ;;
 esac
