@@ -122,7 +122,8 @@ def cmp_select(gp: int):
     groups of G > 1 (their scores sum each head's probabilities, normalised by its own lse,
     which the compression pass must finish first). H200, 64k, G = 1 (HQ = H = 8, 128/128,
     results/session13/fused): apart, compression 1.41 + selection 2.55 ms; fused 3.84 at 64
-    rows / 4 warps / 2 stages, 4.20-4.24 at 128 rows / 8 warps, 6.0-10.6 at the others swept;
+    rows / 4 warps / 2 stages, 4.20-4.24 at 128 rows / 8 warps, 4.5-10.6 at the others swept
+    (1 stage, 3 stages, 2 or 8 warps at 32-64 rows; results/session13/stages);
     the forward 8.03 -> 7.91 ms. NSA_TUNE='{"cmp_select": [0]}' runs them apart for A/B timing;
     [rows, warps, stages] sets the launch."""
     if gp != 1:
