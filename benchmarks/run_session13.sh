@@ -11,6 +11,7 @@
 #          with it when it was reverted).
 #   long:  the G = 1 fused kernel at 256k + 128k packed against the kernels it replaces.
 #   stages: more launch shapes of the fused G = 1 kernel (1 stage, 2 warps).
+#   dims:  the fused G = 1 kernel against the two it replaces at dk/dv 192/128, 128/256, 64/64.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:${PYTHONPATH:-}"
 O=${OUT:-/tmp/s13}; mkdir -p $O
@@ -77,5 +78,12 @@ stages)
   # the fused G = 1 kernel's launch: 1 stage, and 2 warps (in turn with the default, twice)
   timeout 150 python3 benchmarks/profile_parts.py --HQ 8 --H 8 --dk 128 --ops cmp_select --sweep cmp_select_more --budget 120 2>&1 | grep -v Warn | tee $O/stages_G1.log
   rm -f $O/gpu.txt
+  ;;
+dims)
+  # the fused G = 1 kernel at other head dims: compression + selection apart against fused
+  timeout 100 python3 benchmarks/profile_parts.py --HQ 8 --H 8 --dk 192 --dv 128 --ops cmp_fwd select cmp_select 2>&1 | grep -v Warn | tee $O/dims.log
+  timeout 100 python3 benchmarks/profile_parts.py --HQ 8 --H 8 --dk 128 --dv 256 --ops cmp_fwd select cmp_select 2>&1 | grep -v Warn | tee -a $O/dims.log
+  timeout 100 python3 benchmarks/profile_parts.py --HQ 8 --H 8 --dk 64 --dv 64 --ops cmp_fwd select cmp_select 2>&1 | grep -v Warn | tee -a $O/dims.log
+  rm -f $O/gpu.txt $O/*.json
   ;;
 esac
