@@ -85,7 +85,8 @@ def parts(T, HQ, H, dk, dv, cfg):
 
 
 # sweeps of another name's override
-ALIAS = {"selected_kc_merge": "selected_kc_shape", "cmp_select_more": "cmp_select"}
+ALIAS = {"selected_kc_merge": "selected_kc_shape", "cmp_select": "cmp_select_launch",
+         "cmp_select_more": "cmp_select_launch"}
 
 # which ops a kernel's override affects
 AFFECTS = {"banded_unmasked": ["cmp_fwd", "cmp_bwd", "win_fwd", "win_bwd"], "banded_fwd": ["cmp_fwd", "win_fwd"], "banded_dq": ["cmp_bwd", "win_bwd"], "banded_dkv": ["cmp_bwd", "win_bwd"],

@@ -3,7 +3,8 @@
 #   probe: what the selection's top-n costs (probe_topn.py variants, G=1 and G=4, 64k), the
 #          compression and window forwards alone, Triton's compare-and-swap source and TTGIR.
 #   fused: the G = 1 compression + selection kernel (select.py): bf16 check, parts, launch sweep,
-#          G1 64k rows with and without it.
+#          G1 64k rows with and without it (the launch knob was then "cmp_select", now
+#          "cmp_select_launch": profile_parts maps the sweep's name to it).
 #   index: the forward's inverse index by counting: bf16 check, old/new G4/G1 rows, profiles.
 #   final: bf16 check and the training benchmark 16k-64k (paper, G4, G1, fla-comparable).
 #   gate: the gated merge in the window kernel's epilogue: bf16 check, forward A/B at 64k (ran

@@ -137,7 +137,7 @@ def test_cmp_select_g1(cfg, lens, rows, dk, monkeypatch):
     tokens a chunk, the later tiles with unmasked chunks) and with padded token slots and a
     key dim in two tiles (R3)."""
     from nsa.triton import ops
-    monkeypatch.setenv("NSA_TUNE", f'{{"cmp_select": [{rows}, 4, 1]}}')
+    monkeypatch.setenv("NSA_TUNE", f'{{"cmp_select_launch": [{rows}, 4, 1]}}')
     t, cu = make_inputs(0, 2, 2, dk, 8, cfg, seqlens=lens, device=DEV, dtype=torch.float32, seed=3)
     t["q"] = t["q"] * 3   # sharper probabilities: well-separated scores
     P = lambda x: x.reshape(-1, x.shape[2], x.shape[3]).contiguous()

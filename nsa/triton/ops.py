@@ -181,7 +181,7 @@ def cmp_select_fwd(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, 
     N, HQ, H, G, GP, DK, DV, BK, BV = _dims(q, v)
     assert G == 1, "the fused compression + selection kernel serves one query head per KV head"
     n_seq = cu_q.numel() - 1
-    rows, warps, stages = tuning.cmp_select(GP)
+    rows, warps, stages = tuning.cmp_select_launch()
     spread = tuning.select(DK, GP)[3]
     o = empty(N, H, DV, dtype=q.dtype, device=q.device)
     lse = empty(N, H, dtype=torch.float32, device=q.device)
@@ -494,7 +494,7 @@ class FusedNSA(torch.autograd.Function):
         from the compression branch unless given (a recompute)."""
         sel = (c.cmp_block_size, c.cmp_stride, c.sel_block_size, c.sel_block_count, c.sel_init_blocks,
                c.sel_local_blocks)
-        if tuning.cmp_select(pow2(q.shape[1] // v_cmp.shape[1])) is not None:
+        if tuning.cmp_select(pow2(q.shape[1] // v_cmp.shape[1]), pow2(v_cmp.shape[2], 16)):
             # G = 1: one kernel; a recompute gets the same o_cmp from it and keeps the given idx
             o_cmp, lse_cmp, new_idx = cmp_select_fwd(q, k_cmp, v_cmp, cu, cu_k, scale, *sel)
             idx = new_idx if idx is None else idx

@@ -116,20 +116,26 @@ def select(dk: int, gp: int):
     return (*v[:3], _pick("select_spread", (v[3] if len(v) == 4 else default[3],))[0])
 
 
-def cmp_select(gp: int):
-    """(rows, num_warps, num_stages) of the kernel that runs the compression attention and the
-    selection in one pass (select.py, nsa_cmp_select_kernel), or None where they run apart:
-    groups of G > 1 (their scores sum each head's probabilities, normalised by its own lse,
-    which the compression pass must finish first). H200, 64k, G = 1 (HQ = H = 8, 128/128,
-    results/session13/fused): apart, compression 1.41 + selection 2.55 ms; fused 3.84 at 64
-    rows / 4 warps / 2 stages, 4.20-4.24 at 128 rows / 8 warps, 4.5-10.6 at the others swept
-    (1 stage, 3 stages, 2 or 8 warps at 32-64 rows; results/session13/stages);
-    the forward 8.03 -> 7.91 ms. NSA_TUNE='{"cmp_select": [0]}' runs them apart for A/B timing;
-    [rows, warps, stages] sets the launch."""
-    if gp != 1:
-        return None
-    v = _pick("cmp_select", (16, 4, 1) if interpreting() else (64, 4, 2))
-    return None if v[0] == 0 else v
+def cmp_select(gp: int, bv: int) -> bool:
+    """Whether nsa_attention runs the compression attention and the selection in one kernel
+    (select.py, nsa_cmp_select_kernel). Not for groups of G > 1 (their scores sum each head's
+    probabilities, normalised by its own lse, which the compression pass must finish first),
+    nor for value tiles wider than 128 (bv: dv padded). H200, 64k, G = 1 (HQ = H = 8;
+    results/session13/fused, dims), apart -> fused, ms: dk/dv 128/128 1.41 + 2.55 -> 3.84 (the
+    forward 8.03 -> 7.91), 192/128 1.57 + 3.13 -> 4.18, 64/64 0.96 + 2.39 -> 3.36, but 128/256
+    1.55 + 2.57 -> 5.83 (the accumulator's registers). NSA_TUNE='{"cmp_select": [0]}' (or 1)
+    decides for A/B timing; the interpreter fuses at every dv, so that CI runs the kernel."""
+    forced = _pick("cmp_select", None)
+    if forced is not None:
+        return gp == 1 and bool(forced[0])
+    return gp == 1 and (bv <= 128 or interpreting())
+
+
+def cmp_select_launch():
+    """(rows, num_warps, num_stages) of nsa_cmp_select_kernel. 64k, 128/128 (results/session13/
+    fused, stages): 64 rows / 4 warps / 2 stages 3.81-3.84 ms; 128 rows / 8 warps 4.20-4.72,
+    1 stage 4.49-4.51, 2 warps 5.6-7.3, others 6.0-10.6. NSA_TUNE='{"cmp_select_launch": [..]}'."""
+    return _pick("cmp_select_launch", (16, 4, 1) if interpreting() else (64, 4, 2))
 
 
 def selected(kind: str, gp: int):
@@ -238,4 +244,4 @@ def decode(programs: int, cmp_tokens: int, win_tokens: int, sel_tokens: int, blo
     return {**t, **over}
 
 
-__all__ = ["banded", "key_tiles", "select", "cmp_select", "selected", "selected_key_centric", "selected_key_centric_shape", "selected_merge_positions", "selected_key_centric_rows", "selected_key_centric_heads", "selected_bwd_queries", "decode", "interpreting", "pow2"]
+__all__ = ["banded", "key_tiles", "select", "cmp_select", "cmp_select_launch", "selected", "selected_key_centric", "selected_key_centric_shape", "selected_merge_positions", "selected_key_centric_rows", "selected_key_centric_heads", "selected_bwd_queries", "decode", "interpreting", "pow2"]
