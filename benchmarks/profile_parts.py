@@ -26,7 +26,7 @@ SWEEPS = {
     "banded_dkv": [(64, 64, 4, 2), (64, 64, 4, 3), (32, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2), (128, 32, 4, 2)],
     "select": [(64, 4, 2, 1), (64, 4, 2, 2), (128, 4, 2, 1), (128, 4, 2, 2), (128, 8, 2, 2), (256, 8, 2, 2),
                (32, 4, 2, 1), (64, 4, 3, 1), (128, 4, 3, 2)],   # (rows, warps, stages, spread: select.py)
-    "cmp_select": [(64, 4, 2), (64, 4, 3), (128, 8, 2), (128, 8, 3), (128, 4, 2), (32, 4, 2), (64, 8, 2)],
+    "cmp_select_launch": [(64, 4, 2), (64, 4, 3), (128, 8, 2), (128, 8, 3), (128, 4, 2), (32, 4, 2), (64, 8, 2)],
     "cmp_select_more": [(64, 4, 1), (64, 4, 2), (64, 4, 1), (64, 4, 2), (128, 8, 1), (32, 2, 2), (32, 2, 1)],
     "selected_fwd": [(4, 2), (4, 1), (4, 3), (4, 4), (2, 2), (2, 1), (8, 2), (8, 3), (2, 3), (1, 2)],
     "banded_unmasked": [(0,), (1,)],   # A/B: every banded tile masked vs unmasked inner tiles (both branches)
@@ -85,12 +85,11 @@ def parts(T, HQ, H, dk, dv, cfg):
 
 
 # sweeps of another name's override
-ALIAS = {"selected_kc_merge": "selected_kc_shape", "cmp_select": "cmp_select_launch",
-         "cmp_select_more": "cmp_select_launch"}
+ALIAS = {"selected_kc_merge": "selected_kc_shape", "cmp_select_more": "cmp_select_launch"}
 
 # which ops a kernel's override affects
 AFFECTS = {"banded_unmasked": ["cmp_fwd", "cmp_bwd", "win_fwd", "win_bwd"], "banded_fwd": ["cmp_fwd", "win_fwd"], "banded_dq": ["cmp_bwd", "win_bwd"], "banded_dkv": ["cmp_bwd", "win_bwd"],
-           "select": ["select"], "cmp_select": ["cmp_select"], "cmp_select_more": ["cmp_select"], "selected_fwd": ["slc_fwd"], "selected_kc": ["slc_fwd", "api_fwd"],
+           "select": ["select"], "cmp_select_launch": ["cmp_select"], "cmp_select_more": ["cmp_select"], "selected_fwd": ["slc_fwd"], "selected_kc": ["slc_fwd", "api_fwd"],
            "selected_kc_shape": ["slc_fwd", "slc_bwd"], "selected_kc_merge": ["slc_bwd"], "selected_merge": ["slc_fwd"], "selected_kc_mib": ["slc_fwd", "slc_bwd"],
            "selected_kc_bwd": ["slc_bwd", "api_fwd_bwd"], "selected_dq": ["slc_bwd"], "selected_dkv": ["slc_bwd"]}
 

@@ -3,8 +3,8 @@
 #   probe: what the selection's top-n costs (probe_topn.py variants, G=1 and G=4, 64k), the
 #          compression and window forwards alone, Triton's compare-and-swap source and TTGIR.
 #   fused: the G = 1 compression + selection kernel (select.py): bf16 check, parts, launch sweep,
-#          G1 64k rows with and without it (the launch knob was then "cmp_select", now
-#          "cmp_select_launch": profile_parts maps the sweep's name to it).
+#          G1 64k rows with and without it (the launch knob and its sweep were then named
+#          "cmp_select", which is now the on/off knob; the launch's is "cmp_select_launch").
 #   index: the forward's inverse index by counting: bf16 check, old/new G4/G1 rows, profiles.
 #   final: bf16 check and the training benchmark 16k-64k (paper, G4, G1, fla-comparable).
 #   gate: the gated merge in the window kernel's epilogue: bf16 check, forward A/B at 64k (ran
@@ -30,7 +30,7 @@ fused)
   # the G = 1 compression + selection kernel: bf16 check; its parts and launch sweep; G1 rows
   # with it (default) and without (NSA_TUNE cmp_select 0), in turn, twice
   timeout 150 python3 benchmarks/gpu_check.py --lengths 4096 --small-groups-at 8192 2>&1 | tail -14 | tee $O/gpu_check.log
-  timeout 150 python3 benchmarks/profile_parts.py --HQ 8 --H 8 --dk 128 --ops cmp_fwd select cmp_select win_fwd api_fwd --sweep cmp_select --budget 100 2>&1 | tee $O/parts_G1.log
+  timeout 150 python3 benchmarks/profile_parts.py --HQ 8 --H 8 --dk 128 --ops cmp_fwd select cmp_select win_fwd api_fwd --sweep cmp_select_launch --budget 100 2>&1 | tee $O/parts_G1.log
   for r in 1 2; do
     for tune in '{"cmp_select": [0]}' ''; do
       NSA_TUNE="$tune" timeout 100 python3 benchmarks/bench_train.py --lengths 65536 --settings G1 --name "fused$r" 2>&1 | grep -E "nsa:|sdpa-flash:|vs sdpa" | sed "s/^/[${tune:-default}] /" | tee -a $O/bench.log

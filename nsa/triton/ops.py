@@ -142,7 +142,7 @@ def _ntop(n, slots_per_block):
     return max(pow2(n, 16), pow2(-(-16 // slots_per_block)))
 
 
-def _select_meta(q, k, cmp_block_size, cmp_stride, sel_block_size, sel_block_count, sel_init_blocks,
+def _select_meta(q, cmp_block_size, cmp_stride, sel_block_size, sel_block_count, sel_init_blocks,
                  sel_local_blocks, BT, spread):
     """The constexprs the selection kernels share (select.py)."""
     RP = pow2(sel_block_size // cmp_stride)
@@ -168,7 +168,7 @@ def select_blocks(q: Tensor, k: Tensor, lse: Tensor, cu_q: Tensor, cu_k: Tensor,
     tiles = tile_cu(cu_q, BT)
     nsa_select_kernel[(tile_grid_bound(N, n_seq, BT), H)](
         q, k, lse, out, cu_q, cu_k, tiles, n_seq, scale * LOG2E, HQ=HQ, H=H, G=G, GP=GP,
-        **_select_meta(q, k, cmp_block_size, cmp_stride, sel_block_size, sel_block_count, sel_init_blocks,
+        **_select_meta(q, cmp_block_size, cmp_stride, sel_block_size, sel_block_count, sel_init_blocks,
                        sel_local_blocks, BT, spread), num_warps=warps, num_stages=stages)
     return out
 
@@ -189,7 +189,7 @@ def cmp_select_fwd(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, 
     tiles = tile_cu(cu_q, rows)
     nsa_cmp_select_kernel[(tile_grid_bound(N, n_seq, rows), H)](
         q, k, v, o, lse, out, cu_q, cu_k, tiles, n_seq, scale * LOG2E, H=H, DV=DV, BV=BV,
-        **_select_meta(q, k, cmp_block_size, cmp_stride, sel_block_size, sel_block_count, sel_init_blocks,
+        **_select_meta(q, cmp_block_size, cmp_stride, sel_block_size, sel_block_count, sel_init_blocks,
                        sel_local_blocks, rows, spread), num_warps=warps, num_stages=stages)
     return o, lse, out
 

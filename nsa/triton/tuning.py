@@ -179,7 +179,7 @@ def selected_merge_positions(gp: int) -> int:
     the merge's tile, is best at 4 positions for G=4: 8.61 ms against 9.47 at 32). The interpreter:
     the dQ sum's. NSA_TUNE='{"selected_merge": [positions]}'."""
     if interpreting():
-        return max(1, 4 // gp)
+        return selected_key_centric_shape(gp)[2]
     return _pick("selected_merge", (32 if gp >= 4 else 16,))[0]
 
 
