@@ -37,6 +37,10 @@ SWEEPS = {
     # merge) the forward's merge shared it, hence slc_fwd there; since, "selected_merge" has its own
     "selected_kc_merge": [(64, 256, b, 4, 2) for _ in range(2) for b in (4, 16, 32, 64)],
     "selected_merge": [(4,), (8,), (16,), (32,), (64,)],   # the forward's merge alone
+    # the key-centric forward's pipelining: longer segments, deeper stages (session 14)
+    "selected_kc_pipe": [(64, 256, 16, 4, 2), (64, 256, 16, 4, 3), (64, 1024, 16, 4, 2), (64, 1024, 16, 4, 3),
+                         (64, 1024, 16, 4, 4), (64, 2048, 16, 4, 3), (128, 1024, 16, 8, 3), (128, 1024, 16, 4, 3),
+                         (32, 1024, 16, 4, 3), (64, 256, 16, 4, 2)],
     "selected_kc_mib": [(128,), (256,), (512,), (1024,)],
     "selected_kc_bwd": [(0,), (1,)],   # A/B of the dQ: group-centric vs key-centric partials
     "selected_dq": [(4, 2), (4, 1), (4, 3), (2, 2), (8, 2)],
@@ -85,12 +89,12 @@ def parts(T, HQ, H, dk, dv, cfg):
 
 
 # sweeps of another name's override
-ALIAS = {"selected_kc_merge": "selected_kc_shape", "cmp_select_more": "cmp_select_launch"}
+ALIAS = {"selected_kc_merge": "selected_kc_shape", "selected_kc_pipe": "selected_kc_shape", "cmp_select_more": "cmp_select_launch"}
 
 # which ops a kernel's override affects
 AFFECTS = {"banded_unmasked": ["cmp_fwd", "cmp_bwd", "win_fwd", "win_bwd"], "banded_fwd": ["cmp_fwd", "win_fwd"], "banded_dq": ["cmp_bwd", "win_bwd"], "banded_dkv": ["cmp_bwd", "win_bwd"],
            "select": ["select"], "cmp_select_launch": ["cmp_select"], "cmp_select_more": ["cmp_select"], "selected_fwd": ["slc_fwd"], "selected_kc": ["slc_fwd", "api_fwd"],
-           "selected_kc_shape": ["slc_fwd", "slc_bwd"], "selected_kc_merge": ["slc_bwd"], "selected_merge": ["slc_fwd"], "selected_kc_mib": ["slc_fwd", "slc_bwd"],
+           "selected_kc_shape": ["slc_fwd", "slc_bwd"], "selected_kc_merge": ["slc_bwd"], "selected_kc_pipe": ["slc_fwd"], "selected_merge": ["slc_fwd"], "selected_kc_mib": ["slc_fwd", "slc_bwd"],
            "selected_kc_bwd": ["slc_bwd", "api_fwd_bwd"], "selected_dq": ["slc_bwd"], "selected_dkv": ["slc_bwd"]}
 
 
