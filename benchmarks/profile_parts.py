@@ -37,10 +37,18 @@ SWEEPS = {
     # merge) the forward's merge shared it, hence slc_fwd there; since, "selected_merge" has its own
     "selected_kc_merge": [(64, 256, b, 4, 2) for _ in range(2) for b in (4, 16, 32, 64)],
     "selected_merge": [(4,), (8,), (16,), (32,), (64,)],   # the forward's merge alone
+    "selected_merge_launch": [(16, 4, 3), (16, 4, 2), (16, 4, 4), (16, 2, 3), (8, 2, 3), (32, 4, 3), (32, 8, 3),
+                              (32, 4, 4), (64, 8, 3)],   # (positions, warps, stages)
+    "banded_fwd_win": [(64, 32, 4, 3), (64, 32, 4, 2), (64, 32, 4, 4), (64, 64, 4, 3), (128, 64, 8, 3),
+                       (128, 32, 8, 3), (32, 32, 2, 3), (64, 16, 4, 3), (128, 64, 4, 3)],
+    "select_spread": [(1,), (2,)],   # the G = 1 fused kernel's (and the selection kernel's) spread
     # the key-centric forward's pipelining: longer segments, deeper stages (session 14)
     "selected_kc_pipe": [(64, 256, 16, 4, 2), (64, 256, 16, 4, 3), (64, 1024, 16, 4, 2), (64, 1024, 16, 4, 3),
                          (64, 1024, 16, 4, 4), (64, 2048, 16, 4, 3), (128, 1024, 16, 8, 3), (128, 1024, 16, 4, 3),
                          (32, 1024, 16, 4, 3), (64, 256, 16, 4, 2)],
+    "selected_kc_pipe2": [(64, 512, 16, 4, 2), (64, 1024, 16, 4, 2), (64, 2048, 16, 4, 2), (64, 4096, 16, 4, 2),
+                          (64, 256, 16, 4, 3), (64, 512, 16, 4, 3), (64, 256, 16, 4, 4), (64, 1024, 16, 8, 2),
+                          (64, 1024, 16, 8, 3), (64, 256, 16, 4, 2)],
     "selected_kc_mib": [(128,), (256,), (512,), (1024,)],
     "selected_kc_bwd": [(0,), (1,)],   # A/B of the dQ: group-centric vs key-centric partials
     "selected_dq": [(4, 2), (4, 1), (4, 3), (2, 2), (8, 2)],
@@ -89,12 +97,14 @@ def parts(T, HQ, H, dk, dv, cfg):
 
 
 # sweeps of another name's override
-ALIAS = {"selected_kc_merge": "selected_kc_shape", "selected_kc_pipe": "selected_kc_shape", "cmp_select_more": "cmp_select_launch"}
+ALIAS = {"selected_kc_merge": "selected_kc_shape", "selected_kc_pipe": "selected_kc_shape", "selected_kc_pipe2": "selected_kc_shape",
+         "selected_merge_launch": "selected_merge", "cmp_select_more": "cmp_select_launch"}
 
 # which ops a kernel's override affects
 AFFECTS = {"banded_unmasked": ["cmp_fwd", "cmp_bwd", "win_fwd", "win_bwd"], "banded_fwd": ["cmp_fwd", "win_fwd"], "banded_dq": ["cmp_bwd", "win_bwd"], "banded_dkv": ["cmp_bwd", "win_bwd"],
            "select": ["select"], "cmp_select_launch": ["cmp_select"], "cmp_select_more": ["cmp_select"], "selected_fwd": ["slc_fwd"], "selected_kc": ["slc_fwd", "api_fwd"],
-           "selected_kc_shape": ["slc_fwd", "slc_bwd"], "selected_kc_merge": ["slc_bwd"], "selected_kc_pipe": ["slc_fwd"], "selected_merge": ["slc_fwd"], "selected_kc_mib": ["slc_fwd", "slc_bwd"],
+           "selected_kc_shape": ["slc_fwd", "slc_bwd"], "selected_kc_merge": ["slc_bwd"], "selected_kc_pipe": ["slc_fwd"], "selected_kc_pipe2": ["slc_fwd"],
+           "selected_merge_launch": ["slc_fwd"], "banded_fwd_win": ["win_fwd"], "select_spread": ["select", "cmp_select"], "selected_merge": ["slc_fwd"], "selected_kc_mib": ["slc_fwd", "slc_bwd"],
            "selected_kc_bwd": ["slc_bwd", "api_fwd_bwd"], "selected_dq": ["slc_bwd"], "selected_dkv": ["slc_bwd"]}
 
 

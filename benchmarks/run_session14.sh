@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Session 14 device calls (H200), small-group forward.
 #   kc: the key-centric forward's pipelining (segment length, stages), G=1 and G=4 at 64k.
+#   tune: more of the same (G=1, G=2, G=4), the forward merge's launch, the window forward's
+#         tiles for small groups, the G=1 fused kernel's spread (tensor cores / stencil).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:${PYTHONPATH:-}"
 O=${OUT:-/tmp/s14}; mkdir -p $O
@@ -10,5 +12,12 @@ kc)
   timeout 200 python3 benchmarks/profile_parts.py --HQ 8 --H 8 --dk 128 --ops slc_fwd --sweep selected_kc_pipe --budget 180 2>&1 | grep -v Warn | tee $O/kc_G1.log
   timeout 100 python3 benchmarks/profile_kernels.py --setting G1 --rows 16 2>&1 | grep -v Warn | tee $O/profile_G1.log
   timeout 200 python3 benchmarks/profile_parts.py --HQ 16 --H 4 --dk 128 --ops slc_fwd --sweep selected_kc_pipe --budget 180 2>&1 | grep -v Warn | tee $O/kc_G4.log
+  ;;
+tune)
+  which ncu nsys 2>&1 | tee $O/tools.txt; ls -d /usr/local/cuda*/bin 2>&1 | tee -a $O/tools.txt
+  P="timeout 240 python3 benchmarks/profile_parts.py --dk 128 --budget 220"
+  $P --HQ 8 --H 8 --ops slc_fwd win_fwd select cmp_select --sweep selected_kc_pipe2 selected_merge_launch banded_fwd_win select_spread 2>&1 | grep -v Warn | tee $O/tune_G1.log
+  $P --HQ 16 --H 4 --ops slc_fwd win_fwd --sweep selected_kc_pipe2 selected_merge_launch banded_fwd_win 2>&1 | grep -v Warn | tee $O/tune_G4.log
+  $P --HQ 8 --H 4 --ops slc_fwd --sweep selected_kc_pipe2 2>&1 | grep -v Warn | tee $O/tune_G2.log
   ;;
 esac

@@ -231,7 +231,7 @@ def _selected_fwd_key_centric(q, k, v, idx, o, lse, cu_q, scale, sel_block_size,
     N, H, n = idx.shape
     HQ, G, GP, DV = meta["HQ"], meta["G"], pow2(meta["G"]), meta["DV"]
     rows, SEG, _, warps, stages = tuning.selected_key_centric_shape(GP)
-    BT = tuning.selected_merge_positions(GP)
+    BT, m_warps, m_stages = tuning.selected_merge_launch(GP)
     chunk = min(N, tuning.selected_key_centric_rows(H, n, G, DV, q.element_size(), lse=True))
     n_seq = cu_q.numel() - 1
     ii = inverse_index(idx, cu_q, sel_block_size, SEG, chunk=chunk, keep_empty=False)
@@ -247,7 +247,7 @@ def _selected_fwd_key_centric(q, k, v, idx, o, lse, cu_q, scale, sel_block_size,
             BQ=max(1, rows // GP), SEG=SEG, PREC=meta["PREC"], num_warps=warps, num_stages=stages)
         nsa_selected_merge_kernel[(triton.cdiv(R, BT), H)](
             ii.pos_of, o_part, lse_part, o, lse, row0, R, HQ=HQ, H=H, G=G, GP=GP, DV=DV,
-            BV=meta["BV"], BT=BT, N_SEL=n, num_warps=4)
+            BV=meta["BV"], BT=BT, N_SEL=n, num_warps=m_warps, num_stages=m_stages)
 
 
 @selected_fwd.register_fake

@@ -39,7 +39,8 @@ def banded(kind: str, bk: int, bv: int, gp: int, win: int = 0):
     default = {"fwd": (128, 64, 8, 3), "dq": (128, 64, 8, 2), "dkv": (64, 32, 4, 2)}[kind]
     if kind == "fwd" and win > 0 and gp <= 4:
         default = (64, 32, 4, 3)
-    return _pick(f"banded_{kind}", default)
+    own = _pick(f"banded_{kind}_win", None) if win > 0 else None   # the window's alone (A/B timing)
+    return own or _pick(f"banded_{kind}", default)
 
 
 def banded_unmasked(win: int) -> bool:
@@ -172,15 +173,16 @@ def selected_key_centric_shape(gp: int):
     return _pick("selected_kc_shape", (64, 256, max(1, 16 // gp), 4, 2))
 
 
-def selected_merge_positions(gp: int) -> int:
-    """Positions per program of the key-centric forward's merge. 64k, H200, twice each
-    (results/session12/merge; 4 / 16 / 32 / 64 positions, the selected forward in ms): G=4 (16/4)
-    5.42 / 5.51 / 5.29 / 23.6, G=1 (8/8) 3.48 / 3.45 / 3.72 / 4.08 (the dQ sum, which had shared
-    the merge's tile, is best at 4 positions for G=4: 8.61 ms against 9.47 at 32). The interpreter:
-    the dQ sum's. NSA_TUNE='{"selected_merge": [positions]}'."""
+def selected_merge_launch(gp: int):
+    """(positions, num_warps, num_stages) of a key-centric forward's merge program. Positions,
+    64k, H200, twice each (results/session12/merge; 4 / 16 / 32 / 64, the selected forward in ms):
+    G=4 (16/4) 5.42 / 5.51 / 5.29 / 23.6, G=1 (8/8) 3.48 / 3.45 / 3.72 / 4.08 (the dQ sum, which
+    had shared the merge's tile, is best at 4 positions for G=4: 8.61 ms against 9.47 at 32).
+    The interpreter: the dQ sum's. NSA_TUNE='{"selected_merge": [positions(, warps, stages)]}'."""
     if interpreting():
-        return selected_key_centric_shape(gp)[2]
-    return _pick("selected_merge", (32 if gp >= 4 else 16,))[0]
+        return selected_key_centric_shape(gp)[2], 4, 1
+    v = _pick("selected_merge", (32 if gp >= 4 else 16, 4, 3))
+    return (*v, 4, 3)[:3] if len(v) == 1 else tuple(v)
 
 
 def selected_key_centric_rows(h: int, n: int, g: int, d: int, esize: int, lse: bool = False) -> int:
@@ -244,4 +246,4 @@ def decode(programs: int, cmp_tokens: int, win_tokens: int, sel_tokens: int, blo
     return {**t, **over}
 
 
-__all__ = ["banded", "key_tiles", "select", "cmp_select", "cmp_select_launch", "selected", "selected_key_centric", "selected_key_centric_shape", "selected_merge_positions", "selected_key_centric_rows", "selected_key_centric_heads", "selected_bwd_queries", "decode", "interpreting", "pow2"]
+__all__ = ["banded", "key_tiles", "select", "cmp_select", "cmp_select_launch", "selected", "selected_key_centric", "selected_key_centric_shape", "selected_merge_launch", "selected_key_centric_rows", "selected_key_centric_heads", "selected_bwd_queries", "decode", "interpreting", "pow2"]
