@@ -3,6 +3,10 @@ one shape: where the time goes, torch ops (sorts, index building) included. Each
 override given runs as its own table (e.g. the key-centric partial budget).
 
   python benchmarks/profile_kernels.py --setting G1 --T 65536 [--backward] [--tune '{"selected_kc_mib": [128]}' ...]
+
+--plain N runs it N times without the profiler, for an outside one (Nsight Compute):
+  ncu -k regex:nsa_cmp_select --launch-skip 1 --launch-count 1 --set full -o rep \
+      python benchmarks/profile_kernels.py --setting G1 --plain 2
 """
 import argparse
 import json
@@ -26,6 +30,7 @@ def main():
     p.add_argument("--backward", action="store_true", help="profile forward+backward")
     p.add_argument("--tune", nargs="*", default=[""], help="NSA_TUNE JSON per table ('' = defaults)")
     p.add_argument("--rows", type=int, default=14)
+    p.add_argument("--plain", type=int, default=0, help="run N times, no profiler (for ncu)")
     a = p.parse_args()
     HQ, H = HEADS[a.setting]
     t = nsa_inputs(a.T, HQ, H, a.dk, a.dv, PAPER, requires_grad=a.backward)
@@ -36,6 +41,12 @@ def main():
         if a.backward:
             torch.autograd.backward(o, do)
 
+    if a.plain:
+        with torch.enable_grad() if a.backward else torch.no_grad():
+            for _ in range(a.plain):
+                run()
+        torch.cuda.synchronize()
+        return
     for tune in a.tune:
         os.environ["NSA_TUNE"] = tune
         with torch.enable_grad() if a.backward else torch.no_grad():

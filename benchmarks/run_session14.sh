@@ -3,6 +3,8 @@
 #   kc: the key-centric forward's pipelining (segment length, stages), G=1 and G=4 at 64k.
 #   tune: more of the same (G=1, G=2, G=4), the forward merge's launch, the window forward's
 #         tiles for small groups, the G=1 fused kernel's spread (tensor cores / stencil).
+#   ncu: Nsight Compute reports (full set) of the G=1 forward's fused kernel and key-centric
+#        kernel, and of the G=4 selection kernel: details and per-SASS-line source pages as CSV.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:${PYTHONPATH:-}"
 O=${OUT:-/tmp/s14}; mkdir -p $O
@@ -19,5 +21,19 @@ tune)
   $P --HQ 8 --H 8 --ops slc_fwd win_fwd select cmp_select --sweep selected_kc_pipe2 selected_merge_launch banded_fwd_win select_spread 2>&1 | grep -v Warn | tee $O/tune_G1.log
   $P --HQ 16 --H 4 --ops slc_fwd win_fwd --sweep selected_kc_pipe2 selected_merge_launch banded_fwd_win 2>&1 | grep -v Warn | tee $O/tune_G4.log
   $P --HQ 8 --H 4 --ops slc_fwd --sweep selected_kc_pipe2 2>&1 | grep -v Warn | tee $O/tune_G2.log
+  ;;
+ncu)
+  NCU=/usr/local/cuda/bin/ncu
+  prof() {  # name setting kernel-regex skip
+    $NCU -k "regex:$3" --launch-skip $4 --launch-count 1 --set full --import-source no -f -o $O/$1 \
+      python3 benchmarks/profile_kernels.py --setting $2 --plain 2 > $O/$1.run.log 2>&1
+    $NCU -i $O/$1.ncu-rep --page details --csv > $O/$1_details.csv 2>&1
+    $NCU -i $O/$1.ncu-rep --page source --csv --print-source sass > $O/$1_sass.csv 2>&1
+    gzip -f $O/$1_sass.csv; rm -f $O/$1.ncu-rep; tail -2 $O/$1.run.log
+  }
+  prof fused G1 nsa_cmp_select 1
+  prof kc G1 nsa_selected_fwd_kc 5
+  prof select4 G4 nsa_select_kernel 1
+  ls -la $O
   ;;
 esac

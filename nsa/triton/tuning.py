@@ -166,11 +166,16 @@ def selected_key_centric(g: int, kind: str) -> bool:
 
 def selected_key_centric_shape(gp: int):
     """(rows per tile, SEG queries per program, BT positions per program of the key-centric dQ's
-    sum, num_warps, num_stages) of the key-centric forward. The interpreter uses short segments
-    so that CI sees long lists split."""
+    sum, num_warps, num_stages) of the key-centric forward. 64k, dk = dv = 128, H200, selected
+    forward (index + kernel + merge) in ms (results/session14/kc, tune): 64 rows / 4 warps for
+    all; one query head per KV head (G=1, 8/8) 256 queries a segment 2 stages 3.42-3.45, 512 3.30,
+    1024 3.26-3.29, 2048 3.42, 4096 3.74, with 3 stages 3.58-3.90 (the gathered q's registers);
+    G=4 (16/4) 256 / 512 / 1024 at 2 stages 5.25-5.28 / 5.20 / 5.26-5.30, at 3 stages 4.99-5.02 /
+    4.94 / 5.01; G=2 (8/4) 3.38 / 3.28 / 3.31 and 3.31 / 3.21 / -. 128 rows or 8 warps: slower
+    (4.2-8.3). The interpreter uses short segments so that CI sees long lists split."""
     if interpreting():
         return 16, int(os.environ.get("NSA_SEL_SEGMENT", "8")), max(1, 4 // gp), 4, 1
-    return _pick("selected_kc_shape", (64, 256, max(1, 16 // gp), 4, 2))
+    return _pick("selected_kc_shape", (64, 1024, 16, 4, 2) if gp == 1 else (64, 512, max(1, 16 // gp), 4, 3))
 
 
 def selected_merge_launch(gp: int):
@@ -178,10 +183,12 @@ def selected_merge_launch(gp: int):
     64k, H200, twice each (results/session12/merge; 4 / 16 / 32 / 64, the selected forward in ms):
     G=4 (16/4) 5.42 / 5.51 / 5.29 / 23.6, G=1 (8/8) 3.48 / 3.45 / 3.72 / 4.08 (the dQ sum, which
     had shared the merge's tile, is best at 4 positions for G=4: 8.61 ms against 9.47 at 32).
+    Launch (results/session14/tune, positions / warps / stages): G=1 16/4/3 (any stages) 3.44,
+    8/2/3 3.40, 32/8/3 3.34, 32/4/3 3.71, 64/8/3 3.73; G=4 32/4/3 5.27, 16/2/3 5.25, 32/8/3 6.31.
     The interpreter: the dQ sum's. NSA_TUNE='{"selected_merge": [positions(, warps, stages)]}'."""
     if interpreting():
         return selected_key_centric_shape(gp)[2], 4, 1
-    v = _pick("selected_merge", (32 if gp >= 4 else 16, 4, 3))
+    v = _pick("selected_merge", (32, 8, 3) if gp == 1 else (32 if gp >= 4 else 16, 4, 3))
     return (*v, 4, 3)[:3] if len(v) == 1 else tuple(v)
 
 
