@@ -29,11 +29,11 @@ ncu)
       python3 benchmarks/profile_kernels.py --setting $2 --plain 2 > $O/$1.run.log 2>&1
     $NCU -i $O/$1.ncu-rep --page details --csv > $O/$1_details.csv 2>&1
     $NCU -i $O/$1.ncu-rep --page source --csv --print-source sass > $O/$1_sass.csv 2>&1
-    gzip -f $O/$1_sass.csv; rm -f $O/$1.ncu-rep; tail -2 $O/$1.run.log
+    gzip -f $O/$1_sass.csv; rm -f $O/$1.ncu-rep; tail -2 $O/$1.run.log; rm -f $O/$1.run.log
   }
   prof fused G1 nsa_cmp_select 1
   prof kc G1 nsa_selected_fwd_kc 5
   prof select4 G4 nsa_select_kernel 1
-  ls -la $O
+  rm -f $O/gpu.txt; ls -la $O
   ;;
 esac
