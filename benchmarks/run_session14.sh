@@ -3,6 +3,8 @@
 #   kc: the key-centric forward's pipelining (segment length, stages), G=1 and G=4 at 64k.
 #   tune: more of the same (G=1, G=2, G=4), the forward merge's launch, the window forward's
 #         tiles for small groups, the G=1 fused kernel's spread (tensor cores / stencil).
+#   stream: the window branch on a second CUDA stream (tuning.window_stream): bf16 check, then
+#        nsa_attention's forward at 64k with it off / from the start / after the selection.
 #   ncu: Nsight Compute reports (full set) of the G=1 forward's fused kernel and key-centric
 #        kernel, and of the G=4 selection kernel: details and per-SASS-line source pages as CSV.
 set -uo pipefail
@@ -21,6 +23,13 @@ tune)
   $P --HQ 8 --H 8 --ops slc_fwd win_fwd select cmp_select --sweep selected_kc_pipe2 selected_merge_launch banded_fwd_win select_spread 2>&1 | grep -v Warn | tee $O/tune_G1.log
   $P --HQ 16 --H 4 --ops slc_fwd win_fwd --sweep selected_kc_pipe2 selected_merge_launch banded_fwd_win 2>&1 | grep -v Warn | tee $O/tune_G4.log
   $P --HQ 8 --H 4 --ops slc_fwd --sweep selected_kc_pipe2 2>&1 | grep -v Warn | tee $O/tune_G2.log
+  ;;
+stream)
+  timeout 150 python3 benchmarks/gpu_check.py --lengths 4096 --small-groups-at 8192 2>&1 | tail -14 | tee $O/gpu_check.log
+  P="timeout 150 python3 benchmarks/profile_parts.py --ops api_fwd --sweep window_stream --budget 130"
+  $P --HQ 8 --H 8 --dk 128 2>&1 | grep -v Warn | tee $O/stream_G1.log
+  $P --HQ 16 --H 4 --dk 128 2>&1 | grep -v Warn | tee $O/stream_G4.log
+  $P 2>&1 | grep -v Warn | tee $O/stream_paper.log
   ;;
 ncu)
   NCU=/usr/local/cuda/bin/ncu
