@@ -42,7 +42,6 @@ SWEEPS = {
     "banded_fwd_win": [(64, 32, 4, 3), (64, 32, 4, 2), (64, 32, 4, 4), (64, 64, 4, 3), (128, 64, 8, 3),
                        (128, 32, 8, 3), (32, 32, 2, 3), (64, 16, 4, 3), (128, 64, 4, 3)],
     "select_spread": [(1,), (2,)],   # the G = 1 fused kernel's (and the selection kernel's) spread
-    "window_stream": [(0,), (1,), (2,), (0,), (1,), (2,)],   # the window on a second stream (tuning.window_stream)
     # the key-centric forward's pipelining: longer segments, deeper stages (session 14)
     "selected_kc_pipe": [(64, 256, 16, 4, 2), (64, 256, 16, 4, 3), (64, 1024, 16, 4, 2), (64, 1024, 16, 4, 3),
                          (64, 1024, 16, 4, 4), (64, 2048, 16, 4, 3), (128, 1024, 16, 8, 3), (128, 1024, 16, 4, 3),
@@ -105,7 +104,7 @@ ALIAS = {"selected_kc_merge": "selected_kc_shape", "selected_kc_pipe": "selected
 AFFECTS = {"banded_unmasked": ["cmp_fwd", "cmp_bwd", "win_fwd", "win_bwd"], "banded_fwd": ["cmp_fwd", "win_fwd"], "banded_dq": ["cmp_bwd", "win_bwd"], "banded_dkv": ["cmp_bwd", "win_bwd"],
            "select": ["select"], "cmp_select_launch": ["cmp_select"], "cmp_select_more": ["cmp_select"], "selected_fwd": ["slc_fwd"], "selected_kc": ["slc_fwd", "api_fwd"],
            "selected_kc_shape": ["slc_fwd", "slc_bwd"], "selected_kc_merge": ["slc_bwd"], "selected_kc_pipe": ["slc_fwd"], "selected_kc_pipe2": ["slc_fwd"],
-           "selected_merge_launch": ["slc_fwd"], "banded_fwd_win": ["win_fwd"], "window_stream": ["api_fwd"], "select_spread": ["select", "cmp_select"], "selected_merge": ["slc_fwd"], "selected_kc_mib": ["slc_fwd", "slc_bwd"],
+           "selected_merge_launch": ["slc_fwd"], "banded_fwd_win": ["win_fwd"], "select_spread": ["select", "cmp_select"], "selected_merge": ["slc_fwd"], "selected_kc_mib": ["slc_fwd", "slc_bwd"],
            "selected_kc_bwd": ["slc_bwd", "api_fwd_bwd"], "selected_dq": ["slc_bwd"], "selected_dkv": ["slc_bwd"]}
 
 

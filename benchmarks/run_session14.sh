@@ -4,7 +4,8 @@
 #   tune: more of the same (G=1, G=2, G=4), the forward merge's launch, the window forward's
 #         tiles for small groups, the G=1 fused kernel's spread (tensor cores / stencil).
 #   stream: the window branch on a second CUDA stream (tuning.window_stream): bf16 check, then
-#        nsa_attention's forward at 64k with it off / from the start / after the selection.
+#        nsa_attention's forward at 64k with it off / from the start / after the selection (ran
+#        with results/session14/patches/window_stream.diff applied; reverted with its knob).
 #   ncu: Nsight Compute reports (full set) of the G=1 forward's fused kernel and key-centric
 #        kernel, and of the G=4 selection kernel: details and per-SASS-line source pages as CSV.
 set -uo pipefail

@@ -477,38 +477,6 @@ gate_fwd.register_autograd(_gate_backward, setup_context=_gate_setup)
 
 
 # ----------------------------------------------------------------------------- fused (eager)
-class _Beside:
-    """A launch that may run on a second CUDA stream (high priority, one per device) beside
-    what the current stream does meanwhile: started now (`now`) or at start(True), joined by
-    result(); with neither it runs in line at result(). Its outputs are marked as used by the
-    current stream, so that the allocator does not hand their memory to the side stream while
-    the current one still reads them."""
-    _streams: dict = {}
-
-    def __init__(self, device, now, fn):
-        self.device, self.fn, self.out = device, fn, None
-        self.start(now)
-
-    def start(self, go):
-        if go and self.out is None:
-            main = torch.cuda.current_stream(self.device)
-            side = self._streams.get(self.device.index)
-            if side is None:
-                side = self._streams[self.device.index] = torch.cuda.Stream(self.device, priority=-1)
-            side.wait_stream(main)
-            with torch.cuda.stream(side):
-                self.out = self.fn()
-            self.main, self.side = main, side
-
-    def result(self):
-        if self.out is None:
-            return self.fn()
-        self.main.wait_stream(self.side)
-        for t in self.out:
-            t.record_stream(self.main)
-        return self.out
-
-
 class FusedNSA(torch.autograd.Function):
     """nsa_attention on packed rows, eager mode: the three branches and the gate in one
     autograd node whose backward holds as little as it can at once (at 64k and G = 1 the
@@ -523,13 +491,9 @@ class FusedNSA(torch.autograd.Function):
     @staticmethod
     def _branches(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, cu, cu_k, scale, c, idx=None):
         """([o_cmp, o_slc, o_win], [their lse], idx): the three branches; the selection is made
-        from the compression branch unless given (a recompute). The window branch needs neither
-        of the others: on CUDA it may run on a second stream beside them (tuning.window_stream:
-        from the start, or once the selection is made)."""
+        from the compression branch unless given (a recompute)."""
         sel = (c.cmp_block_size, c.cmp_stride, c.sel_block_size, c.sel_block_count, c.sel_init_blocks,
                c.sel_local_blocks)
-        side = tuning.window_stream(q.device)
-        window = _Beside(q.device, side == 1, lambda: banded_fwd(q, k_win, v_win, cu, cu, scale, 1, 0, c.window_size))
         if tuning.cmp_select(pow2(q.shape[1] // v_cmp.shape[1]), pow2(v_cmp.shape[2], 16)):
             # G = 1: one kernel; a recompute gets the same o_cmp from it and keeps the given idx
             o_cmp, lse_cmp, new_idx = cmp_select_fwd(q, k_cmp, v_cmp, cu, cu_k, scale, *sel)
@@ -538,9 +502,8 @@ class FusedNSA(torch.autograd.Function):
             o_cmp, lse_cmp = banded_fwd(q, k_cmp, v_cmp, cu, cu_k, scale, c.cmp_stride, c.cmp_block_size - 1, 0)
             if idx is None:
                 idx = select_blocks(q, k_cmp, lse_cmp, cu, cu_k, scale, *sel)
-        window.start(side == 2)
         o_slc, lse_slc = selected_fwd(q, k_slc, v_slc, idx, cu, scale, c.sel_block_size)
-        o_win, lse_win = window.result()
+        o_win, lse_win = banded_fwd(q, k_win, v_win, cu, cu, scale, 1, 0, c.window_size)
         return [o_cmp, o_slc, o_win], [lse_cmp, lse_slc, lse_win], idx
 
     @staticmethod

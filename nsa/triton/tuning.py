@@ -132,16 +132,6 @@ def cmp_select(gp: int, bv: int) -> bool:
     return gp == 1 and (bv <= 128 or interpreting())
 
 
-def window_stream(device) -> int:
-    """Where the eager forward (ops.FusedNSA) runs the window branch: 0 in line after the
-    others, 1 on a second stream from the start, 2 on a second stream once the selection is
-    made (beside the index, the selected attention and its merge). CUDA only.
-    NSA_TUNE='{"window_stream": [k]}'."""
-    if interpreting() or device.type != "cuda":
-        return 0
-    return _pick("window_stream", (2,))[0]
-
-
 def cmp_select_launch():
     """(rows, num_warps, num_stages) of nsa_cmp_select_kernel. 64k, 128/128 (results/session13/
     fused, stages): 64 rows / 4 warps / 2 stages 3.81-3.84 ms; 128 rows / 8 warps 4.20-4.72,
@@ -263,4 +253,4 @@ def decode(programs: int, cmp_tokens: int, win_tokens: int, sel_tokens: int, blo
     return {**t, **over}
 
 
-__all__ = ["banded", "key_tiles", "select", "cmp_select", "window_stream", "cmp_select_launch", "selected", "selected_key_centric", "selected_key_centric_shape", "selected_merge_launch", "selected_key_centric_rows", "selected_key_centric_heads", "selected_bwd_queries", "decode", "interpreting", "pow2"]
+__all__ = ["banded", "key_tiles", "select", "cmp_select", "cmp_select_launch", "selected", "selected_key_centric", "selected_key_centric_shape", "selected_merge_launch", "selected_key_centric_rows", "selected_key_centric_heads", "selected_bwd_queries", "decode", "interpreting", "pow2"]
