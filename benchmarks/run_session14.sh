@@ -6,6 +6,10 @@
 #   stream: the window branch on a second CUDA stream (tuning.window_stream): bf16 check, then
 #        nsa_attention's forward at 64k with it off / from the start / after the selection (ran
 #        with results/session14/patches/window_stream.diff applied; reverted with its knob).
+#   f64: the selection's top list as fp64 keys (one fp64 comparison where int64 keys took two
+#        32-bit ones): bf16 check, then the session's committed code (ab_old, carried) and
+#        this tree in turn: selection kernels and nsa_attention's forward at 64k (ran with
+#        results/session14/patches/fp64_keys.diff applied; reverted).
 #   ncu: Nsight Compute reports (full set) of the G=1 forward's fused kernel and key-centric
 #        kernel, and of the G=4 selection kernel: details and per-SASS-line source pages as CSV.
 set -uo pipefail
@@ -31,6 +35,19 @@ stream)
   $P --HQ 8 --H 8 --dk 128 2>&1 | grep -v Warn | tee $O/stream_G1.log
   $P --HQ 16 --H 4 --dk 128 2>&1 | grep -v Warn | tee $O/stream_G4.log
   $P 2>&1 | grep -v Warn | tee $O/stream_paper.log
+  ;;
+f64)
+  timeout 150 python3 benchmarks/gpu_check.py --lengths 4096 --small-groups-at 8192 2>&1 | tail -14 | tee $O/gpu_check.log
+  P="python3 benchmarks/profile_parts.py --budget 60"
+  for r in 1 2; do
+    for v in old new; do
+      [ $v = old ] && PP="$PWD/ab_old:$PYTHONPATH" || PP="$PYTHONPATH"
+      PYTHONPATH="$PP" timeout 90 $P --HQ 8 --H 8 --dk 128 --ops cmp_select select api_fwd 2>&1 | grep -E "ms$" | sed "s/^/[$v G1] /" | tee -a $O/ab.log
+      PYTHONPATH="$PP" timeout 90 $P --HQ 16 --H 4 --dk 128 --ops select api_fwd 2>&1 | grep -E "ms$" | sed "s/^/[$v G4] /" | tee -a $O/ab.log
+      [ $r = 1 ] && PYTHONPATH="$PP" timeout 120 $P --ops select api_fwd 2>&1 | grep -E "ms$" | sed "s/^/[$v paper] /" | tee -a $O/ab.log
+    done
+  done
+  rm -f $O/*.json
   ;;
 ncu)
   NCU=/usr/local/cuda/bin/ncu
