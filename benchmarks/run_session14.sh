@@ -10,6 +10,10 @@
 #        32-bit ones): bf16 check, then the session's committed code (ab_old, carried) and
 #        this tree in turn: selection kernels and nsa_attention's forward at 64k (ran with
 #        results/session14/patches/fp64_keys.diff applied; reverted).
+#   final: the session's final code: bf16 check (paper 4k/16k, small groups 8k); the training
+#        benchmark at 16k-64k (paper both dims, G4, G1), fla-comparable against fla-core from the
+#        carried wheels (.whl/) at 32k/64k; then the session's starting code (ab_old = 2d58c08's
+#        nsa/, carried) and this code in turn, twice, G4/G1 at 64k (ab.log).
 #   ncu: Nsight Compute reports (full set) of the G=1 forward's fused kernel and key-centric
 #        kernel, and of the G=4 selection kernel: details and per-SASS-line source pages as CSV.
 set -uo pipefail
@@ -48,6 +52,18 @@ f64)
     done
   done
   rm -f $O/*.json
+  ;;
+final)
+  python3 -m pip install -q --no-deps --no-index .whl/*.whl 2>&1 | grep -v WARN | tail -3
+  timeout 150 python3 benchmarks/gpu_check.py --lengths 4096 16384 --small-groups-at 8192 2>&1 | tail -14 | tee $O/gpu_check.log
+  timeout 300 python3 benchmarks/bench_train.py --lengths 16384 32768 65536 --settings paper G4 G1 2>&1 | grep -v Warn | tee $O/bench.log
+  timeout 150 python3 benchmarks/bench_train.py --lengths 32768 65536 --settings fla-comparable --name fla 2>&1 | grep -v Warn | tee $O/fla.log
+  (cd /tmp && PYTHONPATH="$OLDPWD/ab_old:$PYTHONPATH" python3 -c "import nsa; print('old:', nsa.__file__)") | tee $O/ab.log
+  for r in 1 2; do
+    OUT= PYTHONPATH="$PWD/ab_old:$PYTHONPATH" timeout 100 python3 benchmarks/bench_train.py --lengths 65536 --settings G4 G1 --name "ab_old$r" 2>&1 | grep -E "nsa:|sdpa-flash:|vs sdpa" | sed "s/^/[old] /" | tee -a $O/ab.log
+    OUT= timeout 100 python3 benchmarks/bench_train.py --lengths 65536 --settings G4 G1 --name "ab_new$r" 2>&1 | grep -E "nsa:|sdpa-flash:|vs sdpa" | sed "s/^/[new] /" | tee -a $O/ab.log
+  done
+  rm -f $O/gpu.txt
   ;;
 ncu)
   NCU=/usr/local/cuda/bin/ncu
