@@ -189,7 +189,7 @@ def selected_merge_launch(gp: int):
     if interpreting():
         return selected_key_centric_shape(gp)[2], 4, 1
     v = _pick("selected_merge", (32, 8, 3) if gp == 1 else (32 if gp >= 4 else 16, 4, 3))
-    return (*v, 4, 3)[:3] if len(v) == 1 else tuple(v)
+    return (*v, *(4, 3)[len(v) - 1:])   # warps 4 and stages 3 where the override leaves them out
 
 
 def selected_key_centric_rows(h: int, n: int, g: int, d: int, esize: int, lse: bool = False) -> int:
