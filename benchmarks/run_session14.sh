@@ -14,6 +14,9 @@
 #        benchmark at 16k-64k (paper both dims, G4, G1), fla-comparable against fla-core from the
 #        carried wheels (.whl/) at 32k/64k; then the session's starting code (ab_old = 2d58c08's
 #        nsa/, carried) and this code in turn, twice, G4/G1 at 64k (ab.log).
+#   prefetch: the key-centric forward loading each tile's query rows a tile ahead: bf16 check,
+#        then the committed code (ab_old, carried) and this tree in turn, twice: the selected
+#        forward and nsa_attention's forward at 64k, G1 and G4.
 #   ncu: Nsight Compute reports (full set) of the G=1 forward's fused kernel and key-centric
 #        kernel, and of the G=4 selection kernel: details and per-SASS-line source pages as CSV.
 set -uo pipefail
@@ -64,6 +67,18 @@ final)
     OUT= timeout 100 python3 benchmarks/bench_train.py --lengths 65536 --settings G4 G1 --name "ab_new$r" 2>&1 | grep -E "nsa:|sdpa-flash:|vs sdpa" | sed "s/^/[new] /" | tee -a $O/ab.log
   done
   rm -f $O/gpu.txt
+  ;;
+prefetch)
+  timeout 150 python3 benchmarks/gpu_check.py --lengths 4096 --small-groups-at 8192 2>&1 | tail -14 | tee $O/gpu_check.log
+  P="python3 benchmarks/profile_parts.py --budget 60 --dk 128"
+  for r in 1 2; do
+    for v in old new; do
+      [ $v = old ] && PP="$PWD/ab_old:$PYTHONPATH" || PP="$PYTHONPATH"
+      PYTHONPATH="$PP" timeout 80 $P --HQ 8 --H 8 --ops slc_fwd api_fwd 2>&1 | grep -E "ms$" | sed "s/^/[$v G1] /" | tee -a $O/ab.log
+      PYTHONPATH="$PP" timeout 80 $P --HQ 16 --H 4 --ops slc_fwd api_fwd 2>&1 | grep -E "ms$" | sed "s/^/[$v G4] /" | tee -a $O/ab.log
+    done
+  done
+  rm -f $O/*.json
   ;;
 ncu)
   NCU=/usr/local/cuda/bin/ncu

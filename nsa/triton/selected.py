@@ -122,17 +122,25 @@ def _bucket_keys(b, nbu, blk_cu, cu_q, n_seq, H: tl.constexpr, BS: tl.constexpr,
 
 
 @triton.jit
-def _list_tile(q, q_list, p0, hi, hk, base, HQ: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
+def _list_rows(q_list, p0, hi, GP: tl.constexpr, BQ: tl.constexpr):
+    """The query rows at list positions p0 .. p0 + BQ (< hi), each repeated for the GP heads of
+    a tile row (0 past hi)."""
+    pos = p0 + tl.arange(0, BQ * GP) // GP
+    return tl.load(q_list + pos, mask=pos < hi, other=0)
+
+
+@triton.jit
+def _list_tile(q, qrow, p0, hi, hk, base, HQ: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
                BQ: tl.constexpr, DK: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr):
-    """Rows of list positions p0 .. p0 + BQ (< hi) x G heads: (their validity, the packed query
-    rows, the q rows, their partial rows (list position - base) * G + head, q as two tiles)."""
+    """Rows of list positions p0 .. p0 + BQ (< hi) x G heads, their query rows qrow
+    (_list_rows): (their validity, the packed q rows, their partial rows (list position - base)
+    * G + head, q as two tiles)."""
     r = tl.arange(0, BQ * GP)
     pos = p0 + r // GP
     ok = (pos < hi) & (r % GP < G)
-    qrow = tl.load(q_list + pos, mask=ok, other=0)
     rows = qrow.to(tl.int64) * HQ + hk * G + r % GP
     qa, qb = load_rows2(q, rows, ok, DK, KA, KB)
-    return ok, qrow, rows, (pos - base).to(tl.int64) * G + r % GP, qa, qb
+    return ok, rows, (pos - base).to(tl.int64) * G + r % GP, qa, qb
 
 
 @triton.jit
@@ -168,7 +176,8 @@ def nsa_selected_bwd_dkv_kernel(
     dk_a, dk_b = zeros2(BS, KA, KB)
     dv_acc = tl.zeros([BS, BV], tl.float32)
     for p0 in range(lo, hi, BQ):
-        ok, qrow, rows, prow, qa, qb = _list_tile(q, q_list, p0, hi, hk, base, HQ, G, GP, BQ, DK, KA, KB)
+        qrow = _list_rows(q_list, p0, hi, GP, BQ)
+        ok, rows, prow, qa, qb = _list_tile(q, qrow, p0, hi, hk, base, HQ, G, GP, BQ, DK, KA, KB)
         dot_ = load_rows(do, rows, ok, dv, DV)
         lse2 = tl.load(lse + rows, mask=ok, other=0.0) * 1.4426950408889634
         dlt = tl.load(delta + rows, mask=ok, other=0.0)
@@ -298,8 +307,13 @@ def nsa_selected_fwd_kc_kernel(
     vv = load_rows(v, krow, kmask, dv, DV)
     lo = tl.load(list_cu + b) + seg * SEG
     hi = tl.minimum(tl.load(list_cu + b + 1), lo + SEG)
+    nxt = _list_rows(q_list, lo, hi, GP, BQ)
     for p0 in range(lo, hi, BQ):
-        ok, qrow, rows, prow, qa, qb = _list_tile(q, q_list, p0, hi, hk, base, HQ, G, GP, BQ, DK, KA, KB)
+        # the next tile's query rows are loaded a tile ahead: the q rows' addresses are then
+        # known when the tile starts (the pipeliner does not prefetch this dependent load at 2 stages)
+        qrow = nxt
+        nxt = _list_rows(q_list, p0 + BQ, hi, GP, BQ)
+        ok, rows, prow, qa, qb = _list_tile(q, qrow, p0, hi, hk, base, HQ, G, GP, BQ, DK, KA, KB)
         qk = dot2(qa, qb, ka, kb, KB, PREC) * scale_log2                        # [BM, BS]
         vis = (s[None, :] <= (qrow - q0)[:, None]) & kmask[None, :] & ok[:, None]
         m, l, acc = softmax_step(tl.where(vis, qk, float("-inf")), vv, tl.full([BQ * GP], float("-inf"), tl.float32),
