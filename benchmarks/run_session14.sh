@@ -23,6 +23,17 @@ set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:${PYTHONPATH:-}"
 O=${OUT:-/tmp/s14}; mkdir -p $O
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee $O/gpu.txt
+ab_parts() {  # rounds, then "label:profile_parts args" ...: the carried ab_old/ code and this tree in turn
+  local rounds=$1 r v spec PP; shift
+  for r in $(seq $rounds); do
+    for v in old new; do
+      [ $v = old ] && PP="$PWD/ab_old:$PYTHONPATH" || PP="$PYTHONPATH"
+      for spec in "$@"; do
+        PYTHONPATH="$PP" timeout 120 python3 benchmarks/profile_parts.py --budget 60 ${spec#*:} 2>&1 | grep -E "ms$" | sed "s/^/[$v ${spec%%:*}] /" | tee -a $O/ab.log
+      done
+    done
+  done
+}
 case "${1:-kc}" in
 kc)
   timeout 200 python3 benchmarks/profile_parts.py --HQ 8 --H 8 --dk 128 --ops slc_fwd --sweep selected_kc_pipe --budget 180 2>&1 | grep -v Warn | tee $O/kc_G1.log
@@ -45,15 +56,8 @@ stream)
   ;;
 f64)
   timeout 150 python3 benchmarks/gpu_check.py --lengths 4096 --small-groups-at 8192 2>&1 | tail -14 | tee $O/gpu_check.log
-  P="python3 benchmarks/profile_parts.py --budget 60"
-  for r in 1 2; do
-    for v in old new; do
-      [ $v = old ] && PP="$PWD/ab_old:$PYTHONPATH" || PP="$PYTHONPATH"
-      PYTHONPATH="$PP" timeout 90 $P --HQ 8 --H 8 --dk 128 --ops cmp_select select api_fwd 2>&1 | grep -E "ms$" | sed "s/^/[$v G1] /" | tee -a $O/ab.log
-      PYTHONPATH="$PP" timeout 90 $P --HQ 16 --H 4 --dk 128 --ops select api_fwd 2>&1 | grep -E "ms$" | sed "s/^/[$v G4] /" | tee -a $O/ab.log
-      [ $r = 1 ] && PYTHONPATH="$PP" timeout 120 $P --ops select api_fwd 2>&1 | grep -E "ms$" | sed "s/^/[$v paper] /" | tee -a $O/ab.log
-    done
-  done
+  ab_parts 2 "G1:--HQ 8 --H 8 --dk 128 --ops cmp_select select api_fwd" "G4:--HQ 16 --H 4 --dk 128 --ops select api_fwd"
+  ab_parts 1 "paper:--ops select api_fwd"   # as run: inside the first round, after G4
   rm -f $O/*.json
   ;;
 final)
@@ -70,14 +74,7 @@ final)
   ;;
 prefetch)
   timeout 150 python3 benchmarks/gpu_check.py --lengths 4096 --small-groups-at 8192 2>&1 | tail -14 | tee $O/gpu_check.log
-  P="python3 benchmarks/profile_parts.py --budget 60 --dk 128"
-  for r in 1 2; do
-    for v in old new; do
-      [ $v = old ] && PP="$PWD/ab_old:$PYTHONPATH" || PP="$PYTHONPATH"
-      PYTHONPATH="$PP" timeout 80 $P --HQ 8 --H 8 --ops slc_fwd api_fwd 2>&1 | grep -E "ms$" | sed "s/^/[$v G1] /" | tee -a $O/ab.log
-      PYTHONPATH="$PP" timeout 80 $P --HQ 16 --H 4 --ops slc_fwd api_fwd 2>&1 | grep -E "ms$" | sed "s/^/[$v G4] /" | tee -a $O/ab.log
-    done
-  done
+  ab_parts 2 "G1:--HQ 8 --H 8 --dk 128 --ops slc_fwd api_fwd" "G4:--HQ 16 --H 4 --dk 128 --ops slc_fwd api_fwd"
   rm -f $O/*.json
   ;;
 ncu)
