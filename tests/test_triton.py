@@ -254,7 +254,10 @@ def test_selected_layouts(HQ, H, monkeypatch):
     """Both selected-attention layouts (per query; per key block with partials merged, here over
     several row chunks and list segments; the key-centric backward also in passes of one KV
     head each) on packed sequences with empty slots: output and gradients equal the float64
-    reference, and the forwards' lse (it feeds the backward) agree."""
+    reference, and the forwards' lse (it feeds the backward) agree. Segments of 40 list positions:
+    several query tiles a program at every G (the forward loads a tile's query rows one tile
+    ahead), the first block's list still split."""
+    monkeypatch.setenv("NSA_SEL_SEGMENT", "40")
     lens = [70, 3, 45]
     t, cu = make_inputs(0, HQ, H, 16, 8, CFG, seqlens=lens, device=DEV, dtype=torch.float32, seed=HQ,
                         requires_grad=True)
