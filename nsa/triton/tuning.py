@@ -169,10 +169,11 @@ def selected_key_centric_shape(gp: int):
     sum, num_warps, num_stages) of the key-centric forward. 64k, dk = dv = 128, H200, selected
     forward (index + kernel + merge) in ms (results/session14/kc, tune): 64 rows / 4 warps for
     all; one query head per KV head (G=1, 8/8) 256 queries a segment 2 stages 3.42-3.45, 512 3.30,
-    1024 3.26-3.29, 2048 3.42, 4096 3.74, with 3 stages 3.58-3.90 (the gathered q's registers);
-    G=4 (16/4) 256 / 512 / 1024 at 2 stages 5.25-5.28 / 5.20 / 5.26-5.30, at 3 stages 4.99-5.02 /
-    4.94 / 5.01; G=2 (8/4) 3.38 / 3.28 / 3.31 and 3.31 / 3.21 / -. 128 rows or 8 warps: slower
-    (4.2-8.3). The interpreter uses short segments so that CI sees long lists split."""
+    1024 3.26-3.29, 2048 3.42, 4096 3.74, with 3 stages 3.58-3.90; G=4 (16/4) 256 / 512 / 1024
+    at 2 stages 5.25-5.28 / 5.20 / 5.26-5.30, at 3 stages 4.99-5.02 / 4.94 / 5.01; G=2 (8/4)
+    3.38 / 3.28 / 3.31 and 3.31 / 3.21 / -. 128 rows or 8 warps: slower (4.2-8.3). (Measured
+    before the kernel loaded each tile's query rows a tile ahead.) The interpreter uses short
+    segments so that CI sees long lists split."""
     if interpreting():
         return 16, int(os.environ.get("NSA_SEL_SEGMENT", "8")), max(1, 4 // gp), 4, 1
     return _pick("selected_kc_shape", (64, 1024, 16, 4, 2) if gp == 1 else (64, 512, max(1, 16 // gp), 4, 3))
