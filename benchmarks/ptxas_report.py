@@ -65,17 +65,20 @@ def record_launches():
     return seen
 
 
-def ptxas(kernel):
+def _assemble(ptx):
+    """ptxas -v's report of one PTX text, assembled for sm_90a."""
     exe = glob.glob(os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/ptxas"))[0]
     path = "/tmp/nsa_ptxas_report.ptx"
     with open(path, "w") as f:
-        f.write(kernel.asm["ptx"])
-    out = subprocess.run([exe, "-arch=sm_90a", "-v", path, "-o", path + ".cubin"], capture_output=True, text=True).stderr
+        f.write(ptx)
+    return subprocess.run([exe, "-arch=sm_90a", "-v", path, "-o", path + ".cubin"], capture_output=True, text=True).stderr
+
+
+def ptxas(kernel):
+    out = _assemble(kernel.asm["ptx"])
     old = re.search(r"Unsupported \.version (\S+); current version is '(\S+)'", out)
     if old:   # a newer Triton than its bundled ptxas: the PTX rarely needs the newer ISA version
-        with open(path, "w") as f:
-            f.write(kernel.asm["ptx"].replace(f".version {old.group(1)}", f".version {old.group(2)}", 1))
-        out = subprocess.run([exe, "-arch=sm_90a", "-v", path, "-o", path + ".cubin"], capture_output=True, text=True).stderr
+        out = _assemble(kernel.asm["ptx"].replace(f".version {old.group(1)}", f".version {old.group(2)}", 1))
     spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", out)
     return int(re.search(r"Used (\d+) registers", out).group(1)), int(spill.group(1)), int(spill.group(2))
 
