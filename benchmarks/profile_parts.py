@@ -53,6 +53,20 @@ SWEEPS = {
     "selected_kc_bwd": [(0,), (1,)],   # A/B of the dQ: group-centric vs key-centric partials
     "selected_dq": [(4, 2), (4, 1), (4, 3), (2, 2), (8, 2)],
     "selected_dkv": [(64, 2048, 4, 2), (64, 2048, 4, 3), (128, 2048, 8, 2), (32, 2048, 4, 2), (64, 1024, 4, 2)],
+    # after the one-tile-ahead list loads (session 15): the dK/dV kernel's and the forward's again
+    "selected_dkv_pipe": [(32, 2048, 4, 2), (32, 2048, 4, 3), (64, 2048, 4, 2), (64, 2048, 4, 3), (16, 2048, 4, 2),
+                          (32, 1024, 4, 2), (32, 4096, 4, 2), (32, 2048, 4, 2)],
+    "selected_dkv_g1": [(32, 2048, 4, 2), (32, 4096, 4, 2), (32, 4096, 4, 3), (32, 8192, 4, 2), (32, 8192, 4, 3),
+                        (64, 4096, 4, 2), (32, 2048, 4, 2)],
+    "selected_dkv_g4": [(32, 2048, 4, 2), (32, 2048, 4, 3), (32, 1024, 4, 3), (32, 2048, 4, 4), (32, 512, 4, 3),
+                        (32, 1024, 4, 2), (32, 2048, 4, 2)],
+    "selected_dkv_g2": [(32, 1024, 4, 3), (32, 2048, 4, 3), (32, 2048, 4, 2), (32, 4096, 4, 2), (32, 512, 4, 3),
+                        (32, 1024, 4, 3)],
+    "selected_dkv_g16": [(32, 2048, 4, 2), (32, 2048, 4, 3), (32, 1024, 4, 2), (32, 1024, 4, 3), (32, 512, 4, 3),
+                         (32, 4096, 4, 2), (32, 2048, 4, 2)],
+    "selected_kc_pipe3": [(64, 1024, 16, 4, 2), (64, 1024, 16, 4, 3), (64, 512, 16, 4, 3), (64, 2048, 16, 4, 2),
+                          (64, 512, 4, 4, 3), (64, 512, 4, 4, 2), (64, 1024, 4, 4, 3), (64, 256, 4, 4, 4),
+                          (64, 1024, 16, 4, 2)],
 }
 
 
@@ -98,6 +112,8 @@ def parts(T, HQ, H, dk, dv, cfg):
 
 # sweeps of another name's override
 ALIAS = {"selected_kc_merge": "selected_kc_shape", "selected_kc_pipe": "selected_kc_shape", "selected_kc_pipe2": "selected_kc_shape",
+         "selected_kc_pipe3": "selected_kc_shape", "selected_dkv_pipe": "selected_dkv",
+         "selected_dkv_g1": "selected_dkv", "selected_dkv_g4": "selected_dkv", "selected_dkv_g2": "selected_dkv", "selected_dkv_g16": "selected_dkv",
          "selected_merge_launch": "selected_merge", "cmp_select_more": "cmp_select_launch"}
 
 # which ops a kernel's override affects
@@ -105,7 +121,9 @@ AFFECTS = {"banded_unmasked": ["cmp_fwd", "cmp_bwd", "win_fwd", "win_bwd"], "ban
            "select": ["select"], "cmp_select_launch": ["cmp_select"], "cmp_select_more": ["cmp_select"], "selected_fwd": ["slc_fwd"], "selected_kc": ["slc_fwd", "api_fwd"],
            "selected_kc_shape": ["slc_fwd", "slc_bwd"], "selected_kc_merge": ["slc_bwd"], "selected_kc_pipe": ["slc_fwd"], "selected_kc_pipe2": ["slc_fwd"],
            "selected_merge_launch": ["slc_fwd"], "banded_fwd_win": ["win_fwd"], "select_spread": ["select", "cmp_select"], "selected_merge": ["slc_fwd"], "selected_kc_mib": ["slc_fwd", "slc_bwd"],
-           "selected_kc_bwd": ["slc_bwd", "api_fwd_bwd"], "selected_dq": ["slc_bwd"], "selected_dkv": ["slc_bwd"]}
+           "selected_kc_bwd": ["slc_bwd", "api_fwd_bwd"], "selected_dq": ["slc_bwd"], "selected_dkv": ["slc_bwd"],
+           "selected_kc_pipe3": ["slc_fwd"], "selected_dkv_pipe": ["slc_bwd"],
+           "selected_dkv_g1": ["slc_bwd"], "selected_dkv_g4": ["slc_bwd"], "selected_dkv_g2": ["slc_bwd"], "selected_dkv_g16": ["slc_bwd"]}
 
 
 def main():

@@ -175,8 +175,10 @@ def nsa_selected_bwd_dkv_kernel(
     hi = tl.minimum(tl.load(list_cu + b + 1), lo + SEG)
     dk_a, dk_b = zeros2(BS, KA, KB)
     dv_acc = tl.zeros([BS, BV], tl.float32)
+    nxt = _list_rows(q_list, lo, hi, GP, BQ)
     for p0 in range(lo, hi, BQ):
-        qrow = _list_rows(q_list, p0, hi, GP, BQ)
+        qrow = nxt   # a tile ahead, as in the forward
+        nxt = _list_rows(q_list, p0 + BQ, hi, GP, BQ)
         ok, rows, prow, qa, qb = _list_tile(q, qrow, p0, hi, hk, base, HQ, G, GP, BQ, DK, KA, KB)
         dot_ = load_rows(do, rows, ok, dv, DV)
         lse2 = tl.load(lse + rows, mask=ok, other=0.0) * 1.4426950408889634

@@ -228,10 +228,16 @@ def selected_key_centric_heads(n_rows: int, h: int, rows: int) -> int:
 def selected_bwd_queries(gp: int):
     """(rows per step, SEG queries per segment, num_warps, num_stages) of the dK/dV kernel. SEG
     bounds how long one program runs (the first block is selected by every query); the fp32
-    partial buffer it implies is at most 2 * T*H*n / SEG blocks."""
+    partial buffer it implies is at most 2 * T*H*n / SEG blocks. 32 rows: 87 -> 69 ms for the
+    paper shape's selected backward at 64k against 64 rows (H100). With the kernel loading each
+    tile's query rows a tile ahead, selected backward at 64k, H200 (results/session15/bwd), SEG /
+    stages: G=1 (8/8) 2048/2 5.36, 4096/2 4.69, 4096/3 4.74, 8192/2-3 6.4-6.8; G=4 (16/4)
+    2048/2 8.45, 2048/3 7.50, 1024/3 7.12, 512/3 7.34, 2048/4 9.63; paper (64/4, 192/128)
+    2048/2 50.4-50.8, 1024/3 48.6, 2048/3 49.2; G=2 (8/4) 2048/2 4.69, 1024/3 4.35, 2048/3 4.47,
+    512/3 4.62, 4096/2 5.55."""
     if interpreting():
         return max(1, 16 // gp) * gp, int(os.environ.get("NSA_SEL_SEGMENT", "8")), 4, 1
-    return _pick("selected_dkv", (32, 2048, 4, 2))   # 87 -> 69 ms for slc_bwd at 64k vs 64 rows
+    return _pick("selected_dkv", (32, 4096, 4, 2) if gp == 1 else (32, 1024, 4, 3))
 
 
 def decode(programs: int, cmp_tokens: int, win_tokens: int, sel_tokens: int, blocks: int, device):

@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Session 15 device calls (H200).
+#   bwd: the key-centric dK/dV kernel loading each tile's query rows a tile ahead (as the forward
+#        does since session 14): bf16 check, then the committed code (ab_old, carried) and this
+#        tree in turn, twice: the selected backward and nsa_attention's forward+backward at 64k,
+#        G1 and G4; then the dK/dV kernel's launch and the key-centric forward's again, after the
+#        prefetch (profile_parts sweeps selected_dkv_pipe, selected_kc_pipe3), G1 and G4.
+#   dkv: the dK/dV kernel's launch per group size (segment length, stages), G1, G4 and the paper
+#        shape, this tree; then G1 and G4 with the committed code (ab_old, carried).
+#   g2: the same at G=2 (8/4), this tree.
+#   check64k: the bf16 check at 64k: the paper shape and the small-group shapes.
+#   final: this session's final code: the training benchmark at 16k-64k (paper both dims, G4,
+#        G1), fla-comparable against fla-core from the carried wheels (.whl/) at 32k/64k; then
+#        the session's starting code (ab_old) and this code in turn, twice, G4/G1 at 64k.
+set -uo pipefail
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:${PYTHONPATH:-}"
+O=${OUT:-/tmp/s15}; mkdir -p $O
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee $O/gpu.txt
+ab_parts() {  # rounds, then "label:profile_parts args" ...: the carried ab_old/ code and this tree in turn
+  local rounds=$1 r v spec PP; shift
+  for r in $(seq $rounds); do
+    for v in old new; do
+      [ $v = old ] && PP="$PWD/ab_old:$PYTHONPATH" || PP="$PYTHONPATH"
+      for spec in "$@"; do
+        PYTHONPATH="$PP" timeout 120 python3 benchmarks/profile_parts.py --budget 60 ${spec#*:} 2>&1 | grep -E "ms$" | sed "s/^/[$v ${spec%%:*}] /" | tee -a $O/ab.log
+      done
+    done
+  done
+}
+case "${1:-bwd}" in
+bwd)
+  timeout 150 python3 benchmarks/gpu_check.py --lengths 4096 --small-groups-at 8192 2>&1 | tail -14 | tee $O/gpu_check.log
+  ab_parts 2 "G1:--HQ 8 --H 8 --dk 128 --ops slc_bwd api_fwd_bwd" "G4:--HQ 16 --H 4 --dk 128 --ops slc_bwd api_fwd_bwd"
+  P="timeout 150 python3 benchmarks/profile_parts.py --dk 128 --budget 125"
+  $P --HQ 8 --H 8 --ops slc_bwd slc_fwd --sweep selected_dkv_pipe selected_kc_pipe3 2>&1 | grep -v Warn | tee $O/tune_G1.log
+  $P --HQ 16 --H 4 --ops slc_bwd slc_fwd --sweep selected_dkv_pipe selected_kc_pipe3 2>&1 | grep -v Warn | tee $O/tune_G4.log
+  rm -f $O/*.json
+  ;;
+dkv)
+  for v in new old; do
+    [ $v = old ] && PP="$PWD/ab_old:$PYTHONPATH" || PP="$PYTHONPATH"
+    P="timeout 150 python3 benchmarks/profile_parts.py --budget 130 --ops slc_bwd"
+    PYTHONPATH="$PP" $P --HQ 8 --H 8 --dk 128 --sweep selected_dkv_g1 2>&1 | grep -v Warn | sed "s/^/[$v G1] /" | tee -a $O/dkv.log
+    PYTHONPATH="$PP" $P --HQ 16 --H 4 --dk 128 --sweep selected_dkv_g4 2>&1 | grep -v Warn | sed "s/^/[$v G4] /" | tee -a $O/dkv.log
+    [ $v = new ] && PYTHONPATH="$PP" $P --sweep selected_dkv_g16 2>&1 | grep -v Warn | sed "s/^/[$v paper] /" | tee -a $O/dkv.log
+  done
+  rm -f $O/*.json
+  ;;
+g2)
+  timeout 150 python3 benchmarks/profile_parts.py --budget 130 --ops slc_bwd --HQ 8 --H 4 --dk 128 --sweep selected_dkv_g2 2>&1 | grep -v Warn | tee $O/dkv_G2.log
+  rm -f $O/*.json
+  ;;
+check64k)
+  timeout 590 python3 benchmarks/gpu_check.py --lengths 65536 --small-groups-at 65536 2>&1 | grep -v Warn | tail -14 | tee $O/gpu_check.log
+  ;;
+final)
+  python3 -m pip install -q --no-deps --no-index .whl/*.whl 2>&1 | grep -v WARN | tail -3
+  timeout 330 python3 benchmarks/bench_train.py --lengths 16384 32768 65536 --settings paper G4 G1 2>&1 | grep -v Warn | tee $O/bench.log
+  timeout 150 python3 benchmarks/bench_train.py --lengths 32768 65536 --settings fla-comparable --name fla 2>&1 | grep -v Warn | tee $O/fla.log
+  for r in 1 2; do
+    OUT= PYTHONPATH="$PWD/ab_old:$PYTHONPATH" timeout 100 python3 benchmarks/bench_train.py --lengths 65536 --settings G4 G1 --name "ab_old$r" 2>&1 | grep -E "nsa:|sdpa-flash:|vs sdpa" | sed "s/^/[old] /" | tee -a $O/ab.log
+    OUT= timeout 100 python3 benchmarks/bench_train.py --lengths 65536 --settings G4 G1 --name "ab_new$r" 2>&1 | grep -E "nsa:|sdpa-flash:|vs sdpa" | sed "s/^/[new] /" | tee -a $O/ab.log
+  done
+  rm -f $O/gpu.txt
+  ;;
+esac
