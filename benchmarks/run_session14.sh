@@ -19,21 +19,7 @@
 #        forward and nsa_attention's forward at 64k, G1 and G4.
 #   ncu: Nsight Compute reports (full set) of the G=1 forward's fused kernel and key-centric
 #        kernel, and of the G=4 selection kernel: details and per-SASS-line source pages as CSV.
-set -uo pipefail
-export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:${PYTHONPATH:-}"
-O=${OUT:-/tmp/s14}; mkdir -p $O
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee $O/gpu.txt
-ab_parts() {  # rounds, then "label:profile_parts args" ...: the carried ab_old/ code and this tree in turn
-  local rounds=$1 r v spec PP; shift
-  for r in $(seq $rounds); do
-    for v in old new; do
-      [ $v = old ] && PP="$PWD/ab_old:$PYTHONPATH" || PP="$PYTHONPATH"
-      for spec in "$@"; do
-        PYTHONPATH="$PP" timeout 120 python3 benchmarks/profile_parts.py --budget 60 ${spec#*:} 2>&1 | grep -E "ms$" | sed "s/^/[$v ${spec%%:*}] /" | tee -a $O/ab.log
-      done
-    done
-  done
-}
+source benchmarks/session_lib.sh s14
 case "${1:-kc}" in
 kc)
   timeout 200 python3 benchmarks/profile_parts.py --HQ 8 --H 8 --dk 128 --ops slc_fwd --sweep selected_kc_pipe --budget 180 2>&1 | grep -v Warn | tee $O/kc_G1.log

@@ -12,21 +12,7 @@
 #   final: this session's final code: the training benchmark at 16k-64k (paper both dims, G4,
 #        G1), fla-comparable against fla-core from the carried wheels (.whl/) at 32k/64k; then
 #        the session's starting code (ab_old) and this code in turn, twice, G4/G1 at 64k.
-set -uo pipefail
-export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:${PYTHONPATH:-}"
-O=${OUT:-/tmp/s15}; mkdir -p $O
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee $O/gpu.txt
-ab_parts() {  # rounds, then "label:profile_parts args" ...: the carried ab_old/ code and this tree in turn
-  local rounds=$1 r v spec PP; shift
-  for r in $(seq $rounds); do
-    for v in old new; do
-      [ $v = old ] && PP="$PWD/ab_old:$PYTHONPATH" || PP="$PYTHONPATH"
-      for spec in "$@"; do
-        PYTHONPATH="$PP" timeout 120 python3 benchmarks/profile_parts.py --budget 60 ${spec#*:} 2>&1 | grep -E "ms$" | sed "s/^/[$v ${spec%%:*}] /" | tee -a $O/ab.log
-      done
-    done
-  done
-}
+source benchmarks/session_lib.sh s15
 case "${1:-bwd}" in
 bwd)
   timeout 150 python3 benchmarks/gpu_check.py --lengths 4096 --small-groups-at 8192 2>&1 | tail -14 | tee $O/gpu_check.log
