@@ -56,6 +56,10 @@ SWEEPS = {
     # after the one-tile-ahead list loads (session 15): the dK/dV kernel's and the forward's again
     "selected_dkv_pipe": [(32, 2048, 4, 2), (32, 2048, 4, 3), (64, 2048, 4, 2), (64, 2048, 4, 3), (16, 2048, 4, 2),
                           (32, 1024, 4, 2), (32, 4096, 4, 2), (32, 2048, 4, 2)],
+    # the banded backward at the paper shape on the H200 (its launches were measured on the H100)
+    "banded_dkv2": [(64, 32, 4, 2), (64, 32, 4, 3), (128, 32, 8, 2), (128, 32, 8, 3), (128, 32, 4, 2), (64, 16, 4, 2),
+                    (32, 32, 4, 2), (64, 32, 8, 2), (64, 32, 4, 2)],
+    "banded_dq2": [(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2), (128, 64, 8, 2)],
     "selected_dkv_g1": [(32, 2048, 4, 2), (32, 4096, 4, 2), (32, 4096, 4, 3), (32, 8192, 4, 2), (32, 8192, 4, 3),
                         (64, 4096, 4, 2), (32, 2048, 4, 2)],
     "selected_dkv_g4": [(32, 2048, 4, 2), (32, 2048, 4, 3), (32, 1024, 4, 3), (32, 2048, 4, 4), (32, 512, 4, 3),
@@ -112,7 +116,7 @@ def parts(T, HQ, H, dk, dv, cfg):
 
 # sweeps of another name's override
 ALIAS = {"selected_kc_merge": "selected_kc_shape", "selected_kc_pipe": "selected_kc_shape", "selected_kc_pipe2": "selected_kc_shape",
-         "selected_kc_pipe3": "selected_kc_shape", "selected_dkv_pipe": "selected_dkv",
+         "selected_kc_pipe3": "selected_kc_shape", "selected_dkv_pipe": "selected_dkv", "banded_dkv2": "banded_dkv", "banded_dq2": "banded_dq",
          "selected_dkv_g1": "selected_dkv", "selected_dkv_g4": "selected_dkv", "selected_dkv_g2": "selected_dkv", "selected_dkv_g16": "selected_dkv",
          "selected_merge_launch": "selected_merge", "cmp_select_more": "cmp_select_launch"}
 
@@ -122,7 +126,7 @@ AFFECTS = {"banded_unmasked": ["cmp_fwd", "cmp_bwd", "win_fwd", "win_bwd"], "ban
            "selected_kc_shape": ["slc_fwd", "slc_bwd"], "selected_kc_merge": ["slc_bwd"], "selected_kc_pipe": ["slc_fwd"], "selected_kc_pipe2": ["slc_fwd"],
            "selected_merge_launch": ["slc_fwd"], "banded_fwd_win": ["win_fwd"], "select_spread": ["select", "cmp_select"], "selected_merge": ["slc_fwd"], "selected_kc_mib": ["slc_fwd", "slc_bwd"],
            "selected_kc_bwd": ["slc_bwd", "api_fwd_bwd"], "selected_dq": ["slc_bwd"], "selected_dkv": ["slc_bwd"],
-           "selected_kc_pipe3": ["slc_fwd"], "selected_dkv_pipe": ["slc_bwd"],
+           "selected_kc_pipe3": ["slc_fwd"], "selected_dkv_pipe": ["slc_bwd"], "banded_dkv2": ["cmp_bwd", "win_bwd"], "banded_dq2": ["cmp_bwd", "win_bwd"],
            "selected_dkv_g1": ["slc_bwd"], "selected_dkv_g4": ["slc_bwd"], "selected_dkv_g2": ["slc_bwd"], "selected_dkv_g16": ["slc_bwd"]}
 
 

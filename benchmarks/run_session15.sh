@@ -8,6 +8,15 @@
 #   dkv: the dK/dV kernel's launch per group size (segment length, stages), G1, G4 and the paper
 #        shape, this tree; then G1 and G4 with the committed code (ab_old, carried).
 #   g2: the same at G=2 (8/4), this tree.
+#   cmpbwd: where the paper shape's forward+backward time goes (profile_kernels), and the banded
+#        backward's launches (compression and window dK/dV, dQ) at the paper shape.
+#   banded: the banded backward's new launches (dK/dV and dQ at 3 stages): bf16 check, then the
+#        committed code (ab_old = 60622ab's nsa/, carried) and this tree in turn, twice: the
+#        compression and window backward and nsa_attention's forward+backward, G1, G4, paper.
+#   final2: the training benchmark again after the banded backward's launches (paper both dims,
+#        G4, G1 at 16k-64k; fla-comparable not rerun).
+#   abpaper: the paper shape (192/128, 64k) in the training benchmark, the committed code before
+#        the banded launches (ab_old = 60622ab's nsa/, carried) and this tree in turn, twice.
 #   check64k: the bf16 check at 64k: the paper shape and the small-group shapes.
 #   final: this session's final code: the training benchmark at 16k-64k (paper both dims, G4,
 #        G1), fla-comparable against fla-core from the carried wheels (.whl/) at 32k/64k; then
@@ -35,6 +44,27 @@ dkv)
 g2)
   timeout 150 python3 benchmarks/profile_parts.py --budget 130 --ops slc_bwd --HQ 8 --H 4 --dk 128 --sweep selected_dkv_g2 2>&1 | grep -v Warn | tee $O/dkv_G2.log
   rm -f $O/*.json
+  ;;
+cmpbwd)
+  timeout 100 python3 benchmarks/profile_kernels.py --setting paper --dk 192 --backward --rows 16 2>&1 | grep -v Warn | tee $O/profile_paper.log
+  timeout 360 python3 benchmarks/profile_parts.py --budget 330 --ops cmp_bwd win_bwd --sweep banded_dkv2 banded_dq2 2>&1 | grep -v Warn | tee $O/banded_bwd.log
+  rm -f $O/*.json
+  ;;
+banded)
+  timeout 150 python3 benchmarks/gpu_check.py --lengths 4096 --small-groups-at 8192 2>&1 | tail -14 | tee $O/gpu_check.log
+  ab_parts 2 "G1:--HQ 8 --H 8 --dk 128 --ops cmp_bwd win_bwd api_fwd_bwd" "G4:--HQ 16 --H 4 --dk 128 --ops cmp_bwd win_bwd api_fwd_bwd" "paper:--ops cmp_bwd win_bwd api_fwd_bwd"
+  rm -f $O/*.json
+  ;;
+final2)
+  timeout 380 python3 benchmarks/bench_train.py --lengths 16384 32768 65536 --settings paper G4 G1 2>&1 | grep -v Warn | tee $O/bench.log
+  rm -f $O/gpu.txt
+  ;;
+abpaper)
+  for r in 1 2; do
+    OUT= PYTHONPATH="$PWD/ab_old:$PYTHONPATH" timeout 80 python3 benchmarks/bench_train.py --quick --lengths 65536 --settings paper --name "ab_old$r" 2>&1 | grep -E "nsa:|sdpa-flash:|vs sdpa-flash" | sed "s/^/[old] /" | tee -a $O/ab.log
+    OUT= timeout 80 python3 benchmarks/bench_train.py --quick --lengths 65536 --settings paper --name "ab_new$r" 2>&1 | grep -E "nsa:|sdpa-flash:|vs sdpa-flash" | sed "s/^/[new] /" | tee -a $O/ab.log
+  done
+  rm -f $O/gpu.txt
   ;;
 check64k)
   timeout 590 python3 benchmarks/gpu_check.py --lengths 65536 --small-groups-at 65536 2>&1 | grep -v Warn | tail -14 | tee $O/gpu_check.log

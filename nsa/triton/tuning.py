@@ -36,7 +36,10 @@ def banded(kind: str, bk: int, bv: int, gp: int, win: int = 0):
     # 128 rows, 8 warps, 3 stages; dq best at 128/64/8/2; dkv best with 32-key tiles. Small
     # groups' window forward (H200, results/session11/tiles): 64 rows, 32-key tiles, 4 warps
     # G=4 1.14 -> 0.98 ms, G=1 0.64 -> 0.53 (their compression forward: 128/64/8/3 stays best)
-    default = {"fwd": (128, 64, 8, 3), "dq": (128, 64, 8, 2), "dkv": (64, 32, 4, 2)}[kind]
+    # The backward at the paper shape on the H200 (results/session15/cmpbwd, compression / window
+    # backward in ms): dkv 64/32/4 at 2 stages 71.0-71.4 / 19.1-21.7, at 3 stages 66.2 / 18.0
+    # (128/32/4/2 66.7 / 19.6; 64/16 or 8 warps 96-97); dq at 3 stages 69.6 / 19.0 against 71.1-71.5
+    default = {"fwd": (128, 64, 8, 3), "dq": (128, 64, 8, 3), "dkv": (64, 32, 4, 3)}[kind]
     if kind == "fwd" and win > 0 and gp <= 4:
         default = (64, 32, 4, 3)
     own = _pick(f"banded_{kind}_win", None) if win > 0 else None   # the window's alone (A/B timing)
