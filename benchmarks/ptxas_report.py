@@ -5,7 +5,7 @@ result. Spills show where a launch shape holds too much per thread (the G=1 sele
 spilled ~2.9 KB a thread at 128 positions: 9.4 ms at 64k on an H100, 3.0 after its fix).
 Register counts come from this machine's triton, which may differ from the GPU image's.
 
-  python benchmarks/ptxas_report.py G1 G4 paper [--T 4096]
+  python benchmarks/ptxas_report.py G1 G4 paper [--T 4096] [--dtype float32]
 """
 from __future__ import annotations
 
@@ -29,7 +29,10 @@ from nsa import triton as triton_backend  # noqa: E402
 from nsa.triton import ops, tuning  # noqa: E402
 
 SHAPES = {"G1": (8, 8, 128, 128), "G2": (8, 4, 128, 128), "G4": (16, 4, 128, 128),
-          "paper": (64, 4, 192, 128), "paper128": (64, 4, 128, 128)}   # HQ, H, dk, dv
+          "paper": (64, 4, 192, 128), "paper128": (64, 4, 128, 128),
+          "d256": (64, 4, 256, 256), "dv256": (64, 4, 128, 256), "G4d256": (16, 4, 256, 256), "G1d256": (8, 8, 256, 256),
+          "d64": (64, 4, 64, 64), "G1d64": (8, 8, 64, 64)}   # HQ, H, dk, dv
+SMEM = 232448   # bytes of shared memory a block may use on an H100 / H200
 SHOWN = ("BT", "BM", "BN", "BQ", "SEG", "GP", "KA", "KB", "BV", "DQ_PART", "ACCUM", "UNMASKED", "SPLIT_TC")
 
 
@@ -87,6 +90,7 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
     p.add_argument("--T", type=int, default=4096)
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     a = p.parse_args()
     seen = record_launches()
     cfg = nsa.NSAConfig()
@@ -94,20 +98,21 @@ def main():
         HQ, H, dk, dv = SHAPES[name]
         seen.clear()
         g = torch.Generator().manual_seed(0)
-        r = lambda *s: torch.randn(*s, generator=g, dtype=torch.bfloat16).requires_grad_(True)
+        dt = getattr(torch, a.dtype)
+        r = lambda *s: torch.randn(*s, generator=g, dtype=dt).requires_grad_(True)
         Tc = cfg.num_compressed(a.T)
         t = dict(q=r(1, a.T, HQ, dk), k_cmp=r(1, Tc, H, dk), v_cmp=r(1, Tc, H, dv), k_slc=r(1, a.T, H, dk),
                  v_slc=r(1, a.T, H, dv), k_win=r(1, a.T, H, dk), v_win=r(1, a.T, H, dv))
-        t["gates"] = torch.rand(1, a.T, HQ, 3, generator=g, dtype=torch.bfloat16).requires_grad_(True)
+        t["gates"] = torch.rand(1, a.T, HQ, 3, generator=g, dtype=dt).requires_grad_(True)
         try:   # outputs are never written (zeros): a step that needs real values may stop
             nsa.nsa_attention(**t, config=cfg, backend="triton").float().sum().backward()
         except (RuntimeError, IndexError) as e:
             print(f"({name}: stopped after {len(seen)} kernels: {str(e)[:80]})")
-        print(f"== {name}: HQ={HQ} H={H} dk={dk} dv={dv} T={a.T}")
+        print(f"== {name}: HQ={HQ} H={H} dk={dk} dv={dv} T={a.T} {a.dtype}")
         for fname, k, kw in seen.values():
             regs, st, ld = ptxas(k)
             shown = " ".join(f"{x}={kw[x]}" for x in SHOWN if x in kw)
-            flag = "  <- spills" if st > 64 else ""
+            flag = ("  <- spills" if st > 64 else "") + ("  <- shared memory over the limit" if k.metadata.shared > SMEM else "")
             print(f"  {fname:32s} warps={kw.get('num_warps', 4)} regs={regs:3d} spill st/ld={st}/{ld} "
                   f"smem={k.metadata.shared} {shown}{flag}", flush=True)
 

@@ -405,3 +405,25 @@ def test_inverse_index(N, chunk, wide, monkeypatch):
     for b in bucket.unique()[:50]:   # each list in row order
         lst = q_list[list_cu[b]:list_cu[b + 1]]
         assert (lst[1:] >= lst[:-1]).all()
+
+
+def test_banded_launch_shapes_fit_shared_memory(monkeypatch):
+    """The GPU launch shapes of the banded kernels fit an H100/H200 block's shared memory at every
+    supported head dim (64 to 256, dk != dv) and element size: dk = dv = 256 asked for 256 KB in
+    the forward and 320 KB in dQ, which fails at launch. banded_smem is the compiled kernels' size
+    for the forward and dQ (benchmarks/ptxas_report.py); measured shapes are kept where they fit."""
+    from nsa.triton import tuning
+    monkeypatch.setattr(tuning, "interpreting", lambda: False)
+    monkeypatch.delenv("NSA_TUNE", raising=False)
+    assert tuning.banded("fwd", 192, 128, 16) == (128, 64, 8, 3)   # the paper shape's, unchanged
+    assert tuning.banded("dq", 192, 128, 16) == (128, 64, 8, 3)
+    assert tuning.banded("dq", 256, 256, 16) != (128, 64, 8, 3)
+    for kind in ("fwd", "dq", "dkv"):
+        for dk in (64, 128, 192, 256):
+            for dv in (64, 128, 256):
+                for gp in (1, 4, 16):
+                    for win in (0, 512):
+                        for esize in (2, 4):
+                            rows, bn, warps, stages = tuning.banded(kind, dk, dv, gp, win, esize)
+                            assert tuning.banded_smem(kind, rows, bn, stages, dk, dv, esize) <= tuning.SMEM_LIMIT
+                            assert stages >= 1 and warps <= max(4, rows // 16)

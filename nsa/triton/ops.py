@@ -50,7 +50,7 @@ def _key_dims(meta):
 
 def _banded_meta(kind, q, v, stride, offset, win):
     N, HQ, H, G, GP, DK, DV, BK, BV = _dims(q, v)
-    rows, BN, warps, stages = tuning.banded(kind, BK, BV, GP, win)
+    rows, BN, warps, stages = tuning.banded(kind, sum(tuning.key_tiles(DK)), BV, GP, win, q.element_size())
     meta = dict(HQ=HQ, H=H, G=G, GP=GP, DK=DK, DV=DV, BK=BK, BV=BV, BT=max(1, rows // GP), BN=BN,
                 STRIDE=stride, OFFSET=offset, WIN=win, PREC=_prec(q), num_warps=warps,
                 num_stages=stages)

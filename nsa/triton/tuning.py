@@ -27,9 +27,27 @@ def _pick(name, default):
     return tuple(v) if v else default
 
 
-def banded(kind: str, bk: int, bv: int, gp: int, win: int = 0):
+# Shared memory one thread block may use on an H100 / H200 (227 KB); a launch over it fails.
+SMEM_LIMIT = 232448
+
+
+def banded_smem(kind: str, rows: int, bn: int, stages: int, dk: int, dv: int, esize: int) -> int:
+    """Bytes of shared memory a banded launch takes, as Triton lays the kernels out for sm_90: a
+    buffer per pipeline stage of the tiles the loop streams (forward and dQ: a key tile's K and
+    V; dK/dV: a query tile's q and dO) and the tiles it holds throughout (q; q and dO; K and V).
+    dk, dv: the column tiles' widths. Equal to the compiled kernels' sizes for the forward and
+    dQ, above them for dK/dV (benchmarks/ptxas_report.py, dims 64 to 256)."""
+    if kind == "dkv":
+        return (stages * rows + bn) * (dk + dv) * esize
+    return (stages * bn * (dk + dv) + rows * (dk if kind == "fwd" else dk + dv)) * esize
+
+
+def banded(kind: str, dk: int, dv: int, gp: int, win: int = 0, esize: int = 2):
     """(rows, BN keys, num_warps, num_stages) for kind in fwd / dq / dkv; BT = rows // gp
-    positions; win > 0: the window branch."""
+    positions; win > 0: the window branch. dk, dv: the column tiles' widths, esize: the
+    inputs' element size; a default shape that would not fit in shared memory (dk = dv = 256,
+    or fp32) takes fewer stages, down to 2, then half the rows, then one stage (not measured:
+    the measured shapes fit); an NSA_TUNE shape is taken as given."""
     if interpreting():
         return max(1, 16 // gp) * gp, 16, 4, 1
     # measured at 64k, HQ=64, H=4, 192/128 (profile_T65536_before): fwd 25 -> 15 ms with
@@ -43,7 +61,24 @@ def banded(kind: str, bk: int, bv: int, gp: int, win: int = 0):
     if kind == "fwd" and win > 0 and gp <= 4:
         default = (64, 32, 4, 3)
     own = _pick(f"banded_{kind}_win", None) if win > 0 else None   # the window's alone (A/B timing)
-    return own or _pick(f"banded_{kind}", default)
+    return own or _pick(f"banded_{kind}", _fit(kind, default, dk, dv, esize))
+
+
+def _fit(kind: str, shape: tuple, dk: int, dv: int, esize: int) -> tuple:
+    """shape with fewer stages (down to 2), then half the rows (down to 32; at most a warp per
+    16 rows, at least 4), then one stage, until banded_smem fits SMEM_LIMIT."""
+    rows, bn, warps, stages = shape
+    while banded_smem(kind, rows, bn, stages, dk, dv, esize) > SMEM_LIMIT:
+        if stages > 2:
+            stages -= 1
+        elif rows > 32:
+            rows //= 2
+            warps = max(4, min(warps, rows // 16))
+        elif stages > 1:
+            stages -= 1
+        else:
+            break
+    return rows, bn, warps, stages
 
 
 def banded_unmasked(win: int) -> bool:
