@@ -6,7 +6,9 @@ err = ||x - x_f64|| / ||x_f64||. The selection is compared with the float64 refe
 the fraction of (token, head) rows that differ (near ties under rounding) is reported; outputs
 and gradients are then compared on the kernel's own selection, so both compute one function.
 
-  python benchmarks/gpu_check.py --lengths 4096 16384 65536
+  python benchmarks/gpu_check.py --lengths 4096 16384 65536 [--small-groups-at 8192] [--wide 8192,16,4 ...]
+
+--wide: T,HQ,H cases with dk = dv = 256 (the launch shapes fitted to shared memory; default two).
 """
 from __future__ import annotations
 
@@ -72,10 +74,13 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384, 65536])
     p.add_argument("--small-groups-at", type=int, default=8192)
+    p.add_argument("--wide", type=lambda x: tuple(int(v) for v in x.split(",")), nargs="*",
+                   default=[(8192, 16, 4), (4096, 64, 4)], help="T,HQ,H cases with dk = dv = 256")
     a = p.parse_args()
     cases = [(T, 64, 4, 192, 128) for T in a.lengths]
     cases += [(a.small_groups_at, 16, 4, 128, 128), (a.small_groups_at, 8, 8, 64, 64),
               (a.small_groups_at + 77, 12, 4, 256, 64)]
+    cases += [(T, HQ, H, 256, 256) for T, HQ, H in a.wide]
     results = []
     for c in cases:
         r = check(*c, PAPER)
