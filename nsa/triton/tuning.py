@@ -1,8 +1,8 @@
 """Every launch-shape choice of the Triton backend, each with the reason for it.
 
 The interpreter (TRITON_INTERPRET=1, CI) runs tiles as numpy arrays: small tiles keep it fast.
-GPU choices come from benchmarks/profile_parts.py sweeps on an H100 (notes in that script's
-output JSON); NSA_TUNE='{"kernel": [..]}' overrides one for such sweeps.
+GPU choices come from benchmarks/profile_parts.py sweeps on an H100 and, since session 9, an
+H200 (each choice says which); NSA_TUNE='{"kernel": [..]}' overrides one for such sweeps.
 """
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ def banded(kind: str, dk: int, dv: int, gp: int, win: int = 0, esize: int = 2):
     the measured shapes fit); an NSA_TUNE shape is taken as given."""
     if interpreting():
         return max(1, 16 // gp) * gp, 16, 4, 1
-    # measured at 64k, HQ=64, H=4, 192/128 (profile_T65536_before): fwd 25 -> 15 ms with
+    # measured at 64k, HQ=64, H=4, 192/128 on the H100 (profile_T65536_before): fwd 25 -> 15 ms with
     # 128 rows, 8 warps, 3 stages; dq best at 128/64/8/2; dkv best with 32-key tiles. Small
     # groups' window forward (H200, results/session11/tiles): 64 rows, 32-key tiles, 4 warps
     # G=4 1.14 -> 0.98 ms, G=1 0.64 -> 0.53 (their compression forward: 128/64/8/3 stays best)
