@@ -5,7 +5,7 @@ result. Spills show where a launch shape holds too much per thread (the G=1 sele
 spilled ~2.9 KB a thread at 128 positions: 9.4 ms at 64k on an H100, 3.0 after its fix).
 Register counts come from this machine's triton, which may differ from the GPU image's.
 
-  python benchmarks/ptxas_report.py G1 G4 paper [--T 4096] [--dtype float32]
+  python benchmarks/ptxas_report.py G1 G4 paper [--T 4096] [--dtype float32] [--decode]
 """
 from __future__ import annotations
 
@@ -91,6 +91,7 @@ def main():
     p.add_argument("shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
     p.add_argument("--T", type=int, default=4096)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--decode", action="store_true", help="also a decoding step's kernels")
     a = p.parse_args()
     seen = record_launches()
     cfg = nsa.NSAConfig()
@@ -106,6 +107,11 @@ def main():
         t["gates"] = torch.rand(1, a.T, HQ, 3, generator=g, dtype=dt).requires_grad_(True)
         try:   # outputs are never written (zeros): a step that needs real values may stop
             nsa.nsa_attention(**t, config=cfg, backend="triton").float().sum().backward()
+            if a.decode:   # one decoding step of 4 rows over a cache of T tokens
+                c = {n: x.detach().expand(4, *x.shape[1:]).contiguous() for n, x in t.items() if n[:2] in ("k_", "v_")}
+                c["k_win"], c["v_win"] = c["k_win"][:, :cfg.window_size], c["v_win"][:, :cfg.window_size]
+                nsa.nsa_decode(r(4, HQ, dk).detach(), **c, gates=torch.rand(4, HQ, 3, dtype=dt),
+                               lengths=torch.tensor([a.T, 1, a.T // 2, 77]), config=cfg, backend="triton")
         except (RuntimeError, IndexError) as e:
             print(f"({name}: stopped after {len(seen)} kernels: {str(e)[:80]})")
         print(f"== {name}: HQ={HQ} H={H} dk={dk} dv={dv} T={a.T} {a.dtype}")
