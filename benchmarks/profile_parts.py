@@ -120,14 +120,12 @@ ALIAS = {"selected_kc_merge": "selected_kc_shape", "selected_kc_pipe": "selected
          "selected_dkv_g1": "selected_dkv", "selected_dkv_g4": "selected_dkv", "selected_dkv_g2": "selected_dkv", "selected_dkv_g16": "selected_dkv",
          "selected_merge_launch": "selected_merge", "cmp_select_more": "cmp_select_launch"}
 
-# which ops a kernel's override affects
+# which ops a kernel's override affects (a sweep of another name's override: that one's, unless given)
 AFFECTS = {"banded_unmasked": ["cmp_fwd", "cmp_bwd", "win_fwd", "win_bwd"], "banded_fwd": ["cmp_fwd", "win_fwd"], "banded_dq": ["cmp_bwd", "win_bwd"], "banded_dkv": ["cmp_bwd", "win_bwd"],
-           "select": ["select"], "cmp_select_launch": ["cmp_select"], "cmp_select_more": ["cmp_select"], "selected_fwd": ["slc_fwd"], "selected_kc": ["slc_fwd", "api_fwd"],
+           "select": ["select"], "cmp_select_launch": ["cmp_select"], "selected_fwd": ["slc_fwd"], "selected_kc": ["slc_fwd", "api_fwd"],
            "selected_kc_shape": ["slc_fwd", "slc_bwd"], "selected_kc_merge": ["slc_bwd"], "selected_kc_pipe": ["slc_fwd"], "selected_kc_pipe2": ["slc_fwd"],
-           "selected_merge_launch": ["slc_fwd"], "banded_fwd_win": ["win_fwd"], "select_spread": ["select", "cmp_select"], "selected_merge": ["slc_fwd"], "selected_kc_mib": ["slc_fwd", "slc_bwd"],
-           "selected_kc_bwd": ["slc_bwd", "api_fwd_bwd"], "selected_dq": ["slc_bwd"], "selected_dkv": ["slc_bwd"],
-           "selected_kc_pipe3": ["slc_fwd"], "selected_dkv_pipe": ["slc_bwd"], "banded_dkv2": ["cmp_bwd", "win_bwd"], "banded_dq2": ["cmp_bwd", "win_bwd"],
-           "selected_dkv_g1": ["slc_bwd"], "selected_dkv_g4": ["slc_bwd"], "selected_dkv_g2": ["slc_bwd"], "selected_dkv_g16": ["slc_bwd"]}
+           "selected_kc_pipe3": ["slc_fwd"], "banded_fwd_win": ["win_fwd"], "select_spread": ["select", "cmp_select"], "selected_merge": ["slc_fwd"],
+           "selected_kc_mib": ["slc_fwd", "slc_bwd"], "selected_kc_bwd": ["slc_bwd", "api_fwd_bwd"], "selected_dq": ["slc_bwd"], "selected_dkv": ["slc_bwd"]}
 
 
 def main():
@@ -163,7 +161,7 @@ def main():
                     break
                 os.environ["NSA_TUNE"] = json.dumps({ALIAS.get(kern, kern): list(cfg)})
                 res = {}
-                for op in AFFECTS[kern]:
+                for op in AFFECTS.get(kern) or AFFECTS[ALIAS[kern]]:
                     try:
                         res[op] = ms(fns[op])
                     except Exception as e:  # noqa: BLE001 - a config may not compile (resources)

@@ -32,7 +32,6 @@ SHAPES = {"G1": (8, 8, 128, 128), "G2": (8, 4, 128, 128), "G4": (16, 4, 128, 128
           "paper": (64, 4, 192, 128), "paper128": (64, 4, 128, 128),
           "d256": (64, 4, 256, 256), "dv256": (64, 4, 128, 256), "G4d256": (16, 4, 256, 256), "G1d256": (8, 8, 256, 256),
           "d64": (64, 4, 64, 64), "G1d64": (8, 8, 64, 64)}   # HQ, H, dk, dv
-SMEM = 232448   # bytes of shared memory a block may use on an H100 / H200
 SHOWN = ("BT", "BM", "BN", "BQ", "SEG", "GP", "KA", "KB", "BV", "DQ_PART", "ACCUM", "UNMASKED", "SPLIT_TC")
 
 
@@ -118,7 +117,7 @@ def main():
         for fname, k, kw in seen.values():
             regs, st, ld = ptxas(k)
             shown = " ".join(f"{x}={kw[x]}" for x in SHOWN if x in kw)
-            flag = ("  <- spills" if st > 64 else "") + ("  <- shared memory over the limit" if k.metadata.shared > SMEM else "")
+            flag = ("  <- spills" if st > 64 else "") + ("  <- shared memory over the limit" if k.metadata.shared > tuning.SMEM_LIMIT else "")
             print(f"  {fname:32s} warps={kw.get('num_warps', 4)} regs={regs:3d} spill st/ld={st}/{ld} "
                   f"smem={k.metadata.shared} {shown}{flag}", flush=True)
 

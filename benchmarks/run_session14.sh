@@ -52,10 +52,7 @@ final)
   timeout 300 python3 benchmarks/bench_train.py --lengths 16384 32768 65536 --settings paper G4 G1 2>&1 | grep -v Warn | tee $O/bench.log
   timeout 150 python3 benchmarks/bench_train.py --lengths 32768 65536 --settings fla-comparable --name fla 2>&1 | grep -v Warn | tee $O/fla.log
   (cd /tmp && PYTHONPATH="$OLDPWD/ab_old:$PYTHONPATH" python3 -c "import nsa; print('old:', nsa.__file__)") | tee $O/ab.log
-  for r in 1 2; do
-    OUT= PYTHONPATH="$PWD/ab_old:$PYTHONPATH" timeout 100 python3 benchmarks/bench_train.py --lengths 65536 --settings G4 G1 --name "ab_old$r" 2>&1 | grep -E "nsa:|sdpa-flash:|vs sdpa" | sed "s/^/[old] /" | tee -a $O/ab.log
-    OUT= timeout 100 python3 benchmarks/bench_train.py --lengths 65536 --settings G4 G1 --name "ab_new$r" 2>&1 | grep -E "nsa:|sdpa-flash:|vs sdpa" | sed "s/^/[new] /" | tee -a $O/ab.log
-  done
+  ab_bench 2 --lengths 65536 --settings G4 G1
   rm -f $O/gpu.txt
   ;;
 prefetch)

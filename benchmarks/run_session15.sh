@@ -33,7 +33,7 @@ bwd)
   ;;
 dkv)
   for v in new old; do
-    [ $v = old ] && PP="$PWD/ab_old:$PYTHONPATH" || PP="$PYTHONPATH"
+    PP="$(ab_path $v)"
     P="timeout 150 python3 benchmarks/profile_parts.py --budget 130 --ops slc_bwd"
     PYTHONPATH="$PP" $P --HQ 8 --H 8 --dk 128 --sweep selected_dkv_g1 2>&1 | grep -v Warn | sed "s/^/[$v G1] /" | tee -a $O/dkv.log
     PYTHONPATH="$PP" $P --HQ 16 --H 4 --dk 128 --sweep selected_dkv_g4 2>&1 | grep -v Warn | sed "s/^/[$v G4] /" | tee -a $O/dkv.log
@@ -60,10 +60,7 @@ final2)
   rm -f $O/gpu.txt
   ;;
 abpaper)
-  for r in 1 2; do
-    OUT= PYTHONPATH="$PWD/ab_old:$PYTHONPATH" timeout 80 python3 benchmarks/bench_train.py --quick --lengths 65536 --settings paper --name "ab_old$r" 2>&1 | grep -E "nsa:|sdpa-flash:|vs sdpa-flash" | sed "s/^/[old] /" | tee -a $O/ab.log
-    OUT= timeout 80 python3 benchmarks/bench_train.py --quick --lengths 65536 --settings paper --name "ab_new$r" 2>&1 | grep -E "nsa:|sdpa-flash:|vs sdpa-flash" | sed "s/^/[new] /" | tee -a $O/ab.log
-  done
+  ab_bench 2 --quick --lengths 65536 --settings paper   # as run: 80 s a run, cuDNN's ratio lines left out
   rm -f $O/gpu.txt
   ;;
 check64k)
@@ -73,10 +70,7 @@ final)
   python3 -m pip install -q --no-deps --no-index .whl/*.whl 2>&1 | grep -v WARN | tail -3
   timeout 330 python3 benchmarks/bench_train.py --lengths 16384 32768 65536 --settings paper G4 G1 2>&1 | grep -v Warn | tee $O/bench.log
   timeout 150 python3 benchmarks/bench_train.py --lengths 32768 65536 --settings fla-comparable --name fla 2>&1 | grep -v Warn | tee $O/fla.log
-  for r in 1 2; do
-    OUT= PYTHONPATH="$PWD/ab_old:$PYTHONPATH" timeout 100 python3 benchmarks/bench_train.py --lengths 65536 --settings G4 G1 --name "ab_old$r" 2>&1 | grep -E "nsa:|sdpa-flash:|vs sdpa" | sed "s/^/[old] /" | tee -a $O/ab.log
-    OUT= timeout 100 python3 benchmarks/bench_train.py --lengths 65536 --settings G4 G1 --name "ab_new$r" 2>&1 | grep -E "nsa:|sdpa-flash:|vs sdpa" | sed "s/^/[new] /" | tee -a $O/ab.log
-  done
+  ab_bench 2 --lengths 65536 --settings G4 G1
   rm -f $O/gpu.txt
   ;;
 esac

@@ -50,12 +50,11 @@ def _key_dims(meta):
 
 def _banded_meta(kind, q, v, stride, offset, win):
     N, HQ, H, G, GP, DK, DV, BK, BV = _dims(q, v)
-    rows, BN, warps, stages = tuning.banded(kind, sum(tuning.key_tiles(DK)), BV, GP, win, q.element_size())
-    meta = dict(HQ=HQ, H=H, G=G, GP=GP, DK=DK, DV=DV, BK=BK, BV=BV, BT=max(1, rows // GP), BN=BN,
-                STRIDE=stride, OFFSET=offset, WIN=win, PREC=_prec(q), num_warps=warps,
-                num_stages=stages)
-    meta = _key_dims(meta)
-    return dict(meta, UNMASKED=tuning.banded_unmasked(win))
+    meta = _key_dims(dict(HQ=HQ, H=H, G=G, GP=GP, DK=DK, DV=DV, BK=BK, BV=BV, STRIDE=stride, OFFSET=offset,
+                          WIN=win, PREC=_prec(q)))
+    rows, BN, warps, stages = tuning.banded(kind, meta["KA"] + meta["KB"], BV, GP, win, q.element_size())
+    return dict(meta, BT=max(1, rows // GP), BN=BN, num_warps=warps, num_stages=stages,
+                UNMASKED=tuning.banded_unmasked(win))
 
 
 @custom_op("nsa::banded_fwd", mutates_args=())
