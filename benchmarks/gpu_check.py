@@ -1,12 +1,14 @@
-"""GPU correctness in bf16: the Triton backend against the float64 reference, judged against a
-bf16 eager run of the same reference (its matmuls and softmax in bf16).
+"""GPU correctness in bf16 (or fp16, --dtype float16): the Triton backend against the float64
+reference, judged against an eager run of the same reference in that dtype (its matmuls and
+softmax in bf16 / fp16).
 
-Pass rule, for the output and every gradient: err(kernel) <= 2 * err(bf16 eager) + 1e-3, with
+Pass rule, for the output and every gradient: err(kernel) <= 2 * err(eager) + 1e-3, with
 err = ||x - x_f64|| / ||x_f64||. The selection is compared with the float64 reference's and
 the fraction of (token, head) rows that differ (near ties under rounding) is reported; outputs
 and gradients are then compared on the kernel's own selection, so both compute one function.
 
   python benchmarks/gpu_check.py --lengths 4096 16384 65536 [--small-groups-at 8192] [--wide 8192,16,4 ...]
+      [--dtype float16] [--name gpu_check]
 
 --wide: T,HQ,H cases with dk = dv = 256 (the launch shapes fitted to shared memory; default two).
 """
@@ -41,11 +43,11 @@ def fwd_bwd(fn, t, do):
     return [o] + list(grads)
 
 
-def check(T, HQ, H, dk, dv, cfg):
+def check(T, HQ, H, dk, dv, cfg, dtype=torch.bfloat16):
     base = nsa_inputs(T, HQ, H, dk, dv, cfg, seed=T)
     mk = lambda dt: {k: v.detach().to(dt).requires_grad_() for k, v in base.items()}
-    tk, t64, tbf = mk(torch.bfloat16), mk(torch.float64), mk(torch.bfloat16)
-    do = torch.randn(1, T, HQ, dv, device="cuda", dtype=torch.bfloat16)
+    tk, t64, t_eager = mk(dtype), mk(torch.float64), mk(dtype)
+    do = torch.randn(1, T, HQ, dv, device="cuda", dtype=torch.bfloat16).to(dtype)
     t0 = time.time()
     o_k, idx_k = nsa.nsa_attention(**tk, config=cfg, return_block_idx=True, backend="triton")
     with torch.no_grad():
@@ -56,17 +58,17 @@ def check(T, HQ, H, dk, dv, cfg):
     kern = fwd_bwd(lambda t: nsa.nsa_attention(**t, config=cfg, backend="triton"), tk, do)
     ref = fwd_bwd(lambda t: run_reference(t, cfg, idx_k), t64, do.double())
     orig = reference.compute_dtype
-    reference.compute_dtype = lambda dt: dt                 # bf16 eager: compute in the input dtype
+    reference.compute_dtype = lambda dt: dt                 # eager: compute in the input dtype
     try:
-        eager = fwd_bwd(lambda t: run_reference(t, cfg, idx_k), tbf, do)
+        eager = fwd_bwd(lambda t: run_reference(t, cfg, idx_k), t_eager, do)
     finally:
         reference.compute_dtype = orig
     rows = []
     for name, a, r, e in zip(["o"] + ["d" + n for n in NAMES], kern, ref, eager):
         ek, ee = err(a, r), err(e, r)
-        rows.append(dict(tensor=name, err_kernel=ek, err_bf16_eager=ee, ok=ek <= 2 * ee + 1e-3,
+        rows.append(dict(tensor=name, err_kernel=ek, err_eager=ee, ok=ek <= 2 * ee + 1e-3,
                          nan=bool(torch.isnan(a).any())))
-    return dict(T=T, HQ=HQ, H=H, dk=dk, dv=dv, config=vars(cfg), selection_rows_differing=sel_diff,
+    return dict(T=T, HQ=HQ, H=H, dk=dk, dv=dv, dtype=str(dtype).split(".")[-1], config=vars(cfg), selection_rows_differing=sel_diff,
                 seconds=time.time() - t0, tensors=rows, ok=all(r["ok"] and not r["nan"] for r in rows))
 
 
@@ -76,21 +78,24 @@ def main():
     p.add_argument("--small-groups-at", type=int, default=8192)
     p.add_argument("--wide", type=lambda x: tuple(int(v) for v in x.split(",")), nargs="*",
                    default=[(8192, 16, 4), (4096, 64, 4)], help="T,HQ,H cases with dk = dv = 256")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    p.add_argument("--name", default="gpu_check", help="results file stem (benchmarks/results/<name>_<gpu>.json)")
     a = p.parse_args()
+    dtype = getattr(torch, a.dtype)
     cases = [(T, 64, 4, 192, 128) for T in a.lengths]
     cases += [(a.small_groups_at, 16, 4, 128, 128), (a.small_groups_at, 8, 8, 64, 64),
               (a.small_groups_at + 77, 12, 4, 256, 64)]
     cases += [(T, HQ, H, 256, 256) for T, HQ, H in a.wide]
     results = []
     for c in cases:
-        r = check(*c, PAPER)
+        r = check(*c, PAPER, dtype)
         results.append(r)
-        worst = max(r["tensors"], key=lambda x: x["err_kernel"] / (2 * x["err_bf16_eager"] + 1e-3))
+        worst = max(r["tensors"], key=lambda x: x["err_kernel"] / (2 * x["err_eager"] + 1e-3))
         print(f"T={c[0]:6d} HQ={c[1]:2d} H={c[2]} dk/dv={c[3]}/{c[4]}  ok={r['ok']}  sel-diff={r['selection_rows_differing']:.4f}  "
-              f"worst {worst['tensor']}: kernel {worst['err_kernel']:.2e} vs eager {worst['err_bf16_eager']:.2e}  ({r['seconds']:.0f}s)",
+              f"worst {worst['tensor']}: kernel {worst['err_kernel']:.2e} vs eager {worst['err_eager']:.2e}  ({r['seconds']:.0f}s)",
               flush=True)
         torch.cuda.empty_cache()
-    save("gpu_check", dict(env=environment(), results=results))
+    save(a.name, dict(env=environment(), dtype=a.dtype, results=results))
     print("ALL OK" if all(r["ok"] for r in results) else "FAILURES")
 
 

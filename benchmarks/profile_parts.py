@@ -71,6 +71,12 @@ SWEEPS = {
     "selected_kc_pipe3": [(64, 1024, 16, 4, 2), (64, 1024, 16, 4, 3), (64, 512, 16, 4, 3), (64, 2048, 16, 4, 2),
                           (64, 512, 4, 4, 3), (64, 512, 4, 4, 2), (64, 1024, 4, 4, 3), (64, 256, 4, 4, 4),
                           (64, 1024, 16, 4, 2)],
+    # dk = dv = 256 (session 16): shapes that fit shared memory there (tuning.banded_smem); the
+    # first of each is the fitted default
+    "banded_fwd256": [(128, 64, 8, 2), (64, 64, 4, 3), (128, 32, 8, 3), (128, 32, 8, 4), (64, 32, 4, 3), (64, 64, 4, 2)],
+    "banded_dq256": [(64, 64, 4, 2), (128, 32, 8, 3), (128, 32, 8, 2), (64, 32, 4, 3), (64, 32, 4, 4)],
+    "banded_dkv256": [(64, 32, 4, 3), (32, 32, 4, 3), (64, 32, 8, 3), (64, 16, 4, 3), (64, 32, 4, 2), (32, 32, 4, 2),
+                      (32, 16, 4, 3)],
 }
 
 
@@ -118,7 +124,8 @@ def parts(T, HQ, H, dk, dv, cfg):
 ALIAS = {"selected_kc_merge": "selected_kc_shape", "selected_kc_pipe": "selected_kc_shape", "selected_kc_pipe2": "selected_kc_shape",
          "selected_kc_pipe3": "selected_kc_shape", "selected_dkv_pipe": "selected_dkv", "banded_dkv2": "banded_dkv", "banded_dq2": "banded_dq",
          "selected_dkv_g1": "selected_dkv", "selected_dkv_g4": "selected_dkv", "selected_dkv_g2": "selected_dkv", "selected_dkv_g16": "selected_dkv",
-         "selected_merge_launch": "selected_merge", "cmp_select_more": "cmp_select_launch"}
+         "selected_merge_launch": "selected_merge", "cmp_select_more": "cmp_select_launch",
+         "banded_fwd256": "banded_fwd", "banded_dq256": "banded_dq", "banded_dkv256": "banded_dkv"}
 
 # which ops a kernel's override affects (a sweep of another name's override: that one's, unless given)
 AFFECTS = {"banded_unmasked": ["cmp_fwd", "cmp_bwd", "win_fwd", "win_bwd"], "banded_fwd": ["cmp_fwd", "win_fwd"], "banded_dq": ["cmp_bwd", "win_bwd"], "banded_dkv": ["cmp_bwd", "win_bwd"],
