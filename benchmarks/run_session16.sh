@@ -3,6 +3,9 @@
 #   wide: the bf16 check with dk = dv = 256 (G=4, the paper's 64/4, G=1: the launch shapes
 #        fitted to shared memory in session 15, never run on a GPU), the fp16 check (never run on
 #        a GPU before), then the banded kernels' launches at 256/256 (32k, paper heads).
+#   sel256: the selected backward's launches at 256/256 (dK/dV kernel: rows, segment, warps,
+#        stages; the group-centric dQ: warps, stages), 32k, paper heads; the banded backward with
+#        its 256/256 defaults from `wide`.
 #   final: the training benchmark at 256/256 (paper heads, 32k and 64k, against FA2 and cuDNN),
 #        and fla-comparable against fla-core from the carried wheels (.whl/) after session 15's
 #        banded backward launches.
@@ -12,6 +15,10 @@ wide)
   timeout 200 python3 benchmarks/gpu_check.py --lengths 4096 --small-groups-at 8192 --wide 8192,16,4 4096,64,4 8192,8,8 2>&1 | grep -v -i warn | grep -E "^T=|ALL|FAIL|Error|error" | tee $O/gpu_check.log
   timeout 150 python3 benchmarks/gpu_check.py --dtype float16 --name gpu_check_fp16 --lengths 4096 --small-groups-at 8192 --wide 8192,16,4 2>&1 | grep -E "^T=|ALL|FAIL|Error|error" | tee $O/gpu_check_fp16.log
   timeout 200 python3 benchmarks/profile_parts.py --T 32768 --dk 256 --dv 256 --budget 180 --ops cmp_fwd cmp_bwd win_fwd win_bwd select slc_fwd slc_bwd --sweep banded_fwd256 banded_dq256 banded_dkv256 2>&1 | grep -v Warn | tee $O/banded256.log
+  rm -f $O/profile*.json
+  ;;
+sel256)
+  timeout 250 python3 benchmarks/profile_parts.py --T 32768 --dk 256 --dv 256 --budget 230 --ops cmp_bwd win_bwd slc_bwd --sweep selected_dkv256 selected_dq256 2>&1 | grep -v Warn | tee $O/selected256.log
   rm -f $O/profile*.json
   ;;
 final)

@@ -57,7 +57,13 @@ def banded(kind: str, dk: int, dv: int, gp: int, win: int = 0, esize: int = 2):
     # The backward at the paper shape on the H200 (results/session15/cmpbwd, compression / window
     # backward in ms): dkv 64/32/4 at 2 stages 71.0-71.4 / 19.1-21.7, at 3 stages 66.2 / 18.0
     # (128/32/4/2 66.7 / 19.6; 64/16 or 8 warps 96-97); dq at 3 stages 69.6 / 19.0 against 71.1-71.5
+    # At dk = dv = 256 (H200, 32k, paper heads, results/session16/wide; compression / window
+    # backward in ms), the fitted defaults spill registers (the dK/dV accumulators): dkv 64/32/4/3
+    # 39.4 / 20.0, 8 warps 33.1 / 16.4 (32/32/4/3 33.5 / 16.1); dq 64/64/4/2 39.3 / 20.0,
+    # 128/32/8/3 37.0 / 19.0. The forward's fitted 128/64/8/2 is its best (5.0 / 3.3).
     default = {"fwd": (128, 64, 8, 3), "dq": (128, 64, 8, 3), "dkv": (64, 32, 4, 3)}[kind]
+    if dk + dv >= 512 and kind != "fwd":
+        default = {"dq": (128, 32, 8, 3), "dkv": (64, 32, 8, 3)}[kind]
     if kind == "fwd" and win > 0 and gp <= 4:
         default = (64, 32, 4, 3)
     own = _pick(f"banded_{kind}_win", None) if win > 0 else None   # the window's alone (A/B timing)
