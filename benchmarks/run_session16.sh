@@ -6,6 +6,8 @@
 #   sel256: the selected backward's launches at 256/256 (dK/dV kernel: rows, segment, warps,
 #        stages; the group-centric dQ: warps, stages), 32k, paper heads; the banded backward with
 #        its 256/256 defaults from `wide`.
+#   w8: the selected dK/dV kernel at 8 warps (as it now runs at 256/256) at 64k: paper 192/128,
+#        G=4 and G=1 at 128/128.
 #   final: the training benchmark at 256/256 (paper heads, 32k and 64k, against FA2 and cuDNN),
 #        and fla-comparable against fla-core from the carried wheels (.whl/) after session 15's
 #        banded backward launches.
@@ -19,6 +21,13 @@ wide)
   ;;
 sel256)
   timeout 250 python3 benchmarks/profile_parts.py --T 32768 --dk 256 --dv 256 --budget 230 --ops cmp_bwd win_bwd slc_bwd --sweep selected_dkv256 selected_dq256 2>&1 | grep -v Warn | tee $O/selected256.log
+  rm -f $O/profile*.json
+  ;;
+w8)
+  P="timeout 120 python3 benchmarks/profile_parts.py --budget 100 --ops slc_bwd"
+  $P --sweep selected_dkv_w8 2>&1 | grep -v Warn | tee $O/w8_paper.log
+  $P --HQ 16 --H 4 --dk 128 --sweep selected_dkv_w8 2>&1 | grep -v Warn | tee $O/w8_G4.log
+  $P --HQ 8 --H 8 --dk 128 --sweep selected_dkv_w8g1 2>&1 | grep -v Warn | tee $O/w8_G1.log
   rm -f $O/profile*.json
   ;;
 final)

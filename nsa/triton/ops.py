@@ -362,7 +362,7 @@ def selected_bwd_launch(q, k, v, idx, o, lse, do, cu_q, scale, sel_block_size, d
         nsa_selected_bwd_dq_kernel[(N, H)](q, k, v, idx, do if delta_in else o, do, lse, delta, dq, cu_q, n_seq,
                                            *args, DELTA_IN=delta_in, DQ_ADD=dq_add, **meta)
         chunk = N
-    rows, SEG, warps, stages = tuning.selected_bwd_queries(GP)
+    rows, SEG, warps, stages = tuning.selected_bwd_queries(GP, meta["KA"] + meta["KB"], BV)
     BQ = max(1, rows // GP)
     BS = meta["BS"]
     common = dict(H=H, DK=DK, DV=DV, BV=BV, BS=BS, SEL_L=sel_block_size)

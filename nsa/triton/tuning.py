@@ -269,7 +269,7 @@ def selected_key_centric_heads(n_rows: int, h: int, rows: int) -> int:
     return min(h, rows * h // 2 // max(1, n_rows))
 
 
-def selected_bwd_queries(gp: int):
+def selected_bwd_queries(gp: int, dk: int, dv: int):
     """(rows per step, SEG queries per segment, num_warps, num_stages) of the dK/dV kernel. SEG
     bounds how long one program runs (the first block is selected by every query); the fp32
     partial buffer it implies is at most 2 * T*H*n / SEG blocks. 32 rows: 87 -> 69 ms for the
@@ -278,10 +278,15 @@ def selected_bwd_queries(gp: int):
     stages: G=1 (8/8) 2048/2 5.36, 4096/2 4.69, 4096/3 4.74, 8192/2-3 6.4-6.8; G=4 (16/4)
     2048/2 8.45, 2048/3 7.50, 1024/3 7.12, 512/3 7.34, 2048/4 9.63; paper (64/4, 192/128)
     2048/2 50.4-50.8, 1024/3 48.6, 2048/3 49.2; G=2 (8/4) 2048/2 4.69, 1024/3 4.35, 2048/3 4.47,
-    512/3 4.62, 4096/2 5.55."""
+    512/3 4.62, 4096/2 5.55. dk, dv: the column tiles' widths; at dk = dv = 256 the kernel holds
+    [64, 256] fp32 dK and dV, which spill at 4 warps: paper heads, 32k (results/session16/sel256)
+    1024/3 at 4 warps 72.0, at 8 warps 48.1 (8 warps 2 stages 51.5, 64 rows 50.5, 16 rows 57.4)."""
     if interpreting():
         return max(1, 16 // gp) * gp, int(os.environ.get("NSA_SEL_SEGMENT", "8")), 4, 1
-    return _pick("selected_dkv", (32, 4096, 4, 2) if gp == 1 else (32, 1024, 4, 3))
+    default = (32, 4096, 4, 2) if gp == 1 else (32, 1024, 4, 3)
+    if dk + dv >= 512:
+        default = (32, default[1], 8, default[3])
+    return _pick("selected_dkv", default)
 
 
 def decode(programs: int, cmp_tokens: int, win_tokens: int, sel_tokens: int, blocks: int, device):
