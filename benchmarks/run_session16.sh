@@ -8,8 +8,8 @@
 #        its 256/256 defaults from `wide`.
 #   w8: the selected dK/dV kernel at 8 warps (as it now runs at 256/256) at 64k: paper 192/128,
 #        G=4 and G=1 at 128/128.
-#   final: the training benchmark at 256/256 (paper heads, 32k and 64k, against FA2 and cuDNN),
-#        and fla-comparable against fla-core from the carried wheels (.whl/) after session 15's
+#   final: the training benchmark at 256/256 (paper heads, 32k and 64k, against FA2 and cuDNN).
+#   fla: the bf16 check again (256/256 launches changed after `wide`), fla-comparable against fla-core from the carried wheels (.whl/) after session 15's
 #        banded backward launches.
 source benchmarks/session_lib.sh s16
 case "${1:-wide}" in
@@ -31,8 +31,12 @@ w8)
   rm -f $O/profile*.json
   ;;
 final)
-  python3 -m pip install -q --no-deps --no-index .whl/*.whl 2>&1 | grep -v WARN | tail -3
   timeout 250 python3 benchmarks/bench_train.py --lengths 32768 65536 --settings paper --dims 256/256 --name train256 2>&1 | grep -v Warn | tee $O/bench256.log
+  rm -f $O/gpu.txt
+  ;;
+fla)   # carry .whl (gitignored); first the bf16 check at 256/256 again, after the wide launches changed
+  timeout 200 python3 benchmarks/gpu_check.py --lengths 4096 --small-groups-at 8192 --wide 8192,16,4 4096,64,4 8192,8,8 2>&1 | grep -E "^T=|ALL|FAIL|Error|error" | tee $O/gpu_check.log
+  python3 -m pip install -q --no-deps --no-index .whl/*.whl 2>&1 | grep -v WARN | tail -3
   timeout 150 python3 benchmarks/bench_train.py --lengths 32768 65536 --settings fla-comparable --name fla 2>&1 | grep -v Warn | tee $O/fla.log
   rm -f $O/gpu.txt
   ;;
