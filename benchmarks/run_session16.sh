@@ -9,7 +9,7 @@
 #   w8: the selected dK/dV kernel at 8 warps (as it now runs at 256/256) at 64k: paper 192/128,
 #        G=4 and G=1 at 128/128.
 #   final: the training benchmark at 256/256 (paper heads, 32k and 64k, against FA2 and cuDNN).
-#   long: gpu_check --long: the paper shape, G=1 and G=4 256/256 at 262221 tokens (q past 2**31
+#   long: gpu_check --long: the paper shape (192/128 and 256/256) and G=1 at 262221 tokens (q, o past 2**31
 #        elements at the paper shape), the kernels' output and gradients at ten positions against
 #        reference.nsa_at_positions in float64.
 #   fla: the bf16 check again (256/256 launches changed after `wide`), fla-comparable against fla-core from the carried wheels (.whl/) after session 15's
@@ -38,7 +38,7 @@ final)
   rm -f $O/gpu.txt
   ;;
 long)   # sequences past 2**31 elements (int64 offsets), checked at some positions (gpu_check --long)
-  timeout 500 python3 benchmarks/gpu_check.py --lengths --small-groups-at 0 --wide --long 262221,64,4,192,128 262221,8,8,128,128 262221,16,4,256,256 --name gpu_check_long 2>&1 | grep -E "^T=|ALL|FAIL|Error|error|memory" | tee $O/gpu_check_long.log
+  timeout 500 python3 benchmarks/gpu_check.py --lengths --small-groups-at 0 --wide --long 262221,64,4,192,128 262221,8,8,128,128 262221,64,4,256,256 --name gpu_check_long 2>&1 | grep -E "^T=|ALL|FAIL|Error|error|memory" | tee $O/gpu_check_long.log
   ;;
 fla)   # carry .whl (gitignored); first the bf16 check at 256/256 again, after the wide launches changed
   timeout 200 python3 benchmarks/gpu_check.py --lengths 4096 --small-groups-at 8192 --wide 8192,16,4 4096,64,4 8192,8,8 2>&1 | grep -E "^T=|ALL|FAIL|Error|error" | tee $O/gpu_check.log
