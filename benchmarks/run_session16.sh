@@ -12,6 +12,7 @@
 #   long: gpu_check --long: the paper shape (192/128 and 256/256) and G=1 at 262221 tokens (q, o past 2**31
 #        elements at the paper shape), the kernels' output and gradients at ten positions against
 #        reference.nsa_at_positions in float64.
+#   gc: the group-centric selected forward's and dQ's (warps, stages) at the paper shape, 64k.
 #   fla: the bf16 check again (256/256 launches changed after `wide`), fla-comparable against fla-core from the carried wheels (.whl/) after session 15's
 #        banded backward launches.
 source benchmarks/session_lib.sh s16
@@ -39,6 +40,10 @@ final)
   ;;
 long)   # sequences past 2**31 elements (int64 offsets), checked at some positions (gpu_check --long)
   timeout 500 python3 benchmarks/gpu_check.py --lengths --small-groups-at 0 --wide --long 262221,64,4,192,128 262221,8,8,128,128 262221,64,4,256,256 --name gpu_check_long 2>&1 | grep -E "^T=|ALL|FAIL|Error|error|memory" | tee $O/gpu_check_long.log
+  ;;
+gc)   # the group-centric selected kernels' (warps, stages) at the paper shape on the H200 (chosen on the H100)
+  timeout 200 python3 benchmarks/profile_parts.py --budget 180 --ops slc_fwd slc_bwd --sweep selected_fwd selected_dq 2>&1 | grep -v Warn | tee $O/gc_paper.log
+  rm -f $O/profile*.json
   ;;
 fla)   # carry .whl (gitignored); first the bf16 check at 256/256 again, after the wide launches changed
   timeout 200 python3 benchmarks/gpu_check.py --lengths 4096 --small-groups-at 8192 --wide 8192,16,4 4096,64,4 8192,8,8 2>&1 | grep -E "^T=|ALL|FAIL|Error|error" | tee $O/gpu_check.log
