@@ -187,7 +187,9 @@ def selected(kind: str, gp: int):
     """(num_warps, num_stages) of the group-centric selected-attention kernels (fwd, dq)."""
     if interpreting():
         return 4, 1
-    # 64k sweep (H100): the forward at 2 warps 21.6 ms, 4 warps 22.0
+    # 64k sweep (H100): the forward at 2 warps 21.6 ms, 4 warps 22.0. H200, paper shape 64k
+    # (results/session16/gc, warps/stages): forward 2/2 19.4, 4/2 20.3, others 22.9-37.0; the
+    # selected backward with dQ at 4/2 48.9, 2/2 48.3 (within the spread), others 53.4-56.2
     return _pick(f"selected_{kind}", (2, 2) if kind == "fwd" else (4, 2))
 
 
