@@ -13,6 +13,7 @@
 #        elements at the paper shape), the kernels' output and gradients at ten positions against
 #        reference.nsa_at_positions in float64.
 #   gc: the group-centric selected forward's and dQ's (warps, stages) at the paper shape, 64k.
+#   fwd256: the group-centric selected forward's warps at 256/256 (paper heads), 32k and 64k.
 #   fla: the bf16 check again (256/256 launches changed after `wide`), fla-comparable against fla-core from the carried wheels (.whl/) after session 15's
 #        banded backward launches.
 source benchmarks/session_lib.sh s16
@@ -43,6 +44,12 @@ long)   # sequences past 2**31 elements (int64 offsets), checked at some positio
   ;;
 gc)   # the group-centric selected kernels' (warps, stages) at the paper shape on the H200 (chosen on the H100)
   timeout 200 python3 benchmarks/profile_parts.py --budget 180 --ops slc_fwd slc_bwd --sweep selected_fwd selected_dq 2>&1 | grep -v Warn | tee $O/gc_paper.log
+  rm -f $O/profile*.json
+  ;;
+fwd256)   # the group-centric selected forward's warps at 256/256 (ptxas: 2 warps spill, 4 do not), 32k and 64k
+  P="timeout 150 python3 benchmarks/profile_parts.py --budget 120 --dk 256 --dv 256 --ops slc_fwd slc_bwd --sweep selected_fwd256"
+  $P --T 32768 2>&1 | grep -v Warn | tee $O/fwd256.log
+  $P --T 65536 2>&1 | grep -v Warn | tee -a $O/fwd256.log
   rm -f $O/profile*.json
   ;;
 fla)   # carry .whl (gitignored); first the bf16 check at 256/256 again, after the wide launches changed

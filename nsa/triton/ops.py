@@ -389,7 +389,7 @@ def selected_bwd_launch(q, k, v, idx, o, lse, do, cu_q, scale, sel_block_size, d
             ACCUM=add, num_warps=warps, num_stages=stages, **common)
         nsa_selected_bwd_reduce_kernel[(n_b,)](
             dk_sum, dv_sum, dk_part, dv_part, ii.seg_cu[c], ii.part_cu[c], ii.blk_cu, cu_q, n_seq, b0, ii.nbu,
-            BK=BK, ACCUM=add, num_warps=4, **common)
+            BK=BK, ACCUM=add, num_warps=warps, **common)   # the dK/dV kernel's: 8 at 256/256, where 4 spill
         if kc:
             nsa_selected_dq_sum_kernel[(triton.cdiv(R, BT), hn)](
                 ii.pos_of, dq_part, dq, ii.lists(c)[b0:], row0, R, h0, scale, HQ=HQ, H=H, G=G, GP=GP,
