@@ -202,10 +202,10 @@ def _(q, k, lse, cu_q, cu_k, scale, cmp_block_size, cmp_stride, sel_block_size, 
 # ----------------------------------------------------------------------------- selected attention
 def _selected_meta(kind, q, v, idx, sel_block_size):
     N, HQ, H, G, GP, DK, DV, BK, BV = _dims(q, v)
-    warps, stages = tuning.selected(kind, GP)
-    return _key_dims(dict(HQ=HQ, H=H, G=G, BM=max(16, GP), DK=DK, DV=DV, BK=BK, BV=BV,
-                          num_warps=warps, num_stages=stages, BS=pow2(sel_block_size, 16),
+    meta = _key_dims(dict(HQ=HQ, H=H, G=G, BM=max(16, GP), DK=DK, DV=DV, BK=BK, BV=BV, BS=pow2(sel_block_size, 16),
                           SEL_L=sel_block_size, N_SEL=idx.shape[-1], NP=pow2(idx.shape[-1]), PREC=_prec(q)))
+    warps, stages = tuning.selected(kind, meta["KA"] + meta["KB"], BV)
+    return dict(meta, num_warps=warps, num_stages=stages)
 
 
 @custom_op("nsa::selected_fwd", mutates_args=())

@@ -31,6 +31,13 @@ def _pick(name, default):
 SMEM_LIMIT = 232448
 
 
+def _wide(dk: int, dv: int) -> bool:
+    """Head dims (column tiles' widths) as wide as 256/256, where kernels holding [rows, dk] and
+    [rows, dv] fp32 accumulators spill registers at the warps chosen for narrower dims (ptxas,
+    results/session16): they take more warps there."""
+    return dk + dv >= 512
+
+
 def banded_smem(kind: str, rows: int, bn: int, stages: int, dk: int, dv: int, esize: int) -> int:
     """Bytes of shared memory a banded launch takes, as Triton lays the kernels out for sm_90: a
     buffer per pipeline stage of the tiles the loop streams (forward and dQ: a key tile's K and
@@ -62,7 +69,7 @@ def banded(kind: str, dk: int, dv: int, gp: int, win: int = 0, esize: int = 2):
     # 39.4 / 20.0, 8 warps 33.1 / 16.4 (32/32/4/3 33.5 / 16.1); dq 64/64/4/2 39.3 / 20.0,
     # 128/32/8/3 37.0 / 19.0. The forward's fitted 128/64/8/2 is its best (5.0 / 3.3).
     default = {"fwd": (128, 64, 8, 3), "dq": (128, 64, 8, 3), "dkv": (64, 32, 4, 3)}[kind]
-    if dk + dv >= 512 and kind != "fwd":
+    if _wide(dk, dv) and kind != "fwd":
         default = {"dq": (128, 32, 8, 3), "dkv": (64, 32, 8, 3)}[kind]
     if kind == "fwd" and win > 0 and gp <= 4:
         default = (64, 32, 4, 3)
@@ -183,14 +190,17 @@ def cmp_select_launch():
     return _pick("cmp_select_launch", (16, 4, 1) if interpreting() else (64, 4, 2))
 
 
-def selected(kind: str, gp: int):
-    """(num_warps, num_stages) of the group-centric selected-attention kernels (fwd, dq)."""
+def selected(kind: str, dk: int, dv: int):
+    """(num_warps, num_stages) of the group-centric selected-attention kernels (fwd, dq); dk, dv:
+    the column tiles' widths."""
     if interpreting():
         return 4, 1
     # 64k sweep (H100): the forward at 2 warps 21.6 ms, 4 warps 22.0. H200, paper shape 64k
     # (results/session16/gc, warps/stages): forward 2/2 19.4, 4/2 20.3, others 22.9-37.0; the
-    # selected backward with dQ at 4/2 48.9, 2/2 48.3 (within the spread), others 53.4-56.2
-    return _pick(f"selected_{kind}", (2, 2) if kind == "fwd" else (4, 2))
+    # selected backward with dQ at 4/2 48.9, 2/2 48.3 (within the spread), others 53.4-56.2.
+    # At dk = dv = 256 the forward spills at 2 warps (ptxas: 208 B a thread; none at 4):
+    # paper heads (results/session16/fwd256) 32k 16.4 -> 15.3 ms, 64k 33.5 -> 32.9 at 4/2
+    return _pick(f"selected_{kind}", (4 if _wide(dk, dv) else 2, 2) if kind == "fwd" else (4, 2))
 
 
 def selected_key_centric(g: int, kind: str) -> bool:
@@ -287,7 +297,7 @@ def selected_bwd_queries(gp: int, dk: int, dv: int):
     if interpreting():
         return max(1, 16 // gp) * gp, int(os.environ.get("NSA_SEL_SEGMENT", "8")), 4, 1
     default = (32, 4096, 4, 2) if gp == 1 else (32, 1024, 4, 3)
-    if dk + dv >= 512:
+    if _wide(dk, dv):
         default = (32, default[1], 8, default[3])
     return _pick("selected_dkv", default)
 
