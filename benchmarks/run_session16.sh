@@ -14,6 +14,7 @@
 #        reference.nsa_at_positions in float64.
 #   gc: the group-centric selected forward's and dQ's (warps, stages) at the paper shape, 64k.
 #   fwd256: the group-centric selected forward's warps at 256/256 (paper heads), 32k and 64k.
+#   final2: after the 256/256 forward and reduce launches: the bf16 check and the 256/256 benchmark again.
 #   fla: the bf16 check again (256/256 launches changed after `wide`), fla-comparable against fla-core from the carried wheels (.whl/) after session 15's
 #        banded backward launches.
 source benchmarks/session_lib.sh s16
@@ -51,6 +52,11 @@ fwd256)   # the group-centric selected forward's warps at 256/256 (ptxas: 2 warp
   $P --T 32768 2>&1 | grep -v Warn | tee $O/fwd256.log
   $P --T 65536 2>&1 | grep -v Warn | tee -a $O/fwd256.log
   rm -f $O/profile*.json
+  ;;
+final2)   # after the wide forward / reduce launches: the bf16 check (256/256 cases) and the 256/256 benchmark again
+  timeout 200 python3 benchmarks/gpu_check.py --lengths 4096 --small-groups-at 8192 --wide 8192,16,4 4096,64,4 8192,8,8 2>&1 | grep -E "^T=|ALL|FAIL|Error|error" | tee $O/gpu_check.log
+  timeout 250 python3 benchmarks/bench_train.py --lengths 32768 65536 --settings paper --dims 256/256 --name train256 2>&1 | grep -v Warn | tee $O/bench256.log
+  rm -f $O/gpu.txt
   ;;
 fla)   # carry .whl (gitignored); first the bf16 check at 256/256 again, after the wide launches changed
   timeout 200 python3 benchmarks/gpu_check.py --lengths 4096 --small-groups-at 8192 --wide 8192,16,4 4096,64,4 8192,8,8 2>&1 | grep -E "^T=|ALL|FAIL|Error|error" | tee $O/gpu_check.log
