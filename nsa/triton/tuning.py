@@ -292,8 +292,9 @@ def selected_bwd_queries(gp: int, dk: int, dv: int):
     2048/2 50.4-50.8, 1024/3 48.6, 2048/3 49.2; G=2 (8/4) 2048/2 4.69, 1024/3 4.35, 2048/3 4.47,
     512/3 4.62, 4096/2 5.55. dk, dv: the column tiles' widths; at dk = dv = 256 the kernel holds
     [64, 256] fp32 dK and dV, which spill at 4 warps: paper heads, 32k (results/session16/sel256)
-    1024/3 at 4 warps 72.0, at 8 warps 48.1 (8 warps 2 stages 51.5, 64 rows 50.5, 16 rows 57.4). At narrower dims 8 warps is slower (64k,
-    results/session16/w8): paper 192/128 49.0 -> 61.3, G=4 7.1 -> 11.0, G=1 4.7 -> 7.4."""
+    1024/3 at 4 warps 72.0, at 8 warps 48.1 (8 warps 2 stages 51.5, 64 rows 50.5, 16 rows
+    57.4); other groups take 8 warps there too (not timed). At narrower dims 8 warps is slower
+    (64k, results/session16/w8): paper 192/128 49.0 -> 61.3, G=4 7.1 -> 11.0, G=1 4.7 -> 7.4."""
     if interpreting():
         return max(1, 16 // gp) * gp, int(os.environ.get("NSA_SEL_SEGMENT", "8")), 4, 1
     default = (32, 4096, 4, 2) if gp == 1 else (32, 1024, 4, 3)
