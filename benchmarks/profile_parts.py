@@ -84,6 +84,11 @@ SWEEPS = {
     "selected_dkv_w8": [(32, 1024, 4, 3), (32, 1024, 8, 3), (32, 1024, 8, 2), (64, 1024, 8, 3), (32, 2048, 8, 3)],
     "selected_dkv_w8g1": [(32, 4096, 4, 2), (32, 4096, 8, 2), (32, 4096, 8, 3), (64, 4096, 8, 2)],
     "selected_fwd256": [(2, 2), (4, 2), (4, 3), (8, 2), (2, 2)],   # ptxas: 2 warps spill 208 B at 256/256, 4 none
+    # small groups at 256/256: the paper heads' wide launches against the narrow dims' (A/B)
+    "selected_dkv_s256": [(32, 1024, 4, 3), (32, 1024, 8, 3), (32, 1024, 4, 3), (32, 1024, 8, 3)],
+    "selected_dkv_s256g1": [(32, 4096, 4, 2), (32, 4096, 8, 2), (32, 4096, 4, 2), (32, 4096, 8, 2)],
+    "banded_dkv_s256": [(64, 32, 4, 3), (64, 32, 8, 3), (64, 32, 4, 3), (64, 32, 8, 3)],
+    "banded_dq_s256": [(64, 64, 4, 2), (128, 32, 8, 3), (64, 64, 4, 2), (128, 32, 8, 3)],
     "selected_dq256": [(4, 2), (8, 2), (8, 3), (4, 3), (2, 2)],
 }
 
@@ -134,7 +139,9 @@ ALIAS = {"selected_kc_merge": "selected_kc_shape", "selected_kc_pipe": "selected
          "selected_dkv_g1": "selected_dkv", "selected_dkv_g4": "selected_dkv", "selected_dkv_g2": "selected_dkv", "selected_dkv_g16": "selected_dkv",
          "selected_merge_launch": "selected_merge", "cmp_select_more": "cmp_select_launch",
          "banded_fwd256": "banded_fwd", "banded_dq256": "banded_dq", "banded_dkv256": "banded_dkv",
-         "selected_dkv256": "selected_dkv", "selected_dkv_w8": "selected_dkv", "selected_dkv_w8g1": "selected_dkv", "selected_dq256": "selected_dq", "selected_fwd256": "selected_fwd"}
+         "selected_dkv256": "selected_dkv", "selected_dkv_w8": "selected_dkv", "selected_dkv_w8g1": "selected_dkv", "selected_dq256": "selected_dq", "selected_fwd256": "selected_fwd",
+         "selected_dkv_s256": "selected_dkv", "selected_dkv_s256g1": "selected_dkv", "banded_dkv_s256": "banded_dkv",
+         "banded_dq_s256": "banded_dq"}
 
 # which ops a kernel's override affects (a sweep of another name's override: that one's, unless given)
 AFFECTS = {"banded_unmasked": ["cmp_fwd", "cmp_bwd", "win_fwd", "win_bwd"], "banded_fwd": ["cmp_fwd", "win_fwd"], "banded_dq": ["cmp_bwd", "win_bwd"], "banded_dkv": ["cmp_bwd", "win_bwd"],

@@ -15,6 +15,8 @@
 #   gc: the group-centric selected forward's and dQ's (warps, stages) at the paper shape, 64k.
 #   fwd256: the group-centric selected forward's warps at 256/256 (paper heads), 32k and 64k.
 #   final2: after the 256/256 forward and reduce launches: the bf16 check and the 256/256 benchmark again.
+#   small256: G=4 and G=1 at 256/256, 64k: the wide launches (timed at paper heads) against the
+#        narrow dims', in turn, twice (selected dK/dV, banded dK/dV and dQ).
 #   fla: the bf16 check again (256/256 launches changed after `wide`), fla-comparable against fla-core from the carried wheels (.whl/) after session 15's
 #        banded backward launches.
 source benchmarks/session_lib.sh s16
@@ -57,6 +59,12 @@ final2)   # after the wide forward / reduce launches: the bf16 check (256/256 ca
   timeout 200 python3 benchmarks/gpu_check.py --lengths 4096 --small-groups-at 8192 --wide 8192,16,4 4096,64,4 8192,8,8 2>&1 | grep -E "^T=|ALL|FAIL|Error|error" | tee $O/gpu_check.log
   timeout 250 python3 benchmarks/bench_train.py --lengths 32768 65536 --settings paper --dims 256/256 --name train256 2>&1 | grep -v Warn | tee $O/bench256.log
   rm -f $O/gpu.txt
+  ;;
+small256)   # G=4 and G=1 at 256/256, 64k: the wide launches against the narrow dims', twice in turn
+  P="timeout 200 python3 benchmarks/profile_parts.py --budget 170 --dk 256 --dv 256 --ops cmp_bwd win_bwd slc_bwd"
+  $P --HQ 16 --H 4 --sweep selected_dkv_s256 banded_dkv_s256 banded_dq_s256 2>&1 | grep -v Warn | tee $O/G4.log
+  $P --HQ 8 --H 8 --sweep selected_dkv_s256g1 banded_dkv_s256 banded_dq_s256 2>&1 | grep -v Warn | tee $O/G1.log
+  rm -f $O/profile*.json
   ;;
 fla)   # carry .whl (gitignored); first the bf16 check at 256/256 again, after the wide launches changed
   timeout 200 python3 benchmarks/gpu_check.py --lengths 4096 --small-groups-at 8192 --wide 8192,16,4 4096,64,4 8192,8,8 2>&1 | grep -E "^T=|ALL|FAIL|Error|error" | tee $O/gpu_check.log
