@@ -67,7 +67,9 @@ def banded(kind: str, dk: int, dv: int, gp: int, win: int = 0, esize: int = 2):
     # At dk = dv = 256 (H200, 32k, paper heads, results/session16/wide; compression / window
     # backward in ms), the fitted defaults spill registers (the dK/dV accumulators): dkv 64/32/4/3
     # 39.4 / 20.0, 8 warps 33.1 / 16.4 (32/32/4/3 33.5 / 16.1); dq 64/64/4/2 39.3 / 20.0,
-    # 128/32/8/3 37.0 / 19.0. The forward's fitted 128/64/8/2 is its best (5.0 / 3.3).
+    # 128/32/8/3 37.0 / 19.0. The forward's fitted 128/64/8/2 is its best (5.0 / 3.3). Small
+    # groups, 64k (results/session16/small256): G=4 dkv 36.9 / 8.7 -> 30.0 / 8.4, dq 31.4 / 9.0
+    # -> 30.1 / 8.4; G=1 dkv 17.5 / 5.7 -> 14.5 / 4.9, dq 15.4 / 5.2 -> 14.6 / 4.9.
     default = {"fwd": (128, 64, 8, 3), "dq": (128, 64, 8, 3), "dkv": (64, 32, 4, 3)}[kind]
     if _wide(dk, dv) and kind != "fwd":
         default = {"dq": (128, 32, 8, 3), "dkv": (64, 32, 8, 3)}[kind]
@@ -293,8 +295,9 @@ def selected_bwd_queries(gp: int, dk: int, dv: int):
     512/3 4.62, 4096/2 5.55. dk, dv: the column tiles' widths; at dk = dv = 256 the kernel holds
     [64, 256] fp32 dK and dV, which spill at 4 warps: paper heads, 32k (results/session16/sel256)
     1024/3 at 4 warps 72.0, at 8 warps 48.1 (8 warps 2 stages 51.5, 64 rows 50.5, 16 rows
-    57.4); other groups take 8 warps there too (not timed). At narrower dims 8 warps is slower
-    (64k, results/session16/w8): paper 192/128 49.0 -> 61.3, G=4 7.1 -> 11.0, G=1 4.7 -> 7.4."""
+    57.4); 64k (results/session16/small256) G=4 45.1 -> 21.5, G=1 (4096/2) 35.2 -> 19.3. At
+    narrower dims 8 warps is slower (64k, results/session16/w8): paper 192/128 49.0 -> 61.3,
+    G=4 7.1 -> 11.0, G=1 4.7 -> 7.4."""
     if interpreting():
         return max(1, 16 // gp) * gp, int(os.environ.get("NSA_SEL_SEGMENT", "8")), 4, 1
     default = (32, 4096, 4, 2) if gp == 1 else (32, 1024, 4, 3)
