@@ -45,6 +45,27 @@ def fwd_bwd(fn, t, do):
     return [o] + list(grads)
 
 
+def eager(fn):
+    """fn() with the reference computing in its inputs' dtype (the eager baseline), not fp32."""
+    orig = reference.compute_dtype
+    reference.compute_dtype = lambda dt: dt
+    try:
+        return fn()
+    finally:
+        reference.compute_dtype = orig
+
+
+def judge(kern, ref, base):
+    """Per tensor (o, then the gradients of NAMES): err of the kernel's and of the eager
+    baseline's against float64, the pass rule, and whether the kernel's holds a NaN."""
+    rows = []
+    for name, a, r, e in zip(["o"] + ["d" + n for n in NAMES], kern, ref, base):
+        ek, ee = err(a, r), err(e, r)
+        rows.append(dict(tensor=name, err_kernel=ek, err_eager=ee, ok=ek <= 2 * ee + 1e-3,
+                         nan=bool(torch.isnan(a).any())))
+    return rows
+
+
 def check(T, HQ, H, dk, dv, cfg, dtype=torch.bfloat16):
     base = nsa_inputs(T, HQ, H, dk, dv, cfg, seed=T)
     mk = lambda dt: {k: v.detach().to(dt).requires_grad_() for k, v in base.items()}
@@ -59,17 +80,7 @@ def check(T, HQ, H, dk, dv, cfg, dtype=torch.bfloat16):
     sel_diff = float((idx_k != idx64).any(-1).float().mean())
     kern = fwd_bwd(lambda t: nsa.nsa_attention(**t, config=cfg, backend="triton"), tk, do)
     ref = fwd_bwd(lambda t: run_reference(t, cfg, idx_k), t64, do.double())
-    orig = reference.compute_dtype
-    reference.compute_dtype = lambda dt: dt                 # eager: compute in the input dtype
-    try:
-        eager = fwd_bwd(lambda t: run_reference(t, cfg, idx_k), t_eager, do)
-    finally:
-        reference.compute_dtype = orig
-    rows = []
-    for name, a, r, e in zip(["o"] + ["d" + n for n in NAMES], kern, ref, eager):
-        ek, ee = err(a, r), err(e, r)
-        rows.append(dict(tensor=name, err_kernel=ek, err_eager=ee, ok=ek <= 2 * ee + 1e-3,
-                         nan=bool(torch.isnan(a).any())))
+    rows = judge(kern, ref, eager(lambda: fwd_bwd(lambda t: run_reference(t, cfg, idx_k), t_eager, do)))
     return dict(T=T, HQ=HQ, H=H, dk=dk, dv=dv, dtype=str(dtype).split(".")[-1], config=vars(cfg), selection_rows_differing=sel_diff,
                 seconds=time.time() - t0, tensors=rows, ok=all(r["ok"] and not r["nan"] for r in rows))
 
@@ -111,17 +122,8 @@ def check_long(T, HQ, H, dk, dv, cfg, dtype=torch.bfloat16):
         return [o] + list(torch.autograd.grad(o, [t[n] for n in NAMES], do[0, p].to(dt))), idx
 
     ref, idx64 = at_rows(torch.float64)
-    orig = reference.compute_dtype
-    reference.compute_dtype = lambda dt: dt
-    try:
-        eager, _ = at_rows(dtype)
-    finally:
-        reference.compute_dtype = orig
     sel_diff = float((idx_k[0, p] != idx64).any(-1).float().mean())
-    rows = []
-    for name, a, r, e in zip(["o"] + ["d" + n for n in NAMES], kern, ref, eager):
-        ek, ee = err(a, r), err(e, r)
-        rows.append(dict(tensor=name, err_kernel=ek, err_eager=ee, ok=ek <= 2 * ee + 1e-3))
+    rows = judge(kern, ref, eager(lambda: at_rows(dtype)[0]))
     ok = all(r["ok"] for r in rows) and not nan and stray == 0 and sel_diff == 0
     return dict(T=T, HQ=HQ, H=H, dk=dk, dv=dv, dtype=str(dtype).split(".")[-1], positions=pos,
                 config=vars(cfg), selection_rows_differing=sel_diff, nan=nan, stray_grad=stray,
@@ -146,9 +148,8 @@ def main():
                   (a.small_groups_at + 77, 12, 4, 256, 64)]
     cases += [(T, HQ, H, 256, 256) for T, HQ, H in a.wide]
     results = []
-    for c in cases + [("long", *c) for c in a.long]:
-        r = check_long(*c[1:], PAPER, dtype) if c[0] == "long" else check(*c, PAPER, dtype)
-        c = c[1:] if c[0] == "long" else c
+    for fn, c in [(check, c) for c in cases] + [(check_long, c) for c in a.long]:
+        r = fn(*c, PAPER, dtype)
         results.append(r)
         worst = max(r["tensors"], key=lambda x: x["err_kernel"] / (2 * x["err_eager"] + 1e-3))
         print(f"T={c[0]:6d} HQ={c[1]:2d} H={c[2]} dk/dv={c[3]}/{c[4]}  ok={r['ok']}  sel-diff={r['selection_rows_differing']:.4f}  "

@@ -20,10 +20,15 @@
 #   fla: the bf16 check again (256/256 launches changed after `wide`), fla-comparable against fla-core from the carried wheels (.whl/) after session 15's
 #        banded backward launches.
 source benchmarks/session_lib.sh s16
+check() {  # log name, time limit, then gpu_check.py args: its result lines only
+  local log=$1 limit=$2; shift 2
+  timeout $limit python3 benchmarks/gpu_check.py "$@" 2>&1 | grep -E "^T=|ALL|FAIL|Error|error|memory" | tee $O/$log
+}
+WIDE="--lengths 4096 --small-groups-at 8192 --wide 8192,16,4 4096,64,4 8192,8,8"
 case "${1:-wide}" in
 wide)
-  timeout 200 python3 benchmarks/gpu_check.py --lengths 4096 --small-groups-at 8192 --wide 8192,16,4 4096,64,4 8192,8,8 2>&1 | grep -v -i warn | grep -E "^T=|ALL|FAIL|Error|error" | tee $O/gpu_check.log
-  timeout 150 python3 benchmarks/gpu_check.py --dtype float16 --name gpu_check_fp16 --lengths 4096 --small-groups-at 8192 --wide 8192,16,4 2>&1 | grep -E "^T=|ALL|FAIL|Error|error" | tee $O/gpu_check_fp16.log
+  check gpu_check.log 200 $WIDE
+  check gpu_check_fp16.log 150 --dtype float16 --name gpu_check_fp16 --lengths 4096 --small-groups-at 8192 --wide 8192,16,4
   timeout 200 python3 benchmarks/profile_parts.py --T 32768 --dk 256 --dv 256 --budget 180 --ops cmp_fwd cmp_bwd win_fwd win_bwd select slc_fwd slc_bwd --sweep banded_fwd256 banded_dq256 banded_dkv256 2>&1 | grep -v Warn | tee $O/banded256.log
   rm -f $O/profile*.json
   ;;
@@ -43,7 +48,7 @@ final)
   rm -f $O/gpu.txt
   ;;
 long)   # sequences past 2**31 elements (int64 offsets), checked at some positions (gpu_check --long)
-  timeout 500 python3 benchmarks/gpu_check.py --lengths --small-groups-at 0 --wide --long 262221,64,4,192,128 262221,8,8,128,128 262221,64,4,256,256 --name gpu_check_long 2>&1 | grep -E "^T=|ALL|FAIL|Error|error|memory" | tee $O/gpu_check_long.log
+  check gpu_check_long.log 500 --lengths --small-groups-at 0 --wide --long 262221,64,4,192,128 262221,8,8,128,128 262221,64,4,256,256 --name gpu_check_long
   ;;
 gc)   # the group-centric selected kernels' (warps, stages) at the paper shape on the H200 (chosen on the H100)
   timeout 200 python3 benchmarks/profile_parts.py --budget 180 --ops slc_fwd slc_bwd --sweep selected_fwd selected_dq 2>&1 | grep -v Warn | tee $O/gc_paper.log
@@ -56,7 +61,7 @@ fwd256)   # the group-centric selected forward's warps at 256/256 (ptxas: 2 warp
   rm -f $O/profile*.json
   ;;
 final2)   # after the wide forward / reduce launches: the bf16 check (256/256 cases) and the 256/256 benchmark again
-  timeout 200 python3 benchmarks/gpu_check.py --lengths 4096 --small-groups-at 8192 --wide 8192,16,4 4096,64,4 8192,8,8 2>&1 | grep -E "^T=|ALL|FAIL|Error|error" | tee $O/gpu_check.log
+  check gpu_check.log 200 $WIDE
   timeout 250 python3 benchmarks/bench_train.py --lengths 32768 65536 --settings paper --dims 256/256 --name train256 2>&1 | grep -v Warn | tee $O/bench256.log
   rm -f $O/gpu.txt
   ;;
@@ -67,7 +72,7 @@ small256)   # G=4 and G=1 at 256/256, 64k: the wide launches against the narrow 
   rm -f $O/profile*.json
   ;;
 fla)   # carry .whl (gitignored); first the bf16 check at 256/256 again, after the wide launches changed
-  timeout 200 python3 benchmarks/gpu_check.py --lengths 4096 --small-groups-at 8192 --wide 8192,16,4 4096,64,4 8192,8,8 2>&1 | grep -E "^T=|ALL|FAIL|Error|error" | tee $O/gpu_check.log
+  check gpu_check.log 200 $WIDE
   python3 -m pip install -q --no-deps --no-index .whl/*.whl 2>&1 | grep -v WARN | tail -3
   timeout 150 python3 benchmarks/bench_train.py --lengths 32768 65536 --settings fla-comparable --name fla 2>&1 | grep -v Warn | tee $O/fla.log
   rm -f $O/gpu.txt
