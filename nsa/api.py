@@ -12,6 +12,7 @@ import torch
 
 from . import reference
 from .config import NSAConfig, check_compression, check_int, resolve_config
+from .core import compose_branches, compressed_cu_seqlens, num_compressed, selection_kwargs
 
 _FLOATS = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 _BACKENDS = ("auto", "torch", "triton")
@@ -74,15 +75,21 @@ def _cu_seqlens(cu, q):
         raise ValueError(f"packed input (cu_seqlens given) needs batch size 1, got {q.shape[0]}")
     if cu.device.type == "cpu":
         v = cu.tolist()
-        if v[0] != 0 or v[-1] != q.shape[1] or any(b < a for a, b in zip(v, v[1:])):
-            raise ValueError(f"cu_seqlens must start at 0, be non-decreasing and end at the "
-                             f"packed length {q.shape[1]}, got {v}")
+        if v[0] != 0:
+            raise ValueError(f"cu_seqlens must start at 0, got {v[0]} (cu_seqlens {v})")
+        down = next((i for i in range(1, len(v)) if v[i] < v[i - 1]), None)
+        if down is not None:
+            raise ValueError(f"cu_seqlens must be non-decreasing, got {v[down - 1]} then {v[down]} at "
+                             f"index {down} (cu_seqlens {v})")
+        if v[-1] != q.shape[1]:
+            raise ValueError(f"cu_seqlens must end at the packed length q.shape[1] = {q.shape[1]}, "
+                             f"got {v[-1]} (cu_seqlens {v})")
     return cu
 
 
 def _compressed_len(k_name, k_cmp, q, cu, l, d):
     if cu is None:
-        _dims(k_name, k_cmp, {1: ("compressed length Tc(T)", reference.num_compressed(q.shape[1], l, d))})
+        _dims(k_name, k_cmp, {1: ("compressed length Tc(T)", num_compressed(q.shape[1], l, d))})
     elif cu.device.type == "cpu":
         total = int(compressed_cu_seqlens(cu, l, d)[-1])
         _dims(k_name, k_cmp, {1: ("total compressed length of the packed sequences", total)})
@@ -98,7 +105,7 @@ def _backend(backend, x):
     if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for the "
                          f"interpreter), got tensors on {x.device}")
-    from . import triton as triton_backend
+    from .triton import backend as triton_backend
     return triton_backend
 
 
@@ -118,13 +125,6 @@ def _check_raw_len(q, k_name, k):
 
 
 # ----------------------------------------------------------------------------- public API
-def compressed_cu_seqlens(cu_seqlens, cmp_block_size, cmp_stride):
-    """Offsets of the per-sequence compressed tokens in a packed compressed tensor."""
-    lens = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-    tc = torch.where(lens < cmp_block_size, 0, (lens - cmp_block_size) // cmp_stride + 1)
-    return torch.cat([tc.new_zeros(1), tc.cumsum(0)]).to(torch.int32)
-
-
 def compressed_attention(q, k_cmp, v_cmp, *, cmp_block_size, cmp_stride, scale=None,
                          cu_seqlens=None, backend="auto"):
     """Attention of each query over the compressed tokens it can see.
@@ -162,16 +162,12 @@ def select_blocks(q, k_cmp, lse, *, cmp_block_size, cmp_stride, sel_block_size, 
     if not lse.is_floating_point() or lse.device != q.device:
         raise TypeError(f"lse must be a floating tensor on {q.device}, got {lse.dtype} on {lse.device}")
     return _backend(backend, q).select_blocks(
-        q, k_cmp, lse, scale=_scale(scale), cu_seqlens=cu, **_sel_kwargs(cfg))
+        q, k_cmp, lse, scale=_scale(scale), cu_seqlens=cu, **selection_kwargs(cfg))
 
 
-def _sel_kwargs(cfg):
-    return dict(cmp_block_size=cfg.cmp_block_size, cmp_stride=cfg.cmp_stride,
-                sel_block_size=cfg.sel_block_size, sel_block_count=cfg.sel_block_count,
-                sel_init_blocks=cfg.sel_init_blocks, sel_local_blocks=cfg.sel_local_blocks)
-
-
-def _check_block_idx(block_idx, k, q):
+def _check_block_idx(block_idx, k, q, cu, sel_block_size):
+    """Shape, dtype, device; values (on CPU tensors only: a check would sync the GPU) must be -1
+    or a block of the query's own sequence."""
     _tensor("block_idx", block_idx)
     if block_idx.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"block_idx must be int32 (or int64), got {block_idx.dtype}")
@@ -179,6 +175,16 @@ def _check_block_idx(block_idx, k, q):
         raise ValueError(f"block_idx must be on q's device ({q.device}), got {block_idx.device}")
     _dims("block_idx", block_idx, {0: ("batch", q.shape[0]), 1: ("length", q.shape[1]),
                                    2: ("kv heads", k.shape[2])})
+    if block_idx.device.type == "cpu" and block_idx.numel():
+        T = q.shape[1]
+        lens = torch.full((T,), T) if cu is None else torch.repeat_interleave(cu.diff().long(), cu.diff().long())
+        blocks = (lens + sel_block_size - 1) // sel_block_size          # [T] blocks of each row's sequence
+        bad = (block_idx < -1) | (block_idx >= blocks[None, :, None, None])
+        if bool(bad.any()):
+            b, t, h, s = (int(x) for x in bad.nonzero()[0])
+            raise ValueError(f"block_idx must hold -1 or a block of the query's sequence (0 .. "
+                             f"{int(blocks[t]) - 1} for its length {int(lens[t])} and sel_block_size "
+                             f"{sel_block_size}), got {int(block_idx[b, t, h, s])} at [{b}, {t}, {h}, {s}]")
     return block_idx.to(torch.int32)
 
 
@@ -192,7 +198,7 @@ def selected_attention(q, k, v, block_idx, *, sel_block_size, scale=None, cu_seq
     check_int("sel_block_size", sel_block_size, 1)
     cu = _check_qkv(q, k, v, "k", "v", cu_seqlens)
     _check_raw_len(q, "k", k)
-    block_idx = _check_block_idx(block_idx, k, q)
+    block_idx = _check_block_idx(block_idx, k, q, cu, sel_block_size)
     return _backend(backend, q).selected_attention(
         q, k, v, block_idx, sel_block_size=sel_block_size, scale=_scale(scale), cu_seqlens=cu)
 
@@ -236,25 +242,10 @@ def nsa_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, config=
     # trace the composed custom ops)
     run = getattr(impl, "nsa_attention", None)
     if run is None or torch.compiler.is_compiling():
-        run = functools.partial(gated_nsa, impl)
+        run = functools.partial(compose_branches, impl)
     o, idx = run(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates,
                  config=cfg, scale=_scale(scale), cu_seqlens=cu)
     return (o, idx) if return_block_idx else o
-
-
-def gated_nsa(impl, q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, config, scale,
-              cu_seqlens):
-    """The three branches of one backend, composed as SPEC.md step 6 says."""
-    c = config
-    o_cmp, lse = impl.compressed_attention(q, k_cmp, v_cmp, cmp_block_size=c.cmp_block_size,
-                                           cmp_stride=c.cmp_stride, scale=scale, cu_seqlens=cu_seqlens)
-    idx = impl.select_blocks(q.detach(), k_cmp.detach(), lse.detach(), scale=scale,
-                             cu_seqlens=cu_seqlens, **_sel_kwargs(c))
-    o_slc = impl.selected_attention(q, k_slc, v_slc, idx, sel_block_size=c.sel_block_size,
-                                    scale=scale, cu_seqlens=cu_seqlens)
-    o_win = impl.sliding_window_attention(q, k_win, v_win, window_size=c.window_size,
-                                          scale=scale, cu_seqlens=cu_seqlens)
-    return getattr(impl, "combine", combine)(o_cmp, o_slc, o_win, gates), idx
 
 
 def nsa_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, lengths, *, config=None,
@@ -302,12 +293,6 @@ def nsa_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, lengths, *, c
     o, idx = _backend(backend, q).nsa_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates,
                                              lengths, config=cfg, scale=_scale(scale))
     return (o, idx) if return_block_idx else o
-
-
-def combine(o_cmp, o_slc, o_win, gates):
-    """SPEC.md step 6: o = g_cmp*o_cmp + g_slc*o_slc + g_win*o_win (a backend may fuse it)."""
-    g = gates.unsqueeze(-1)
-    return g[..., 0, :] * o_cmp + g[..., 1, :] * o_slc + g[..., 2, :] * o_win
 
 
 __all__ = ["compressed_attention", "select_blocks", "selected_attention",

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+from .core import num_compressed
+
 
 def check_int(name: str, value, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
@@ -49,8 +51,7 @@ class NSAConfig:
 
     def num_compressed(self, seqlen: int) -> int:
         """Tc(T) of SPEC.md: compressed tokens of a sequence of length T."""
-        l, d = self.cmp_block_size, self.cmp_stride
-        return 0 if seqlen < l else (seqlen - l) // d + 1
+        return num_compressed(seqlen, self.cmp_block_size, self.cmp_stride)
 
     def replace(self, **changes) -> "NSAConfig":
         values = {f.name: getattr(self, f.name) for f in fields(self)}

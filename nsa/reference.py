@@ -7,19 +7,16 @@ so memory stays O(chunk * keys) instead of O(T^2). This module never imports a k
 """
 from __future__ import annotations
 
-
 import torch
 from torch.utils.checkpoint import checkpoint
+
+from .core import combine, num_compressed
 
 _CHUNK_ELEMS = 1 << 24  # score elements per chunk: 64 MiB in float32
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def num_compressed(seqlen: int, cmp_block_size: int, cmp_stride: int) -> int:
-    return 0 if seqlen < cmp_block_size else (seqlen - cmp_block_size) // cmp_stride + 1
 
 
 def segments(batch, seqlen, cu_seqlens, cmp_block_size=None, cmp_stride=None):
@@ -235,7 +232,6 @@ def nsa_at_positions(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, pos, *,
     compressed tokens complete so far), k_slc/v_slc [E,H,*], gates [S,HQ,3]; k_win/v_win hold
     positions win_start, win_start+1, ... (at least the window of pos[0]). Used by the cached
     (incremental) path; the same function as nsa_attention restricted to these queries."""
-    from .api import combine
     c = config
     H, dk = k_slc.shape[1], q.shape[-1]
     scale = dk ** -0.5 if scale is None else scale

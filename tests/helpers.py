@@ -2,7 +2,7 @@
 import torch
 
 from nsa import NSAConfig
-from nsa.reference import num_compressed
+from nsa.core import num_compressed
 
 
 def make_inputs(T, HQ, H, dk, dv, cfg=NSAConfig(), B=1, dtype=torch.float64, seqlens=None,

@@ -133,7 +133,7 @@ def test_cache_errors():
 
 
 def test_generate_with_cache_equals_recompute():
-    from nsa.model import PRESETS, LanguageModel, generate
+    from nsa.lm.model import PRESETS, LanguageModel, generate
     torch.manual_seed(0)
     m = LanguageModel(PRESETS["tiny"].replace(n_layer=2)).double()
     prompt = torch.randint(0, 256, (2, 37))
@@ -151,7 +151,7 @@ def test_model_cached_logits_equal_forward():
     """Prefill, then a token a step, through the per-layer caches (the token shift's carried
     input included): logits equal the whole-sequence forward's. Weights drawn large, so that
     every branch and the shift move the logits."""
-    from nsa.model import PRESETS, LanguageModel
+    from nsa.lm.model import PRESETS, LanguageModel
     torch.manual_seed(1)
     m = LanguageModel(PRESETS["tiny"].replace(n_layer=2)).double().eval()
     with torch.no_grad():
@@ -165,7 +165,7 @@ def test_model_cached_logits_equal_forward():
 
 
 def test_top_p_keeps_the_nucleus():
-    from nsa.model import _sample
+    from nsa.lm.model import _sample
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     g = torch.Generator().manual_seed(0)
     draws = {int(_sample(logits, 1.0, 0.7, g)) for _ in range(200)}

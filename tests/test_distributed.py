@@ -8,8 +8,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import pytest
 
-from nsa.model import PRESETS
-from nsa.train import TrainConfig, Trainer
+from nsa.lm.model import PRESETS
+from nsa.lm.train import TrainConfig, Trainer
 
 TINY = PRESETS["tiny"].replace(n_layer=1)
 

@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from nsa.data import MARKS, QUESTION, Batches, load_corpus, mqar_batch, passkey_batch, passkey_example
-from nsa.eval import compare, needle_selection, passkey_accuracy, verdict_table
-from nsa.model import ATTENTIONS, PRESETS, LanguageModel
-from nsa.train import TrainConfig, Trainer, lr_at
+from nsa.lm.data import MARKS, QUESTION, Batches, load_corpus, mqar_batch, passkey_batch, passkey_example
+from nsa.lm.compare import compare, verdict_table
+from nsa.lm.eval import needle_selection, passkey_accuracy
+from nsa.lm.model import ATTENTIONS, PRESETS, LanguageModel
+from nsa.lm.train import TrainConfig, Trainer, lr_at
 
 TINY = PRESETS["tiny"].replace(n_layer=1)
 

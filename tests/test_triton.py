@@ -136,13 +136,13 @@ def test_cmp_select_g1(cfg, lens, rows, dk, monkeypatch):
     as the reference's (near ties aside), over several chunks of blocks (R2: 16 blocks of 4
     tokens a chunk, the later tiles with unmasked chunks) and with padded token slots and a
     key dim in two tiles (R3)."""
-    from nsa.triton import ops
+    from nsa.triton import select
     monkeypatch.setenv("NSA_TUNE", f'{{"cmp_select_launch": [{rows}, 4, 1]}}')
     t, cu = make_inputs(0, 2, 2, dk, 8, cfg, seqlens=lens, device=DEV, dtype=torch.float32, seed=3)
     t["q"] = t["q"] * 3   # sharper probabilities: well-separated scores
     P = lambda x: x.reshape(-1, x.shape[2], x.shape[3]).contiguous()
     cu_k = nsa.compressed_cu_seqlens(cu, cfg.cmp_block_size, cfg.cmp_stride).to(torch.int32)
-    o, lse, idx = ops.cmp_select_fwd(P(t["q"]), P(t["k_cmp"]), P(t["v_cmp"]), cu, cu_k, 0.3, *cfg_kwargs(cfg).values())
+    o, lse, idx = select.cmp_select_fwd(P(t["q"]), P(t["k_cmp"]), P(t["v_cmp"]), cu, cu_k, 0.3, *cfg_kwargs(cfg).values())
     td = {k: v.double() for k, v in t.items()}
     o_r, lse_r = nsa.compressed_attention(td["q"], td["k_cmp"], td["v_cmp"], cmp_block_size=cfg.cmp_block_size,
                                           cmp_stride=cfg.cmp_stride, scale=0.3, cu_seqlens=cu, backend="torch")
@@ -162,9 +162,9 @@ def test_cmp_select_rescales_list_and_carry():
     block 16's own tokens, 12 and 11 for block 31's, 0 elsewhere (ties there are computed
     alike). Rows that see all of chunk 1 pick blocks 0 (forced), 31, 32 (token 63's spill) and
     their own; an unscaled carry would pick 16, an unscaled list 15."""
-    from nsa.triton import ops
+    from nsa.triton.select import cmp_select_fwd
     T, cfg = 150, R2
-    Tc = nsa.reference.num_compressed(T, cfg.cmp_block_size, cfg.cmp_stride)
+    Tc = nsa.core.num_compressed(T, cfg.cmp_block_size, cfg.cmp_stride)
     logit = torch.zeros(Tc)
     logit[:31], logit[31], logit[32:34], logit[62], logit[63] = -1.0, 1.0, -20.0, 12.0, 11.0
     q = torch.zeros(T, 1, 8)
@@ -173,7 +173,7 @@ def test_cmp_select_rescales_list_and_carry():
     k[:, 0, 0] = logit
     v = torch.randn(Tc, 1, 8, generator=torch.Generator().manual_seed(0))
     cu, cu_k = (torch.tensor([0, n], dtype=torch.int32) for n in (T, Tc))
-    _, _, idx = ops.cmp_select_fwd(q, k, v, cu, cu_k, 1.0, *cfg_kwargs(cfg).values())
+    _, _, idx = cmp_select_fwd(q, k, v, cu, cu_k, 1.0, *cfg_kwargs(cfg).values())
     _, lse_r = nsa.compressed_attention(q[None].double(), k[None].double(), v[None].double(), scale=1.0,
                                         cmp_block_size=cfg.cmp_block_size, cmp_stride=cfg.cmp_stride, backend="torch")
     idx_r = nsa.select_blocks(q[None].double(), k[None].double(), lse_r, **cfg_kwargs(cfg), scale=1.0, backend="torch")[0]
@@ -193,7 +193,7 @@ def test_nsa_attention_all_gradients_packed(dtype, HQ):
     if dtype == torch.float32:
         assert (ik != ir).any(-1).float().mean() < 0.02
     # compare gradients on the kernel's own selection (a flipped near-tie changes the function)
-    orf = nsa.api.gated_nsa(nsa.reference, *(tr[k] for k in ("q", "k_cmp", "v_cmp", "k_slc", "v_slc", "k_win", "v_win", "gates")),
+    orf = nsa.core.compose_branches(nsa.reference, *(tr[k] for k in ("q", "k_cmp", "v_cmp", "k_slc", "v_slc", "k_win", "v_win", "gates")),
                             config=CFG, scale=None, cu_seqlens=cu)[0] if not torch.equal(ik, ir) else orf
     assert rel_err(ok_, orf) < TOL[dtype]
     g = torch.randn(orf.shape, dtype=torch.float64, device=DEV)
@@ -273,7 +273,7 @@ def test_selected_layouts(HQ, H, monkeypatch):
     o_r = run(tr, "torch")
     g = torch.randn(o_r.shape, dtype=torch.float64, device=DEV)
     grads_r = torch.autograd.grad((o_r * g).sum(), [tr[n] for n in names])
-    from nsa.triton import ops
+    from nsa.triton import selected
     P = lambda x: x.detach().reshape(-1, x.shape[2], x.shape[3]).contiguous()
     lses = []
     # key-centric budgets: 48 rows -> row chunks; half of 120 rows of 2 heads fits one head's 118 rows -> head passes
@@ -285,7 +285,7 @@ def test_selected_layouts(HQ, H, monkeypatch):
         grads = torch.autograd.grad((o.double() * g).sum(), [t[n] for n in names])
         for n, x, y in zip(names, grads, grads_r):
             assert rel_err(x, y) < TOL[torch.float32], (kc, rows, n)
-        lses.append(ops.selected_fwd(P(t["q"]), P(t["k_slc"]), P(t["v_slc"]), P(idx), cu, 0.25, CFG.sel_block_size)[1])
+        lses.append(selected.selected_fwd(P(t["q"]), P(t["k_slc"]), P(t["v_slc"]), P(idx), cu, 0.25, CFG.sel_block_size)[1])
     assert torch.isfinite(lses[0]).all()
     for x in lses[1:]:
         torch.testing.assert_close(x, lses[0], rtol=1e-5, atol=1e-5)
@@ -377,20 +377,20 @@ def test_inverse_index(N, chunk, wide, monkeypatch):
     pointing back at it, left-out slots (empty, or a block after the row's own) at -1; for
     bucket counts that need 16-bit and 32-bit sort keys, and with 64-bit keys forced (> 2^31
     buckets: too many rows for a test)."""
-    from nsa.triton import ops
+    from nsa.triton import index
     if wide:
-        monkeypatch.setattr(ops, "sort_key_dtype", lambda n: torch.int64)
+        monkeypatch.setattr(index, "sort_key_dtype", lambda n: torch.int64)
     H, n, L = 2, 4, 16
     lens = [N - N // 3, N // 3]
     cu = torch.tensor([0, lens[0], N], dtype=torch.int32, device=DEV)
     g = torch.Generator().manual_seed(N)
     pos = torch.cat([torch.arange(x) for x in lens])
     idx = torch.randint(-1, 1 + max(lens) // L, (N, H, n), generator=g).int()
-    ii = ops.inverse_index(idx.to(DEV), cu, L, seg=8, chunk=chunk, keep_empty=False)
+    ii = index.inverse_index(idx.to(DEV), cu, L, seg=8, chunk=chunk, keep_empty=False)
     C, NB1 = -(-N // chunk), H * ii.nbu + 1
     assert (C * NB1 < 2 ** 15) == (N == 300)
     if not wide:   # the key type the bucket count asks for (forced to int64 above otherwise)
-        assert ops.sort_key_dtype(C * NB1) == (torch.int16 if N == 300 else torch.int32)
+        assert index.sort_key_dtype(C * NB1) == (torch.int16 if N == 300 else torch.int32)
     seq = (torch.arange(N) >= lens[0]).long()
     first_block = torch.tensor([0, -(-lens[0] // L)])[seq]
     kept = (idx >= 0) & (idx <= (pos // L)[:, None, None])

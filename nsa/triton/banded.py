@@ -14,11 +14,17 @@ binary search over device prefix sums, so nothing syncs with the host.
 """
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
+from torch import Tensor
+from torch.library import custom_op
 
-from .utils import (band_keys, band_visible, dot2, dot_keys, load_keys_t, load_rows, load_rows2, seq_tile,
-                    softmax_finish, softmax_step, store_rows, store_rows2, store_rows2_add, tile_rows, zeros2)
+from . import tuning
+from .launch import grad_or_zeros, head_dims, key_dims, precision
+
+from .utils import (LOG2E, band_keys, band_visible, dot2, dot_keys, load_keys_t, load_rows, load_rows2, seq_tile,
+                    softmax_finish, softmax_step, store_rows, store_rows2, store_rows2_add, tile_cu, tile_grid_bound, tile_rows, zeros2, empty)
 
 
 @triton.jit
@@ -254,3 +260,88 @@ def nsa_banded_bwd_dkv_kernel(
                                        scale_log2, HQ, G, GP, DK, DV, KA, KB, BV, BT, STRIDE, OFFSET, WIN, PREC, True)
     store_rows2(dk_out, krow, kmask, DK, KA, KB, dk_a * scale, dk_b * scale)
     store_rows(dv_out, krow, kmask, dv, DV, dv_acc)
+
+
+# ----------------------------------------------------------------------------- launchers, custom ops
+def _banded_meta(kind, q, v, stride, offset, win):
+    N, HQ, H, G, GP, DK, DV, BK, BV = head_dims(q, v)
+    meta = key_dims(dict(HQ=HQ, H=H, G=G, GP=GP, DK=DK, DV=DV, BK=BK, BV=BV, STRIDE=stride, OFFSET=offset,
+                          WIN=win, PREC=precision(q)))
+    rows, BN, warps, stages = tuning.banded(kind, meta["KA"] + meta["KB"], BV, GP, win, q.element_size())
+    return dict(meta, BT=max(1, rows // GP), BN=BN, num_warps=warps, num_stages=stages,
+                UNMASKED=tuning.banded_unmasked(win))
+
+
+@custom_op("nsa::banded_fwd", mutates_args=())
+def banded_fwd(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, scale: float,
+               stride: int, offset: int, win: int) -> tuple[Tensor, Tensor]:
+    meta = _banded_meta("fwd", q, v, stride, offset, win)
+    N, HQ, H, n_seq = q.shape[0], q.shape[1], v.shape[1], cu_q.numel() - 1
+    o = empty(N, HQ, v.shape[2], dtype=q.dtype, device=q.device)
+    lse = empty(N, HQ, dtype=torch.float32, device=q.device)
+    tiles = tile_cu(cu_q, meta["BT"])
+    grid = (tile_grid_bound(N, n_seq, meta["BT"]), H)
+    nsa_banded_fwd_kernel[grid](q, k, v, o, lse, cu_q, cu_k, tiles, n_seq, scale * LOG2E, **meta)
+    return o, lse
+
+
+@banded_fwd.register_fake
+def _(q, k, v, cu_q, cu_k, scale, stride, offset, win):
+    return q.new_empty(q.shape[0], q.shape[1], v.shape[2]), q.new_empty(q.shape[:2], dtype=torch.float32)
+
+
+def banded_bwd_launch(q, k, v, o, lse, do, dlse, cu_q, cu_k, scale, stride, offset, win, delta=None, dq=None):
+    """(dq, dk, dv) of a banded attention. delta given: rowsum(o * dO) - dlse, precomputed (o
+    and dlse are then not read); dq given: dQ is added to it (the fused backward's one dQ)."""
+    N, Nk, H, n_seq = q.shape[0], k.shape[0], k.shape[1], cu_q.numel() - 1
+    delta_in, dq_add = delta is not None, dq is not None
+    if not delta_in:
+        delta = empty(N, q.shape[1], dtype=torch.float32, device=q.device)
+    if not dq_add:
+        dq = empty(*q.shape, dtype=q.dtype, device=q.device)
+    args = (scale, scale * LOG2E)
+    meta = _banded_meta("dq", q, v, stride, offset, win)
+    tq = tile_cu(cu_q, meta["BT"])
+    nsa_banded_bwd_dq_kernel[(tile_grid_bound(N, n_seq, meta["BT"]), H)](
+        q, k, v, do if delta_in else o, do, lse, delta if delta_in else dlse, delta, dq, cu_q, cu_k, tq, n_seq,
+        *args, DELTA_IN=delta_in, DQ_ADD=dq_add, **meta)
+    meta = _banded_meta("dkv", q, v, stride, offset, win)
+    nsplit = tuning.banded_query_splits(N, triton.cdiv(Nk, meta["BN"]) * H, win, q.device)
+    if nsplit == 1:
+        dk, dv = (empty(*x.shape, dtype=x.dtype, device=x.device) for x in (k, v))
+    else:
+        dk, dv = (empty(nsplit, *x.shape, dtype=torch.float32, device=x.device) for x in (k, v))
+    tk = tile_cu(cu_k, meta["BN"])
+    nsa_banded_bwd_dkv_kernel[(tile_grid_bound(Nk, n_seq, meta["BN"]), H, nsplit)](
+        q, k, v, do, lse, delta, dk, dv, cu_q, cu_k, tk, n_seq, *args, NSPLIT=nsplit, **meta)
+    if nsplit > 1:   # fixed-order sum over the splits: deterministic
+        dk, dv = dk.sum(0).to(k.dtype), dv.sum(0).to(v.dtype)
+    return dq, dk, dv
+
+
+@custom_op("nsa::banded_bwd", mutates_args=())
+def banded_bwd(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, do: Tensor, dlse: Tensor,
+               cu_q: Tensor, cu_k: Tensor, scale: float, stride: int, offset: int,
+               win: int) -> tuple[Tensor, Tensor, Tensor]:
+    return banded_bwd_launch(q, k, v, o, lse, do, dlse, cu_q, cu_k, scale, stride, offset, win)
+
+
+@banded_bwd.register_fake
+def _(q, k, v, o, lse, do, dlse, cu_q, cu_k, scale, stride, offset, win):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _banded_setup(ctx, inputs, output):
+    q, k, v, cu_q, cu_k, scale, stride, offset, win = inputs
+    ctx.save_for_backward(q, k, v, *output, cu_q, cu_k)
+    ctx.consts = (scale, stride, offset, win)
+
+
+def _banded_backward(ctx, do, dlse):
+    q, k, v, o, lse, cu_q, cu_k = ctx.saved_tensors
+    dq, dk, dv = banded_bwd(q, k, v, o, lse, grad_or_zeros(do, o), grad_or_zeros(dlse, lse),
+                            cu_q, cu_k, *ctx.consts)
+    return dq, dk, dv, None, None, None, None, None, None
+
+
+banded_fwd.register_autograd(_banded_backward, setup_context=_banded_setup)

@@ -21,11 +21,17 @@ no host sync and can be captured in a CUDA graph.
 """
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
+from torch import Tensor
+from torch.library import custom_op
+
+from . import tuning
+from .launch import precision
 
 from .select import _merge_top, spread_counts
-from .utils import softmax_step
+from .utils import LOG2E, empty, pow2, softmax_step
 
 
 @triton.jit
@@ -268,3 +274,64 @@ def nsa_decode_merge_kernel(
     g_win = tl.load(gates + row * 3 + 2).to(tl.float32)
     o = g_cmp * o_cmp + g_slc * o_slc + g_win * o_win
     tl.store(out + row * DV + dv, o.to(out.dtype.element_ty), mask=dv < DV)
+
+
+# ----------------------------------------------------------------------------- launchers, custom ops
+def decode_launch(q: Tensor, k_cmp: Tensor, v_cmp: Tensor, k_slc: Tensor, v_slc: Tensor, k_win: Tensor,
+           v_win: Tensor, gates: Tensor, lengths: Tensor, scale: float, cmp_block_size: int,
+           cmp_stride: int, sel_block_size: int, sel_block_count: int, sel_init_blocks: int,
+           sel_local_blocks: int, window_size: int) -> tuple[Tensor, Tensor]:
+    """One decode step (layout of nsa.nsa_decode): four launches, no host sync."""
+    B, HQ, DK = q.shape
+    NC, H, DV = max(k_cmp.shape[1], 1), k_cmp.shape[2], v_cmp.shape[3]
+    N, W = k_slc.shape[1], k_win.shape[1]
+    NB = triton.cdiv(N, sel_block_size)
+    G = HQ // H
+    GP, BK, BV = pow2(G, 16), pow2(DK, 16), pow2(DV, 16)
+    t = tuning.decode(B * H, NC, min(W, window_size), sel_block_count * sel_block_size, NB, q.device)
+    S_C, S_W, S_B = t["S_C"], t["S_W"], t["S_B"]
+    PER = -(-sel_block_count // min(t["S_S"], sel_block_count))
+    S_S = -(-sel_block_count // PER)
+    S_ALL = S_C + S_W + S_S
+    dev, f32 = q.device, torch.float32
+    logits = empty(B * H, G, NC, dtype=f32, device=dev)
+    scores = empty(B * H, 2, NB, dtype=f32, device=dev)
+    pm, pl = (empty(B * H, S_ALL, G, dtype=f32, device=dev) for _ in range(2))
+    pacc = empty(B * H, S_ALL, G, DV, dtype=f32, device=dev)
+    idx = empty(B, H, sel_block_count, dtype=torch.int32, device=dev)
+    o = empty(B, HQ, DV, dtype=q.dtype, device=dev)
+    if B == 0:
+        return o, idx
+    dims = dict(HQ=HQ, H=H, G=G, GP=GP, DK=DK, DV=DV, BK=BK, BV=BV, BN=t["BN"])
+    sl2, prec, warps = scale * LOG2E, precision(q), t["warps"]
+    sel = dict(SEL_L=sel_block_size)
+    nsa_decode_cmp_win_kernel[(B * H, S_C + S_W)](
+        q, k_cmp, v_cmp, k_win, v_win, lengths, logits, pm, pl, pacc, NC, W, sl2,
+        CMP_L=cmp_block_size, CMP_D=cmp_stride, WIN=window_size, S_C=S_C, S_W=S_W, S_ALL=S_ALL,
+        PREC=prec, num_warps=warps, **dims)
+    nsa_decode_score_kernel[(B * H, S_B)](
+        lengths, logits, pm, pl, scores, NC, NB, H=H, G=G, GP=GP, S_C=S_C, S_B=S_B, S_ALL=S_ALL,
+        CMP_L=cmp_block_size, CMP_D=cmp_stride, BCH=t["BCH"], RP=pow2(sel_block_size // cmp_stride),
+        num_warps=4, **sel)
+    nsa_decode_selected_kernel[(B * H, S_S)](
+        q, k_slc, v_slc, lengths, scores, idx, pm, pl, pacc, N, NB, sl2, N_SEL=sel_block_count,
+        NTOP=pow2(sel_block_count), CHK=min(t["CHK"], pow2(NB)), INIT=sel_init_blocks,
+        LOCAL=sel_local_blocks, PER=PER, S_FIRST=S_C + S_W, S_ALL=S_ALL, PREC=prec,
+        num_warps=warps, num_stages=t["stages"], **sel, **dims)
+    nsa_decode_merge_kernel[(B * H, G)](
+        pm, pl, pacc, gates, o, HQ=HQ, H=H, G=G, DV=DV, BV=BV, S_C=S_C, S_W=S_W, S_S=S_S,
+        SP_C=pow2(S_C), SP_W=pow2(S_W), SP_S=pow2(S_S), S_ALL=S_ALL, num_warps=t["merge_warps"])
+    return o, idx
+
+
+# The custom op is what torch.compile sees; eager calls go to decode_launch directly: the op's
+# dispatch costs ~0.2 ms of host time per step (bench_decode.py host_overhead), as much as the
+# four launches themselves.
+decode = custom_op("nsa::decode", mutates_args=())(decode_launch)
+
+
+@decode.register_fake
+def _(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, lengths, scale, *config):
+    B, HQ, _ = q.shape
+    return (q.new_empty(B, HQ, v_cmp.shape[3]),
+            q.new_empty(B, k_cmp.shape[2], config[3], dtype=torch.int32))

@@ -8,8 +8,13 @@ outputs can be freed before the branches' backward runs.
 """
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
+from torch import Tensor
+from torch.library import custom_op
+
+from .utils import empty, pow2
 
 
 @triton.jit
@@ -75,3 +80,52 @@ def _gate_branch_delta(o_i, gp, dgp, delta, i: tl.constexpr, d, r, ok, off, m, n
     tl.store(dgp + i, tl.sum(df * oi, 1).to(dgp.dtype.element_ty), mask=ok)
     do_i = (gi[:, None] * df).to(d.dtype).to(tl.float32)
     tl.store(delta + i * n_rows + r.to(tl.int64), tl.sum(oi * do_i, 1), mask=ok)
+
+
+# ----------------------------------------------------------------------------- launchers, custom ops
+def gate_launch(n_rows, dv):
+    BV = pow2(dv, 16)
+    BR = max(1, 4096 // BV)      # ~4k elements per program: a few vectors per thread
+    return BV, BR, (triton.cdiv(n_rows, BR),)
+
+
+@custom_op("nsa::gate_fwd", mutates_args=())
+def gate_fwd(o_cmp: Tensor, o_slc: Tensor, o_win: Tensor, gates: Tensor) -> Tensor:
+    n_rows, dv = o_cmp.numel() // o_cmp.shape[-1], o_cmp.shape[-1]
+    o = empty(*o_cmp.shape, dtype=o_cmp.dtype, device=o_cmp.device)
+    BV, BR, grid = gate_launch(n_rows, dv)
+    if n_rows:
+        nsa_gate_fwd_kernel[grid](o_cmp, o_slc, o_win, gates, o, n_rows, DV=dv, BV=BV, BR=BR)
+    return o
+
+
+@gate_fwd.register_fake
+def _(o_cmp, o_slc, o_win, gates):
+    return torch.empty_like(o_cmp)
+
+
+@custom_op("nsa::gate_bwd", mutates_args=())
+def gate_bwd(o_cmp: Tensor, o_slc: Tensor, o_win: Tensor, gates: Tensor,
+             do: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    n_rows, dv = o_cmp.numel() // o_cmp.shape[-1], o_cmp.shape[-1]
+    grads = [empty(*x.shape, dtype=x.dtype, device=x.device) for x in (o_cmp, o_slc, o_win, gates)]
+    BV, BR, grid = gate_launch(n_rows, dv)
+    if n_rows:
+        nsa_gate_bwd_kernel[grid](o_cmp, o_slc, o_win, gates, do, *grads, n_rows, DV=dv, BV=BV, BR=BR)
+    return tuple(grads)
+
+
+@gate_bwd.register_fake
+def _(o_cmp, o_slc, o_win, gates, do):
+    return tuple(torch.empty_like(x) for x in (o_cmp, o_slc, o_win, gates))
+
+
+def _gate_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _gate_backward(ctx, do):
+    return gate_bwd(*ctx.saved_tensors, do.contiguous())
+
+
+gate_fwd.register_autograd(_gate_backward, setup_context=_gate_setup)

@@ -30,10 +30,16 @@ ranking), the top list and carry rescaled as the running max grows.
 """
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
+from torch import Tensor
+from torch.library import custom_op
 
-from .utils import (band_keys, band_visible, dot_keys, load_rows, load_rows2, seq_tile, softmax_accumulate, softmax_finish,
+from . import tuning
+from .launch import head_dims, precision
+
+from .utils import (LOG2E, band_keys, empty, pow2, tile_cu, tile_grid_bound, band_visible, dot_keys, load_rows, load_rows2, seq_tile, softmax_accumulate, softmax_finish,
                     softmax_probs, store_rows, tile_rows)
 
 
@@ -262,3 +268,70 @@ def nsa_cmp_select_kernel(
     store_rows(o, rows, row_ok, tl.arange(0, BV), DV, res)
     tl.store(lse + rows, lse_val, mask=row_ok)
     _store_selection(top, out, q0, t, Tq, hk, H, N_SEL, NTOP)
+
+
+# ----------------------------------------------------------------------------- launchers, custom ops
+def _ntop(n, slots_per_block):
+    """Running top-list width: n rounded up to a power of two, >= 16 (an MMA dimension of the
+    score product when 16+ positions share a tile), and wide enough that a chunk of NTOP blocks
+    holds >= 16 token slots (l'/d padded to a power of two per block: the K of the smallest
+    tl.dot). Ranks >= n are dropped at the end."""
+    return max(pow2(n, 16), pow2(-(-16 // slots_per_block)))
+
+
+def _select_meta(q, cmp_block_size, cmp_stride, sel_block_size, sel_block_count, sel_init_blocks,
+                 sel_local_blocks, BT, spread):
+    """The constexprs the selection kernels share (select.py)."""
+    RP = pow2(sel_block_size // cmp_stride)
+    # tensor-core overlap product: needs 16 rows for tl.dot and counts exact in bf16
+    if not (BT >= 16 and min(cmp_block_size, sel_block_size) <= 256):
+        spread = 2
+    KA, KB = tuning.key_tiles(q.shape[2])
+    return dict(DK=q.shape[2], KA=KA, KB=KB, BT=BT, CMP_L=cmp_block_size, CMP_D=cmp_stride,
+                SEL_L=sel_block_size, N_SEL=sel_block_count, INIT=sel_init_blocks, LOCAL=sel_local_blocks,
+                NTOP=_ntop(sel_block_count, RP), RP=RP, PREC=precision(q), SPREAD=spread,
+                SPLIT=tl.float32 if tuning.interpreting() else tl.bfloat16)
+
+
+@custom_op("nsa::select_blocks", mutates_args=())
+def select_blocks(q: Tensor, k: Tensor, lse: Tensor, cu_q: Tensor, cu_k: Tensor, scale: float,
+                  cmp_block_size: int, cmp_stride: int, sel_block_size: int, sel_block_count: int,
+                  sel_init_blocks: int, sel_local_blocks: int) -> Tensor:
+    N, HQ, H, G, GP, DK, DV, BK, BV = head_dims(q, k)
+    n_seq = cu_q.numel() - 1
+    rows, warps, stages, spread = tuning.select(DK, GP)
+    BT = max(1, rows // GP)
+    out = empty(N, H, sel_block_count, dtype=torch.int32, device=q.device)
+    tiles = tile_cu(cu_q, BT)
+    nsa_select_kernel[(tile_grid_bound(N, n_seq, BT), H)](
+        q, k, lse, out, cu_q, cu_k, tiles, n_seq, scale * LOG2E, HQ=HQ, H=H, G=G, GP=GP,
+        **_select_meta(q, cmp_block_size, cmp_stride, sel_block_size, sel_block_count, sel_init_blocks,
+                       sel_local_blocks, BT, spread), num_warps=warps, num_stages=stages)
+    return out
+
+
+def cmp_select_fwd(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, scale: float,
+                   cmp_block_size: int, cmp_stride: int, sel_block_size: int, sel_block_count: int,
+                   sel_init_blocks: int, sel_local_blocks: int):
+    """G = 1 only: (o, lse) of the compression branch and the selection, in one kernel
+    (select.py, nsa_cmp_select_kernel). What compressed_attention and select_blocks return."""
+    N, HQ, H, G, GP, DK, DV, BK, BV = head_dims(q, v)
+    assert G == 1, "the fused compression + selection kernel serves one query head per KV head"
+    n_seq = cu_q.numel() - 1
+    rows, warps, stages = tuning.cmp_select_launch()
+    spread = tuning.select(DK, GP)[3]
+    o = empty(N, H, DV, dtype=q.dtype, device=q.device)
+    lse = empty(N, H, dtype=torch.float32, device=q.device)
+    out = empty(N, H, sel_block_count, dtype=torch.int32, device=q.device)
+    tiles = tile_cu(cu_q, rows)
+    nsa_cmp_select_kernel[(tile_grid_bound(N, n_seq, rows), H)](
+        q, k, v, o, lse, out, cu_q, cu_k, tiles, n_seq, scale * LOG2E, H=H, DV=DV, BV=BV,
+        **_select_meta(q, cmp_block_size, cmp_stride, sel_block_size, sel_block_count, sel_init_blocks,
+                       sel_local_blocks, rows, spread), num_warps=warps, num_stages=stages)
+    return o, lse, out
+
+
+@select_blocks.register_fake
+def _(q, k, lse, cu_q, cu_k, scale, cmp_block_size, cmp_stride, sel_block_size, sel_block_count,
+      sel_init_blocks, sel_local_blocks):
+    return q.new_empty(q.shape[0], k.shape[1], sel_block_count, dtype=torch.int32)

@@ -11,10 +11,17 @@ a fixed order. Every key row belongs to exactly one bucket, so dK/dV are written
 """
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
+from torch import Tensor
+from torch.library import custom_op
 
-from .utils import (dot2, dot_keys, find_segment, load_keys_t, load_rows2, load_rows, running_max, softmax_finish,
+from . import tuning
+from .index import inverse_index
+from .launch import grad_or_zeros, head_dims, key_dims, precision
+
+from .utils import (LOG2E, empty, pow2, dot2, dot_keys, find_segment, load_keys_t, load_rows2, load_rows, running_max, softmax_finish,
                     softmax_step, store_rows, store_rows2, store_rows2_add, tile_rows, zeros2)
 
 
@@ -240,46 +247,6 @@ def nsa_selected_bwd_reduce_kernel(
         store_rows(dv_out, krow, kmask, dv, DV, dv_acc)
 
 
-# ----------------------------------------------------------------------------- inverse index
-# Built by ops.inverse_index: one kernel writes every (row, head, slot) entry's sort key, torch
-# sorts them (stable), a second kernel writes the lists and the entries' list positions.
-
-@triton.jit
-def nsa_index_keys_kernel(
-    idx, seq_q0, seq_b0, key,   # idx [E] (= [N, H, N_SEL]) seq_q0/seq_b0 [N]: each row's sequence's
-    n_entries, nbu, chunk, NB1,  # first row and first global block; key [E] int16/32/64
-    H: tl.constexpr, N_SEL: tl.constexpr, SEL_L: tl.constexpr, BE: tl.constexpr,
-):
-    """key = row chunk * NB1 + bucket, bucket = head * nbu + global block, or H * nbu (the
-    chunk's last bucket) for slots left out: empty ones and blocks after the row's own (no key
-    of them is visible; past a packed sequence's end the bucket would be the next sequence's
-    block)."""
-    e = tl.program_id(0).to(tl.int64) * BE + tl.arange(0, BE)
-    ok = e < n_entries
-    row = e // (H * N_SEL)
-    j = tl.load(idx + e, mask=ok, other=-1)
-    q0 = tl.load(seq_q0 + row, mask=ok, other=0)
-    keep = (j >= 0) & (j <= (row - q0) // SEL_L)
-    bucket = tl.where(keep, (e // N_SEL) % H * nbu + tl.load(seq_b0 + row, mask=ok, other=0) + j, H * nbu)
-    tl.store(key + e, ((row // chunk) * NB1 + bucket).to(key.dtype.element_ty), mask=ok)
-
-
-@triton.jit
-def nsa_index_lists_kernel(
-    order, keys, q_list, pos_of,   # order [E] (entries by sorted key) keys [E] sorted; out: int32
-    n_entries, NB1, HN: tl.constexpr, WITH_POS: tl.constexpr, BE: tl.constexpr,
-):
-    """q_list[p] = the row of the p-th sorted entry; pos_of[entry] = p, or -1 for entries left
-    out (the last bucket of their chunk)."""
-    p = tl.program_id(0).to(tl.int64) * BE + tl.arange(0, BE)
-    ok = p < n_entries
-    e = tl.load(order + p, mask=ok, other=0)
-    tl.store(q_list + p, (e // HN).to(tl.int32), mask=ok)
-    if WITH_POS:
-        kept = tl.load(keys + p, mask=ok, other=0) % NB1 != NB1 - 1
-        tl.store(pos_of + e, tl.where(kept, p, -1).to(tl.int32), mask=ok)
-
-
 # ----------------------------------------------------------------------------- small groups
 # With G < 16 query heads per KV head, the group-centric forward pads each query's G rows to the
 # 16-row MMA minimum and loads every selected block once per query. Key-centric instead: one
@@ -402,3 +369,155 @@ def nsa_row_dot_kernel(x, y, out, n_rows, D: tl.constexpr, BD: tl.constexpr, BR:
     a = load_rows(x, rows.to(tl.int64), ok, c, D).to(tl.float32)
     b = load_rows(y, rows.to(tl.int64), ok, c, D).to(tl.float32)
     tl.store(out + rows, tl.sum(a * b, 1), mask=ok)
+
+
+# ----------------------------------------------------------------------------- launchers, custom ops
+def _selected_meta(kind, q, v, idx, sel_block_size):
+    N, HQ, H, G, GP, DK, DV, BK, BV = head_dims(q, v)
+    meta = key_dims(dict(HQ=HQ, H=H, G=G, BM=max(16, GP), DK=DK, DV=DV, BK=BK, BV=BV, BS=pow2(sel_block_size, 16),
+                          SEL_L=sel_block_size, N_SEL=idx.shape[-1], NP=pow2(idx.shape[-1]), PREC=precision(q)))
+    warps, stages = tuning.selected(kind, meta["KA"] + meta["KB"], BV)
+    return dict(meta, num_warps=warps, num_stages=stages)
+
+
+@custom_op("nsa::selected_fwd", mutates_args=())
+def selected_fwd(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, cu_q: Tensor, scale: float,
+                 sel_block_size: int) -> tuple[Tensor, Tensor]:
+    meta = _selected_meta("fwd", q, v, idx, sel_block_size)
+    N, HQ, H = q.shape[0], q.shape[1], v.shape[1]
+    o = empty(N, HQ, v.shape[2], dtype=q.dtype, device=q.device)
+    lse = empty(N, HQ, dtype=torch.float32, device=q.device)
+    if N and tuning.selected_key_centric(meta["G"], "fwd"):
+        _selected_fwd_key_centric(q, k, v, idx, o, lse, cu_q, scale, sel_block_size, meta)
+    elif N:
+        nsa_selected_fwd_kernel[(N, H)](q, k, v, idx, o, lse, cu_q, cu_q.numel() - 1,
+                                        scale * LOG2E, **meta)
+    return o, lse
+
+
+def _selected_fwd_key_centric(q, k, v, idx, o, lse, cu_q, scale, sel_block_size, meta):
+    """The small-group forward (selected.py): one inverse index for all row chunks, then per
+    chunk the key-centric kernel writing per-(query, slot) partials in q's dtype, and their
+    merge. The chunks bound the partial buffer (tuning.selected_key_centric_rows)."""
+    N, H, n = idx.shape
+    HQ, G, GP, DV = meta["HQ"], meta["G"], pow2(meta["G"]), meta["DV"]
+    rows, SEG, _, warps, stages = tuning.selected_key_centric_shape(GP)
+    BT, m_warps, m_stages = tuning.selected_merge_launch(GP)
+    chunk = min(N, tuning.selected_key_centric_rows(H, n, G, DV, q.element_size(), lse=True))
+    n_seq = cu_q.numel() - 1
+    ii = inverse_index(idx, cu_q, sel_block_size, SEG, chunk=chunk, keep_empty=False)
+    o_part = empty(chunk * H * n, G, DV, dtype=q.dtype, device=q.device)
+    lse_part = empty(chunk * H * n, G, dtype=torch.float32, device=q.device)
+    grid = ii.bounds(chunk * H * n, ii.n_buckets)[1]
+    for c, row0 in enumerate(range(0, N, chunk)):
+        R = min(chunk, N - row0)
+        nsa_selected_fwd_kc_kernel[(grid,)](
+            q, k, v, o_part, lse_part, ii.q_list, ii.lists(c), ii.seg_cu[c], ii.blk_cu, cu_q, n_seq,
+            ii.n_buckets, ii.nbu, row0 * H * n, scale * LOG2E, HQ=HQ, H=H, G=G, GP=GP, DK=meta["DK"],
+            DV=DV, KA=meta["KA"], KB=meta["KB"], BV=meta["BV"], BS=meta["BS"], SEL_L=sel_block_size,
+            BQ=max(1, rows // GP), SEG=SEG, PREC=meta["PREC"], num_warps=warps, num_stages=stages)
+        nsa_selected_merge_kernel[(triton.cdiv(R, BT), H)](
+            ii.pos_of, o_part, lse_part, o, lse, row0, R, HQ=HQ, H=H, G=G, GP=GP, DV=DV,
+            BV=meta["BV"], BT=BT, N_SEL=n, num_warps=m_warps, num_stages=m_stages)
+
+
+@selected_fwd.register_fake
+def _(q, k, v, idx, cu_q, scale, sel_block_size):
+    return q.new_empty(q.shape[0], q.shape[1], v.shape[2]), q.new_empty(q.shape[:2], dtype=torch.float32)
+
+
+def selected_bwd_launch(q, k, v, idx, o, lse, do, cu_q, scale, sel_block_size, delta=None, dq=None):
+    """(dq, dk, dv) of selected attention. dK/dV key-centric (inverse index, no atomics). dQ
+    either group-centric (its own kernel, which also writes delta = rowsum(o * dO)) or, for
+    small groups, key-centric: the dK/dV kernel writes one dQ partial per (query, slot) and a
+    second kernel sums them. The key-centric passes bound the partials: whole KV heads when one
+    head's partials fit (dK/dV written once), else row chunks (dK/dV summed over them in fp32).
+    delta given: precomputed (o is then not read); dq given: dQ is added to it."""
+    meta = _selected_meta("dq", q, v, idx, sel_block_size)
+    N, HQ, H, G, GP, DK, DV, BK, BV = head_dims(q, v)
+    n = idx.shape[-1]
+    n_seq = cu_q.numel() - 1
+    delta_in, dq_add = delta is not None, dq is not None
+    if not delta_in:
+        delta = empty(N, HQ, dtype=torch.float32, device=q.device)
+    if not dq_add:
+        dq = empty(*q.shape, dtype=q.dtype, device=q.device)
+    dk, dv = (empty(*x.shape, dtype=x.dtype, device=x.device) for x in (k, v))
+    if N == 0:
+        return dq, dk, dv
+    args = (scale, scale * LOG2E)
+    kc = tuning.selected_key_centric(G, "bwd")
+    heads = 0
+    if kc:
+        if not delta_in:
+            BR = max(1, 4096 // BV)
+            nsa_row_dot_kernel[(triton.cdiv(N * HQ, BR),)](o, do, delta, N * HQ, D=DV, BD=BV, BR=BR)
+        chunk = min(N, tuning.selected_key_centric_rows(H, n, G, DK, q.element_size()))
+        heads = tuning.selected_key_centric_heads(N, H, chunk)
+        chunk = N if heads else chunk
+    else:
+        nsa_selected_bwd_dq_kernel[(N, H)](q, k, v, idx, do if delta_in else o, do, lse, delta, dq, cu_q, n_seq,
+                                           *args, DELTA_IN=delta_in, DQ_ADD=dq_add, **meta)
+        chunk = N
+    rows, SEG, warps, stages = tuning.selected_bwd_queries(GP, meta["KA"] + meta["KB"], BV)
+    BQ = max(1, rows // GP)
+    BS = meta["BS"]
+    common = dict(H=H, DK=DK, DV=DV, BV=BV, BS=BS, SEL_L=sel_block_size)
+    accum = chunk < N
+    dk_sum, dv_sum = (empty(*x.shape, dtype=torch.float32, device=x.device) for x in (k, v)) if accum else (dk, dv)
+    # chunks after the first add to dk/dv, so their unselected keys need no program
+    ii = inverse_index(idx, cu_q, sel_block_size, SEG, chunk=chunk, keep_empty=True, with_pos=kc)
+    # passes (row chunk, first KV head, heads): whole heads, or row chunks of all heads
+    passes = ([(0, h0, min(heads, H - h0)) for h0 in range(0, H, heads)] if heads
+              else [(c, 0, H) for c in range(-(-N // chunk))])
+    n_part, grid = ii.bounds(chunk * passes[0][2] * n, passes[0][2] * ii.nbu)
+    dk_part = torch.empty(n_part, BS, DK, dtype=torch.float32, device=q.device)
+    dv_part = torch.empty(n_part, BS, DV, dtype=torch.float32, device=q.device)
+    dq_part = empty(chunk * passes[0][2] * n * G, DK, dtype=q.dtype, device=q.device) if kc else dq
+    BT = tuning.selected_key_centric_shape(GP)[2]   # positions per dQ-sum program
+    for c, h0, hn in passes:
+        row0 = c * chunk
+        R = min(chunk, N - row0)
+        b0, n_b, add = h0 * ii.nbu, hn * ii.nbu, c > 0
+        nsa_selected_bwd_dkv_kernel[(grid,)](
+            q, k, v, do, lse, delta, dk_sum, dv_sum, dk_part, dv_part, dq_part, ii.q_list, ii.lists(c),
+            ii.seg_cu[c], ii.part_cu[c], ii.blk_cu, cu_q, n_seq, b0, n_b, ii.nbu, *args,
+            HQ=HQ, G=G, GP=GP, BQ=BQ, SEG=SEG, KA=meta["KA"], KB=meta["KB"], PREC=meta["PREC"], DQ_PART=kc,
+            ACCUM=add, num_warps=warps, num_stages=stages, **common)
+        nsa_selected_bwd_reduce_kernel[(n_b,)](
+            dk_sum, dv_sum, dk_part, dv_part, ii.seg_cu[c], ii.part_cu[c], ii.blk_cu, cu_q, n_seq, b0, ii.nbu,
+            BK=BK, ACCUM=add, num_warps=warps, **common)   # the dK/dV kernel's: 8 at 256/256, where 4 spill
+        if kc:
+            nsa_selected_dq_sum_kernel[(triton.cdiv(R, BT), hn)](
+                ii.pos_of, dq_part, dq, ii.lists(c)[b0:], row0, R, h0, scale, HQ=HQ, H=H, G=G, GP=GP,
+                DK=DK, KA=meta["KA"], KB=meta["KB"], BT=BT, N_SEL=n, DQ_ADD=dq_add, num_warps=4)
+    if accum:
+        dk.copy_(dk_sum)
+        dv.copy_(dv_sum)
+    return dq, dk, dv
+
+
+@custom_op("nsa::selected_bwd", mutates_args=())
+def selected_bwd(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, o: Tensor, lse: Tensor, do: Tensor,
+                 cu_q: Tensor, scale: float, sel_block_size: int) -> tuple[Tensor, Tensor, Tensor]:
+    return selected_bwd_launch(q, k, v, idx, o, lse, do, cu_q, scale, sel_block_size)
+
+
+@selected_bwd.register_fake
+def _(q, k, v, idx, o, lse, do, cu_q, scale, sel_block_size):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _selected_setup(ctx, inputs, output):
+    q, k, v, idx, cu_q, scale, sel_block_size = inputs
+    ctx.save_for_backward(q, k, v, idx, output[0], output[1], cu_q)
+    ctx.consts = (scale, sel_block_size)
+
+
+def _selected_backward(ctx, do, dlse):
+    q, k, v, idx, o, lse, cu_q = ctx.saved_tensors
+    dq, dk, dv = selected_bwd(q, k, v, idx, o, lse, grad_or_zeros(do, o), cu_q, *ctx.consts)
+    return dq, dk, dv, None, None, None, None
+
+
+selected_fwd.register_autograd(_selected_backward, setup_context=_selected_setup)

@@ -1,0 +1,101 @@
+"""Evaluations of a LanguageModel: passkey accuracy, MQAR recall, and whether NSA's selection
+finds the needle. Model-level only: the trainer calls them (nsa.lm.train), `compare` too."""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+
+from ..layer import NativeSparseAttention
+from .data import mqar_batch, passkey_batch, passkey_example
+from .model import autocast
+
+
+def _logits(model, x, device):
+    """Forward for evaluation: bf16 autocast on GPU as in training (an fp32 forward would send
+    full attention to SDPA's math backend, which materialises [B, H, T, T])."""
+    with autocast(device):
+        return model(x.to(device)).float()
+
+
+@torch.no_grad()
+def passkey_accuracy(model, filler, length, depth, n, seed=0, device="cpu"):
+    """Share of examples whose every answer digit is the model's argmax (teacher forced)."""
+    model.eval()
+    rng = np.random.default_rng(seed)
+    x, y = passkey_batch(filler, n, length, rng, depth=depth)
+    pred = _logits(model, x, device).argmax(-1).cpu()
+    mask = y >= 0
+    return float(((pred == y) | ~mask).all(-1).float().mean())
+
+
+DEPTHS = [0.1, 0.3, 0.5, 0.7, 0.9]   # needle depths of the passkey grid
+
+
+@contextmanager
+def _kept_block_idx(model):
+    """Within the context, every NSA layer of model leaves its selected blocks [B, T, H, n] of the
+    latest forward in the yielded list (one entry per layer)."""
+    layers = [m for m in model.modules() if isinstance(m, NativeSparseAttention)]
+    kept = [None] * len(layers)
+
+    def keeping(i, forward):
+        def f(x, cu_seqlens=None):
+            out, kept[i] = forward(x, cu_seqlens, return_block_idx=True)
+            return out
+        return f
+    for i, m in enumerate(layers):
+        m.forward = keeping(i, m.forward)
+    try:
+        yield kept
+    finally:
+        for m in layers:
+            del m.forward
+
+
+@torch.no_grad()
+def needle_selection(model, filler, length, depths=DEPTHS, n=8, seed=0, device="cpu"):
+    """Does NSA's block selection find the needle? At the position that predicts the first answer
+    digit, the share of (example, KV head) pairs whose selected blocks hold the needle's first
+    digit, per NSA layer, over n passkey examples per depth; and the share a selection blind to
+    the needle would reach (forced blocks always, the free picks spread evenly over the other
+    visible blocks)."""
+    model.eval()
+    rng = np.random.default_rng(seed)
+    xs, q, needle = [], [], []
+    for d in depths:
+        for _ in range(n):
+            text, [(a, _b)] = passkey_example(filler, length + 1, d, rng)
+            xs.append(np.frombuffer(text[:-1], dtype=np.uint8))
+            q.append(a - 1)                                # the question's marker: predicts digit 1
+            needle.append(text.index(text[a - 1:a]) + 1)   # the needle's marker comes first
+    with _kept_block_idx(model) as kept:
+        _logits(model, torch.from_numpy(np.stack(xs)).long(), device)
+    if not kept or kept[0] is None:
+        return [], float("nan")
+    c = next(m for m in model.modules() if isinstance(m, NativeSparseAttention)).config
+    rows, q, blk = torch.arange(len(q)), torch.tensor(q), torch.tensor(needle) // c.sel_block_size
+    hit = [(idx.cpu()[rows, q] == blk[:, None, None]).any(-1).float().mean().item() for idx in kept]
+    visible = q // c.sel_block_size + 1
+    forced = (blk < c.sel_init_blocks) | (blk >= visible - c.sel_local_blocks)
+    free = c.sel_block_count - c.sel_init_blocks - c.sel_local_blocks
+    others = (visible - c.sel_init_blocks - c.sel_local_blocks).clamp_min(1)
+    blind = torch.where(forced, 1.0, (free / others).clamp_max(1.0))
+    return hit, float(blind.mean())
+
+
+def needle_grid(model, filler, lengths, depths, n=8, device="cpu"):
+    return [[passkey_accuracy(model, filler, L, d, n, seed=i * 100 + j, device=device)
+             for j, d in enumerate(depths)] for i, L in enumerate(lengths)]
+
+
+@torch.no_grad()
+def mqar_accuracy(model, n_pairs=16, n_queries=8, n=16, device="cpu", length=None, filler=None):
+    """Share of recalled values that are the argmax; with length and filler, on examples of that
+    many tokens with text between the pairs and the queries (data.mqar_batch)."""
+    model.eval()
+    x, y = mqar_batch(n, n_pairs, n_queries, np.random.default_rng(7), length=length, filler=filler)
+    pred = _logits(model, x, device).argmax(-1).cpu()
+    m = y >= 0
+    return float((pred[m] == y[m]).float().mean())
