@@ -22,7 +22,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 import nsa  # noqa: E402
 from nsa import reference  # noqa: E402
-from shapes import PAPER, environment, err, median_ms, save  # noqa: E402
+from shapes import PAPER, environment, err, median_ms, save, save_figure  # noqa: E402
 
 HQ, H, DK, DV = 64, 4, 192, 128
 BF16 = torch.bfloat16
@@ -153,13 +153,13 @@ def host_overhead(B=1, s=8192, n=300):
     """Host time per eager step (GPU work here is far shorter): the public API, the custom op,
     and the launcher function alone."""
     import time
-    from nsa.triton import ops
+    from nsa.triton.decode import decode, decode_launch
     q, c, gates = decode_inputs(B, s)
     lens = torch.full((B,), s, dtype=torch.int32, device="cuda")
     args = (q, *c.values(), gates, lens, DK ** -0.5, 32, 16, 64, 16, 1, 2, 512)
     fns = {"nsa.nsa_decode": lambda: nsa.nsa_decode(q, **c, gates=gates, lengths=lens, config=PAPER),
-           "custom op": lambda: ops.decode(*args)}
-    fns["launcher only"] = lambda: ops.decode_launch(*args)
+           "custom op": lambda: decode(*args)}
+    fns["launcher only"] = lambda: decode_launch(*args)
     out = {}
     for name, fn in fns.items():
         fn()
@@ -191,7 +191,7 @@ def time_prefill(T=65536, hidden=2048):
                 prefill_over_train=pre / train)
 
 
-def plot(rows, bw, path):
+def plot(rows, bw):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -212,7 +212,7 @@ def plot(rows, bw, path):
         ax.set_xticks(s, [f"{x // 1024}k" for x in s])
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, "decode")
 
 
 def main():
@@ -247,10 +247,7 @@ def main():
         out["prefill"] = time_prefill()
         print("prefill", out["prefill"], flush=True)
     save("decode", out)
-    plot(rows, bw, "benchmarks/results/decode.png")
-    import os
-    if os.environ.get("OUT"):
-        plot(rows, bw, os.path.join(os.environ["OUT"], "decode.png"))
+    plot(rows, bw)
     print("\n| batch | s | NSA ms (graph) | NSA ms (eager) | full ms (graph) | speedup | NSA % copy BW |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:

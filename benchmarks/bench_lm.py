@@ -14,7 +14,7 @@ import time
 import torch
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from nsa.model import PRESETS, LanguageModel  # noqa: E402
+from nsa.lm.model import PRESETS, LanguageModel  # noqa: E402
 from shapes import environment, save  # noqa: E402
 
 

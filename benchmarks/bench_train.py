@@ -4,7 +4,7 @@ fla-core's parallel_nsa. One process, one GPU, triton.testing.do_bench medians.
 
   python benchmarks/bench_train.py [--lengths 4096 ... 65536] [--quick] [--dims 192/128 256/256]
 
-Prints a table, writes benchmarks/results/train_<gpu>.json and a PNG plot.
+Prints a table, writes benchmarks/results/<gpu>/train.json and train.png.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 import nsa  # noqa: E402
 from shapes import (DIMS, FLA_COMPARABLE, HEADS, LENGTHS, PAPER, environment, median_ms,  # noqa: E402
-                    nsa_inputs, save)
+                    nsa_inputs, save, save_figure)
 
 BACKENDS = {"flash": torch.nn.attention.SDPBackend.FLASH_ATTENTION,
             "cudnn": torch.nn.attention.SDPBackend.CUDNN_ATTENTION}
@@ -97,7 +97,7 @@ def main():
     p.add_argument("--dims", nargs="+", default=list(DIMS), help="dk/dv of the paper setting (default: 192/128 128/128)")
     p.add_argument("--settings", nargs="+", default=["paper", "G4", "G1", "fla-comparable"],
                    help="which shape families to time (default: all)")
-    p.add_argument("--name", default="train", help="results file stem (benchmarks/results/<name>_<gpu>.json)")
+    p.add_argument("--name", default="train", help="results file stem (benchmarks/results/<gpu>/<name>.json)")
     a = p.parse_args()
     rows = []
 
@@ -160,7 +160,6 @@ def plot(rows, name):
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    import os
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, key in zip(axes, ("fwd", "fwd_bwd")):
         for impl in ("nsa", "sdpa-flash", "sdpa-cudnn"):
@@ -176,9 +175,7 @@ def plot(rows, name):
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    gpu = torch.cuda.get_device_name().replace(" ", "_")
-    for d in ["benchmarks/results"] + ([os.environ["OUT"]] if os.environ.get("OUT") else []):
-        fig.savefig(os.path.join(d, f"{name}_{gpu}.png"), dpi=120)
+    save_figure(fig, name)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 import nsa  # noqa: E402
 from nsa import reference  # noqa: E402
-from nsa.api import _sel_kwargs, combine  # noqa: E402
+from nsa.core import combine, selection_kwargs  # noqa: E402
 from shapes import PAPER, environment, err, nsa_inputs, save  # noqa: E402
 
 NAMES = ["q", "k_cmp", "v_cmp", "k_slc", "v_slc", "k_win", "v_win", "gates"]
@@ -76,7 +76,7 @@ def check(T, HQ, H, dk, dv, cfg, dtype=torch.bfloat16):
     with torch.no_grad():
         _, lse64 = reference.compressed_attention(t64["q"], t64["k_cmp"], t64["v_cmp"],
                                                   cmp_block_size=cfg.cmp_block_size, cmp_stride=cfg.cmp_stride)
-        idx64 = reference.select_blocks(t64["q"], t64["k_cmp"], lse64, **_sel_kwargs(cfg))
+        idx64 = reference.select_blocks(t64["q"], t64["k_cmp"], lse64, **selection_kwargs(cfg))
     sel_diff = float((idx_k != idx64).any(-1).float().mean())
     kern = fwd_bwd(lambda t: nsa.nsa_attention(**t, config=cfg, backend="triton"), tk, do)
     ref = fwd_bwd(lambda t: run_reference(t, cfg, idx_k), t64, do.double())
@@ -139,7 +139,7 @@ def main():
     p.add_argument("--long", type=lambda x: tuple(int(v) for v in x.split(",")), nargs="*", default=[],
                    help="T,HQ,H,dk,dv cases checked at some positions only (check_long), e.g. 262221,64,4,192,128")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
-    p.add_argument("--name", default="gpu_check", help="results file stem (benchmarks/results/<name>_<gpu>.json)")
+    p.add_argument("--name", default="gpu_check", help="results file stem (benchmarks/results/<gpu>/<name>.json)")
     a = p.parse_args()
     dtype = getattr(torch, a.dtype)
     cases = [(T, 64, 4, 192, 128) for T in a.lengths]

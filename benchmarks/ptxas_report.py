@@ -25,8 +25,8 @@ from triton.runtime.driver import driver
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import nsa  # noqa: E402
 import nsa.api  # noqa: E402
-from nsa import triton as triton_backend  # noqa: E402
-from nsa.triton import ops, tuning  # noqa: E402
+from nsa.triton import backend as triton_backend  # noqa: E402
+from nsa.triton import banded, decode, fused, gate, index, select, selected, tuning  # noqa: E402
 
 SHAPES = {"G1": (8, 8, 128, 128), "G2": (8, 4, 128, 128), "G4": (16, 4, 128, 128),
           "paper": (64, 4, 192, 128), "paper128": (64, 4, 128, 128),
@@ -62,7 +62,8 @@ def record_launches():
     jit.JITFunction.run = compile_only
     tuning.interpreting = lambda: False                        # GPU launch shapes
     tuning._sm_count = lambda device_index: 132                 # an H100's
-    ops.empty = lambda *shape, dtype, device: torch.zeros(*shape, dtype=dtype, device=device)  # valid indices
+    for family in (banded, decode, fused, gate, index, select, selected):   # valid indices, not poison
+        family.empty = lambda *shape, dtype, device: torch.zeros(*shape, dtype=dtype, device=device)
     nsa.api._backend = lambda backend, x: triton_backend       # CPU tensors through the Triton path
     return seen
 

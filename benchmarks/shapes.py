@@ -49,9 +49,24 @@ def environment():
                 python=platform.python_version(), date=datetime.datetime.now().isoformat(timespec="seconds"))
 
 
-def save(name, payload, out_dirs=("benchmarks/results",)):
+def results_dirs():
+    """benchmarks/results/<gpu>/ (the latest results of each GPU), and $OUT when set."""
     gpu = torch.cuda.get_device_name().replace(" ", "_")
-    for d in list(out_dirs) + ([os.environ["OUT"]] if os.environ.get("OUT") else []):
+    dirs = [os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", gpu)]
+    dirs += [os.environ["OUT"]] if os.environ.get("OUT") else []
+    for d in dirs:
         os.makedirs(d, exist_ok=True)
-        with open(os.path.join(d, f"{name}_{gpu}.json"), "w") as f:
+    return dirs
+
+
+def save(name, payload):
+    """<results>/<name>.json in every results_dirs()."""
+    for d in results_dirs():
+        with open(os.path.join(d, f"{name}.json"), "w") as f:
             json.dump(payload, f, indent=1)
+
+
+def save_figure(fig, name):
+    """<results>/<name>.png in every results_dirs()."""
+    for d in results_dirs():
+        fig.savefig(os.path.join(d, f"{name}.png"), dpi=120)
