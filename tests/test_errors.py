@@ -80,9 +80,9 @@ def test_compressed_length_checked(t):
 
 @pytest.mark.parametrize("cu,exc,match", [
     ([0, 10, 40], None, None),
-    ([0, 10, 39], ValueError, "end at the packed length 40"),
-    ([1, 10, 40], ValueError, "start at 0"),
-    ([0, 30, 20, 40], ValueError, "non-decreasing"),
+    ([0, 10, 39], ValueError, r"must end at the packed length q.shape\[1\] = 40, got 39"),
+    ([1, 10, 40], ValueError, "must start at 0, got 1"),
+    ([0, 30, 20, 40], ValueError, "must be non-decreasing, got 30 then 20 at index 2"),
     ([40], ValueError, "N\\+1 >= 2 entries"),
 ])
 def test_bad_cu_seqlens(t, cu, exc, match):
@@ -128,6 +128,20 @@ def test_select_and_selected_checks(t):
         nsa.selected_attention(t["q"], t["k_slc"], t["v_slc"], idx.float(), sel_block_size=16)
     with pytest.raises(ValueError, match=r"block_idx.shape\[2\] \(kv heads\) must be 2"):
         nsa.selected_attention(t["q"], t["k_slc"], t["v_slc"], idx[:, :, :1], sel_block_size=16)
+    past = idx.clone()
+    past[0, 5, 1, 2] = 3   # 40 tokens hold blocks 0..2 of 16
+    with pytest.raises(ValueError, match=r"0 \.\. 2 for its length 40 .*got 3 at \[0, 5, 1, 2\]"):
+        nsa.selected_attention(t["q"], t["k_slc"], t["v_slc"], past, sel_block_size=16)
+    past[0, 5, 1, 2] = -2
+    with pytest.raises(ValueError, match="got -2 at"):
+        nsa.selected_attention(t["q"], t["k_slc"], t["v_slc"], past, sel_block_size=16)
+    packed = idx.clone()
+    packed[0, 12, 0, 0] = 1   # row 12 is in the second sequence (30 tokens from row 10): blocks 0..1
+    cu = torch.tensor([0, 10, 40], dtype=torch.int32)
+    nsa.selected_attention(t["q"], t["k_slc"], t["v_slc"], packed, sel_block_size=16, cu_seqlens=cu)
+    packed[0, 3, 0, 0] = 1    # row 3 is in the first sequence (10 tokens): block 0 only
+    with pytest.raises(ValueError, match=r"0 \.\. 0 for its length 10 .*got 1 at \[0, 3, 0, 0\]"):
+        nsa.selected_attention(t["q"], t["k_slc"], t["v_slc"], packed, sel_block_size=16, cu_seqlens=cu)
 
 
 def test_layer_errors():
