@@ -1,4 +1,4 @@
-"""Public functional API (SPEC.md): checks inputs once, then dispatches to a backend.
+"""Public functional API (docs/semantics.md): checks inputs once, then dispatches to a backend.
 
 Backends: "torch" (nsa.reference, the spec) and "triton" (nsa.triton, the kernels). "auto" picks
 Triton for CUDA tensors and the reference otherwise. An explicit backend never falls back.
@@ -132,7 +132,7 @@ def compressed_attention(q, k_cmp, v_cmp, *, cmp_block_size, cmp_stride, scale=N
     q [B,T,HQ,dk], k_cmp [B,Tc,H,dk], v_cmp [B,Tc,H,dv]; compressed token i summarises keys
     [i*d, i*d+l) and is visible to query t iff i*d + l - 1 <= t. Returns (o [B,T,HQ,dv],
     lse [B,T,HQ] float32; float64 for float64 inputs); a query that sees nothing gets o = 0,
-    lse = -inf.
+    lse = -inf. Semantics: docs/semantics.md §1, §8.
     """
     check_compression(cmp_block_size, cmp_stride)
     cu = _check_qkv(q, k_cmp, v_cmp, "k_cmp", "v_cmp", cu_seqlens)
@@ -149,7 +149,8 @@ def select_blocks(q, k_cmp, lse, *, cmp_block_size, cmp_stride, sel_block_size, 
 
     Block scores are the compression probabilities exp(scale*q.k_cmp - lse) spread over the
     selection blocks by overlap and summed over each GQA group; the first `sel_init_blocks`
-    blocks and the last `sel_local_blocks` candidates are always kept. Not differentiable.
+    blocks and the last `sel_local_blocks` candidates are always kept; ties go to the lower
+    block. Not differentiable. Semantics: docs/semantics.md §2, §3, §7.
     """
     cfg = resolve_config(None, cmp_block_size=cmp_block_size, cmp_stride=cmp_stride,
                          sel_block_size=sel_block_size, sel_block_count=sel_block_count,
@@ -193,7 +194,7 @@ def selected_attention(q, k, v, block_idx, *, sel_block_size, scale=None, cu_seq
     """Each query attends, token by token, the keys <= t of the blocks its KV head selected.
 
     q [B,T,HQ,dk], k [B,T,H,dk], v [B,T,H,dv], block_idx [B,T,H,n] (block j = keys
-    [j*l', (j+1)*l'); -1 = empty slot). Returns o [B,T,HQ,dv].
+    [j*l', (j+1)*l'); -1 = empty slot). Returns o [B,T,HQ,dv]. Semantics: docs/semantics.md §4.
     """
     check_int("sel_block_size", sel_block_size, 1)
     cu = _check_qkv(q, k, v, "k", "v", cu_seqlens)
@@ -204,7 +205,7 @@ def selected_attention(q, k, v, block_idx, *, sel_block_size, scale=None, cu_seq
 
 
 def sliding_window_attention(q, k, v, *, window_size, scale=None, cu_seqlens=None, backend="auto"):
-    """Each query t attends keys [max(0, t-w+1), t]. Returns o [B,T,HQ,dv]."""
+    """Each query t attends keys [max(0, t-w+1), t]. Returns o [B,T,HQ,dv] (docs/semantics.md §5)."""
     check_int("window_size", window_size, 1)
     cu = _check_qkv(q, k, v, "k", "v", cu_seqlens)
     _check_raw_len(q, "k", k)
@@ -221,6 +222,7 @@ def nsa_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, config=
     q [B,T,HQ,dk]; k_cmp/v_cmp [B,Tc,H,dk|dv] (compressed); k_slc/v_slc and k_win/v_win
     [B,T,H,dk|dv] (each branch its own); gates [B,T,HQ,3] in (cmp, slc, win) order.
     Hyper-parameters come from `config` (an NSAConfig) and/or keywords; paper defaults otherwise.
+    Semantics: docs/semantics.md (all sections; packed input §9).
     """
     cfg = resolve_config(config, cmp_block_size=cmp_block_size, cmp_stride=cmp_stride,
                          sel_block_size=sel_block_size, sel_block_count=sel_block_count,
@@ -259,7 +261,8 @@ def nsa_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, lengths, *, c
     branch's ring buffer (position p in slot p % W, W >= min(window_size, N)); lengths [B]
     int32/int64 in [1, N] (values checked for CPU tensors only: a check would sync the GPU).
     Returns o [B,HQ,dv] (and block_idx [B,H,n] int32 with return_block_idx). Equal to
-    nsa_attention's output at those positions. No autograd (inference).
+    nsa_attention's output at those positions. No autograd (inference). Semantics:
+    docs/semantics.md §10.
     """
     cfg = resolve_config(config)
     for name, x, rank in (("q", q, 3), ("gates", gates, 3), ("k_cmp", k_cmp, 4), ("v_cmp", v_cmp, 4),

@@ -1,4 +1,4 @@
-"""NSAConfig: the sparsity hyper-parameters of SPEC.md, validated once, frozen."""
+"""NSAConfig: the sparsity hyper-parameters of docs/semantics.md, validated once, frozen."""
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
@@ -50,7 +50,7 @@ class NSAConfig:
                 f"sel_local_blocks ({self.sel_init_blocks} + {self.sel_local_blocks} = {forced})")
 
     def num_compressed(self, seqlen: int) -> int:
-        """Tc(T) of SPEC.md: compressed tokens of a sequence of length T."""
+        """Tc(T) (docs/semantics.md §1): compressed tokens of a sequence of length T."""
         return num_compressed(seqlen, self.cmp_block_size, self.cmp_stride)
 
     def replace(self, **changes) -> "NSAConfig":

@@ -12,7 +12,8 @@ def num_compressed(seqlen: int, cmp_block_size: int, cmp_stride: int) -> int:
 
 def compressed_cu_seqlens(cu_seqlens: torch.Tensor, cmp_block_size: int, cmp_stride: int) -> torch.Tensor:
     """Offsets of each packed sequence's compressed tokens in a packed compressed tensor: the
-    compressed twin of cu_seqlens (int32, [N+1]), computed on cu_seqlens' device."""
+    compressed twin of cu_seqlens (int32, [N+1]), computed on cu_seqlens' device
+    (docs/semantics.md §9)."""
     lens = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
     tc = torch.where(lens < cmp_block_size, 0, (lens - cmp_block_size) // cmp_stride + 1)
     return torch.cat([tc.new_zeros(1), tc.cumsum(0)]).to(torch.int32)

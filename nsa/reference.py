@@ -1,4 +1,4 @@
-"""The spec (SPEC.md) in PyTorch: one function per branch, readable before fast.
+"""The semantics (docs/semantics.md) in PyTorch: one function per branch, readable before fast.
 
 Every function takes the public layout ([B, T, heads, dim], optional cu_seqlens), works one
 sequence at a time, and computes in float32 (float64 for float64 inputs). Queries are processed
@@ -158,7 +158,7 @@ def selected_attention(q, k, v, block_idx, *, sel_block_size, scale=None, cu_seq
 
 def overlap_weights(num_cmp, num_blocks, cmp_block_size, cmp_stride, sel_block_size,
                     dtype=torch.float32, device=None):
-    """W[i, j] = |[i*d, i*d+l) ∩ [j*l', (j+1)*l')| / d  (SPEC.md step 2)."""
+    """W[i, j] = |[i*d, i*d+l) ∩ [j*l', (j+1)*l')| / d  (docs/semantics.md §2)."""
     i = torch.arange(num_cmp, device=device)[:, None]
     j = torch.arange(num_blocks, device=device)[None, :]
     lo = torch.maximum(i * cmp_stride, j * sel_block_size)
@@ -167,7 +167,7 @@ def overlap_weights(num_cmp, num_blocks, cmp_block_size, cmp_stride, sel_block_s
 
 
 def pick_blocks(score, t, *, sel_block_size, sel_block_count, sel_init_blocks, sel_local_blocks):
-    """Top-n with forced blocks (SPEC.md step 3). score [C, H, NB] (>= 0), t [C] positions.
+    """Top-n with forced blocks (docs/semantics.md §3). score [C, H, NB] (>= 0), t [C] positions.
     Returns [C, H, n] int32, ascending, padded with -1."""
     C, H, NB = score.shape
     n = sel_block_count
@@ -185,7 +185,7 @@ def pick_blocks(score, t, *, sel_block_size, sel_block_count, sel_init_blocks, s
 
 
 def block_scores(q, k_cmp, lse, t, w, scale, cmp_block_size, cmp_stride):
-    """SPEC.md step 2 for queries at positions t: q [C,H,G,dk], k_cmp [Tc,H,dk], lse [C,H,G],
+    """docs/semantics.md §2 for queries at positions t: q [C,H,G,dk], k_cmp [Tc,H,dk], lse [C,H,G],
     w the overlap weights [Tc, NB] -> group-summed block scores [C, H, NB]."""
     vis = torch.arange(k_cmp.shape[0], device=q.device)[None, :] <= \
         _cmp_last_visible(t, cmp_block_size, cmp_stride)[:, None]

@@ -1,6 +1,6 @@
-"""An independent, per-query transcription of SPEC.md, in float64, for tiny inputs only.
+"""An independent, per-query transcription of docs/semantics.md, in float64, for tiny inputs only.
 
-Written from the spec's text with Python loops over positions, sharing no code with nsa.
+Written from that text with Python loops over positions, sharing no code with nsa.
 """
 import math
 

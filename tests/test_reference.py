@@ -1,4 +1,4 @@
-"""The PyTorch reference (backend="torch") against the naive per-query transcription of SPEC.md."""
+"""The PyTorch reference (backend="torch") against the naive per-query transcription of docs/semantics.md."""
 import math
 
 import pytest

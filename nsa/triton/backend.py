@@ -87,7 +87,7 @@ def nsa_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, config,
 
 
 def combine(o_cmp, o_slc, o_win, gates):
-    """SPEC.md step 6 in one fused pass (forward and backward)."""
+    """docs/semantics.md §6 in one fused pass (forward and backward)."""
     return gate_fwd(o_cmp.contiguous(), o_slc.contiguous(), o_win.contiguous(), gates.contiguous())
 
 

@@ -158,7 +158,7 @@ def nsa_decode_score_kernel(
 
     R: tl.constexpr = SEL_L // CMP_D
     r = tl.arange(0, RP)
-    w_in, w_spill = spread_counts(r, R, CMP_L, CMP_D, SEL_L)   # d times SPEC's weights
+    w_in, w_spill = spread_counts(r, R, CMP_L, CMP_D, SEL_L)   # d times the weights of docs/semantics.md §2
     lo, hi = _split((L - 1) // SEL_L + 1, tl.program_id(1), S_B, BCH)
     lg_row = logits + bh.to(tl.int64) * G * NC
     for j0 in range(lo, hi, BCH):

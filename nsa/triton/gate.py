@@ -1,4 +1,4 @@
-"""Gated merge of the three branches (SPEC.md step 6) in one pass each way.
+"""Gated merge of the three branches (docs/semantics.md §6) in one pass each way.
 
 Forward:  o = g0*o_cmp + g1*o_slc + g2*o_win.
 Backward: dO_i = g_i * dO and dg_i = rowsum(dO * o_i), reading dO and each o_i once. Rows are

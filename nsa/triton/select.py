@@ -1,4 +1,4 @@
-"""Block selection kernel: importance scores and top-n, on the fly (SPEC.md steps 2-3).
+"""Block selection kernel: importance scores and top-n, on the fly (docs/semantics.md §2-3).
 
 A program owns BT query positions x the G heads of one KV head. It walks the selection blocks
 NTOP at a time (NTOP = n rounded up to a power of two); for each chunk it recomputes the
@@ -14,10 +14,10 @@ Spreading the probabilities over blocks (SPREAD): a compressed token starting at
 block covers it by spread_counts' own(r) keys and spills spill(r) keys into the next block.
 As a product [positions, tokens] x [tokens, blocks] of those counts in fp32 on CUDA cores it
 held many registers (G = 1, 128 positions a tile: ptxas spilled ~2.9 KB a thread, 9.4 ms at
-64k on an H100; 4.6 at 64 positions; that path was removed in session 11). SPREAD 1: the
+64k on an H100; 4.6 at 64 positions), so it is not used. SPREAD 1: the
 product on tensor cores, the probabilities as three bf16 parts (8 + 8 + 8 significant bits:
-fp32's 24) times the counts (exact in bf16), summed in fp32: 2.8 ms at 64 positions
-(results/session8/call1). SPREAD 2: a stencil, no product: the tokens as [positions, blocks,
+fp32's 24) times the counts (exact in bf16), summed in fp32: 2.8 ms at 64 positions.
+SPREAD 2: a stencil, no product: the tokens as [positions, blocks,
 RP] (RP = l'/d padded to a power of two), each block's own sum and spill sum, the spill moved
 one block on by a gather. Defaults and timings: tuning.select. The interpreter runs the split
 with fp32 parts (its bf16 products are not exact): CI checks the counts, the GPU the bf16
@@ -47,7 +47,7 @@ from .utils import (LOG2E, band_keys, empty, pow2, tile_cu, tile_grid_bound, ban
 def spread_counts(r, R: tl.constexpr, CMP_L: tl.constexpr, CMP_D: tl.constexpr, SEL_L: tl.constexpr):
     """Compressed token i starts in block i // R at offset r = i % R (R = l'/d tokens start in
     each block); since l <= l' it covers that block by min(l, l' - r*d) keys and spills
-    max(0, r*d + l - l') keys into the next one. Both counts (d times SPEC.md's overlap
+    max(0, r*d + l - l') keys into the next one. Both counts (d times docs/semantics.md §2's overlap
     weights; fp32, exact) for r of arange(RP), zero for padding r >= R."""
     own = tl.where(r < R, tl.minimum(CMP_L, SEL_L - r * CMP_D), 0).to(tl.float32)
     spill = tl.where(r < R, tl.maximum(r * CMP_D + CMP_L - SEL_L, 0), 0).to(tl.float32)
