@@ -91,6 +91,12 @@ def _load_group(q, b, hk, HQ: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D
 
 
 @triton.jit
+def _num_compressed(L, CMP_L: tl.constexpr, CMP_D: tl.constexpr):
+    """Tc(L): compressed tokens of a row of L tokens (nsa.core.num_compressed, on the device)."""
+    return tl.where(L >= CMP_L, (L - CMP_L) // CMP_D + 1, 0)
+
+
+@triton.jit
 def _split(n, s, S: tl.constexpr, BN: tl.constexpr):
     """Split s of S over n items, in whole tiles of BN: its [lo, hi)."""
     per = tl.cdiv(tl.cdiv(n, S), BN) * BN
@@ -117,7 +123,7 @@ def nsa_decode_cmp_win_kernel(
     l_i = tl.zeros([GP], tl.float32)
     acc = tl.zeros([GP, BV], tl.float32)
     if s < S_C:
-        nc = tl.where(L >= CMP_L, (L - CMP_L) // CMP_D + 1, 0)
+        nc = _num_compressed(L, CMP_L, CMP_D)
         lo, hi = _split(nc, s, S_C, BN)
         row0 = (b.to(tl.int64) * NC) * H + hk
         m_i, l_i, acc = _attend_range(qt, k_cmp + row0 * DK, v_cmp + row0 * DV, lo, hi, NC, m_i, l_i,
@@ -142,7 +148,7 @@ def nsa_decode_score_kernel(
 ):
     bh = tl.program_id(0)
     L = tl.load(lengths + bh // H)
-    nc = tl.where(L >= CMP_L, (L - CMP_L) // CMP_D + 1, 0)
+    nc = _num_compressed(L, CMP_L, CMP_D)
     g = tl.arange(0, GP)
     # lse (log2) of the compression branch from its splits
     m = tl.full([GP], float("-inf"), tl.float32)
