@@ -149,8 +149,7 @@ def train(a) -> int:
             print(f"resumed from {ckpt} at step {tr.step} of {tr.cfg.steps}")
     except (ValueError, FileNotFoundError) as e:
         return _fail(e)
-    print(f"{a.attention} model, {tr.model.num_params() / 1e6:.2f}M parameters, on {tr.device}"
-          + _cpu_note(a.attention, tr.device))
+    print(tr.describe())
     tr.fit()
     if tr.stopped_early:
         print(f"time limit: stopped at step {tr.step} of {tr.cfg.steps}; saved {tr.save()} "
@@ -158,12 +157,6 @@ def train(a) -> int:
         return 0
     print(f"saved {tr.save()}; held-out loss {tr.val_loss():.4f}")
     return 0
-
-
-def _cpu_note(attention, device) -> str:
-    if attention == "nsa" and device.type == "cpu":
-        return " (on a CPU NSA runs the PyTorch reference: the Triton kernels need a GPU)"
-    return ""
 
 
 def evaluate(a) -> int:
@@ -180,7 +173,7 @@ def evaluate(a) -> int:
         tr.load(a.checkpoint)
     except (ValueError, FileNotFoundError) as e:
         return _fail(e)
-    say(f"{tr.model_cfg.attention} model at step {tr.step}, on {tr.device}{_cpu_note(tr.model_cfg.attention, tr.device)}")
+    say(f"{tr.describe()}, at step {tr.step}")
     say(f"held-out loss {tr.val_loss():.4f} nats/byte")
     L_mq, mq_long = mqar_at_trained_length(tr)
     say(f"MQAR accuracy {mqar_accuracy(tr.model, device=tr.device):.2f} (16 pairs, no gap), {mq_long:.2f} at "

@@ -97,9 +97,9 @@ def compare(preset="tiny", train_cfg: TrainConfig | None = None, out_dir="runs/c
     L = base.seq_len
     lengths, depths = passkey_lengths(base), DEPTHS
     for kind in attentions:
-        if log is not None:
-            log.write(f"== training {kind} ({preset}) ==\n")
         tr = Trainer(mcfg.replace(attention=kind), replace(base, out_dir=str(out / kind)), corpus=corpus, log=log)
+        if log is not None:
+            log.write(f"== training {kind} ({preset}): {tr.describe()} ==\n")
         corpus = (tr.train_data, tr.val_data)
         hist = tr.fit()
         tr.save()

@@ -161,6 +161,13 @@ class Trainer:
         self.history = []
         self.out = Path(cfg.out_dir)
 
+    def describe(self) -> str:
+        """One line: the model, its size and device (and that NSA runs the reference on a CPU)."""
+        kind = self.model_cfg.attention
+        note = (" (on a CPU NSA runs the PyTorch reference: the Triton kernels need a GPU)"
+                if kind == "nsa" and self.device.type == "cpu" else "")
+        return f"{kind} model, {self.model.num_params() / 1e6:.2f}M parameters, on {self.device}{note}"
+
     # ------------------------------------------------------------------ one step
     def _mine(self, t):
         """This rank's slice of a global batch."""
