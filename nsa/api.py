@@ -166,9 +166,10 @@ def select_blocks(q, k_cmp, lse, *, cmp_block_size, cmp_stride, sel_block_size, 
         q, k_cmp, lse, scale=_scale(scale), cu_seqlens=cu, **selection_kwargs(cfg))
 
 
-def _check_block_idx(block_idx, k, q, cu, sel_block_size):
+def _check_block_idx(block_idx, k, q):
     """Shape, dtype, device; values (on CPU tensors only: a check would sync the GPU) must be -1
-    or a block of the query's own sequence."""
+    (an empty slot) or a block index >= 0 (a block after the query's own, even past its sequence's
+    end, contributes nothing: docs/semantics.md §4)."""
     _tensor("block_idx", block_idx)
     if block_idx.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"block_idx must be int32 (or int64), got {block_idx.dtype}")
@@ -176,16 +177,10 @@ def _check_block_idx(block_idx, k, q, cu, sel_block_size):
         raise ValueError(f"block_idx must be on q's device ({q.device}), got {block_idx.device}")
     _dims("block_idx", block_idx, {0: ("batch", q.shape[0]), 1: ("length", q.shape[1]),
                                    2: ("kv heads", k.shape[2])})
-    if block_idx.device.type == "cpu" and block_idx.numel():
-        T = q.shape[1]
-        lens = torch.full((T,), T) if cu is None else torch.repeat_interleave(cu.diff().long(), cu.diff().long())
-        blocks = (lens + sel_block_size - 1) // sel_block_size          # [T] blocks of each row's sequence
-        bad = (block_idx < -1) | (block_idx >= blocks[None, :, None, None])
-        if bool(bad.any()):
-            b, t, h, s = (int(x) for x in bad.nonzero()[0])
-            raise ValueError(f"block_idx must hold -1 or a block of the query's sequence (0 .. "
-                             f"{int(blocks[t]) - 1} for its length {int(lens[t])} and sel_block_size "
-                             f"{sel_block_size}), got {int(block_idx[b, t, h, s])} at [{b}, {t}, {h}, {s}]")
+    if block_idx.device.type == "cpu" and bool((block_idx < -1).any()):
+        b, t, h, s = (int(x) for x in (block_idx < -1).nonzero()[0])
+        raise ValueError(f"block_idx must hold -1 (an empty slot) or block indices >= 0, got "
+                         f"{int(block_idx[b, t, h, s])} at [{b}, {t}, {h}, {s}]")
     return block_idx.to(torch.int32)
 
 
@@ -199,7 +194,7 @@ def selected_attention(q, k, v, block_idx, *, sel_block_size, scale=None, cu_seq
     check_int("sel_block_size", sel_block_size, 1)
     cu = _check_qkv(q, k, v, "k", "v", cu_seqlens)
     _check_raw_len(q, "k", k)
-    block_idx = _check_block_idx(block_idx, k, q, cu, sel_block_size)
+    block_idx = _check_block_idx(block_idx, k, q)
     return _backend(backend, q).selected_attention(
         q, k, v, block_idx, sel_block_size=sel_block_size, scale=_scale(scale), cu_seqlens=cu)
 

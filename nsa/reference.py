@@ -134,8 +134,9 @@ def sliding_window_attention(q, k, v, *, window_size, scale=None, cu_seqlens=Non
 
 
 def block_mask(block_idx, num_blocks):
-    """[C, H, n] indices (-1 = none) -> [C, H, num_blocks] bool membership."""
-    idx = torch.where(block_idx >= 0, block_idx.long(), num_blocks)
+    """[C, H, n] indices (-1 = none) -> [C, H, num_blocks] bool membership; indices past the
+    last block (no key of theirs exists) select nothing."""
+    idx = torch.where((block_idx >= 0) & (block_idx < num_blocks), block_idx.long(), num_blocks)
     bm = torch.zeros(*block_idx.shape[:-1], num_blocks + 1, dtype=torch.bool, device=idx.device)
     return bm.scatter_(-1, idx, True)[..., :num_blocks]
 
