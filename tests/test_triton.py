@@ -173,7 +173,8 @@ def test_cmp_select_rescales_list_and_carry():
     k[:, 0, 0] = logit
     v = torch.randn(Tc, 1, 8, generator=torch.Generator().manual_seed(0))
     cu, cu_k = (torch.tensor([0, n], dtype=torch.int32) for n in (T, Tc))
-    _, _, idx = cmp_select_fwd(q, k, v, cu, cu_k, 1.0, *cfg_kwargs(cfg).values())
+    _, _, idx = cmp_select_fwd(*(x.to(DEV) for x in (q, k, v, cu, cu_k)), 1.0, *cfg_kwargs(cfg).values())
+    idx = idx.cpu()
     _, lse_r = nsa.compressed_attention(q[None].double(), k[None].double(), v[None].double(), scale=1.0,
                                         cmp_block_size=cfg.cmp_block_size, cmp_stride=cfg.cmp_stride, backend="torch")
     idx_r = nsa.select_blocks(q[None].double(), k[None].double(), lse_r, **cfg_kwargs(cfg), scale=1.0, backend="torch")[0]
