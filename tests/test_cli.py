@@ -49,7 +49,12 @@ def test_resume_decisions_are_printed(tmp_path, corpus, capsys):
     assert main(["train", "--steps", "3", "--corpus", corpus, "--out", str(tmp_path), "--resume"]) == 0
     out = capsys.readouterr().out
     assert "resume: steps 2 (checkpoint) -> 3 (command line): the LR schedule is recomputed" in out
-    assert "batch_size" not in out and "resumed from" in out and "at step 2 of 3" in out
+    assert "resumed from" in out and "at step 2 of 3" in out
+    assert "batch_size" not in out and "eval_every" not in out   # not given: the checkpoint's, unchanged
+    # a setting with a default left out on resume is a change too, and is said
+    assert main(["train", "--steps", "3", "--corpus", corpus, "--out", str(tmp_path), "--resume",
+                 "--passkey-rows", "1"]) == 0
+    assert "resume: passkey_rows 2 (checkpoint) -> 1 (command line)" in capsys.readouterr().out
     # a checkpoint of another attention kind: one line, not a state_dict traceback
     assert _train(tmp_path, corpus, "--resume", "--attention", "full") == 2
     assert "holds a 'nsa' model; --attention is 'full'" in _error_line(capsys)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 
@@ -77,7 +78,7 @@ def _train_args(p):
     p.add_argument("--mqar-pairs", type=int, default=16, help="key-value pairs per MQAR example")
 
 
-_SCHEDULE = ("steps", "batch_size", "seq_len", "lr")   # None on the command line: the preset's or the checkpoint's
+_SCHEDULE = ("steps", "batch_size", "seq_len", "lr")   # None on the command line: the preset's
 
 
 # tiny: the three twins train on a 2-core CPU in a few minutes; small: one GPU, long context
@@ -86,8 +87,8 @@ PRESET_TRAINING = {"tiny": dict(steps=150, batch_size=8, seq_len=256, lr=3e-3),
 
 
 def _train_cfg(a, out_dir, base=None):
-    """The run's TrainConfig: the command line's values; where it gives none, base's (a resumed
-    checkpoint's), else the preset's."""
+    """The run's TrainConfig from the command line; where it gives no steps, batch size, length or
+    learning rate: base's (a resumed checkpoint's settings), else the preset's."""
     from nsa.lm.train import TrainConfig
     base = base or PRESET_TRAINING[a.preset]
     d = {k: getattr(a, k) if getattr(a, k) is not None else base[k] for k in _SCHEDULE}
@@ -114,22 +115,30 @@ def _fail(msg) -> int:
 
 
 def _resume_base(a, ckpt):
-    """The checkpoint's training settings for --resume, and what the command line changes in
-    them, printed (a longer --steps recomputes the cosine schedule from the checkpoint's step)."""
+    """The checkpoint of --resume: its attention must be the command line's."""
     from nsa.lm.train import read_checkpoint
     s = read_checkpoint(ckpt)
     kind = s["model_cfg"]["attention"]
     if kind != a.attention:
         raise ValueError(f"{ckpt} holds a '{kind}' model; --attention is '{a.attention}' (give --attention "
                          f"{kind}, or another --out for a new run)")
-    old = s["train_cfg"]
-    for k in _SCHEDULE:
-        new = getattr(a, k)
-        if new is not None and new != old[k]:
-            why = (f": the LR schedule is recomputed for {new} steps from step {s['step']} on" if k == "steps"
-                   else "")
-            print(f"resume: {k} {old[k]} (checkpoint) -> {new} (command line){why}")
-    return old
+    return s
+
+
+def _resume_cfg(a, old: dict, step: int):
+    """The resumed run's TrainConfig: the checkpoint's settings, but for the options given on the
+    command line; each change printed (a new --steps recomputes the cosine schedule and its
+    warmup from the checkpoint's step on)."""
+    from nsa.lm.train import TrainConfig
+    new = asdict(_train_cfg(a, a.out, old))
+    cfg = {k: new[k] if k in a.given or k in ("out_dir", "device") else v for k, v in old.items() if k in new}
+    if "steps" in a.given:
+        cfg["warmup"] = new["warmup"]
+    for k, v in cfg.items():
+        if old[k] != v and k not in ("out_dir", "device"):
+            why = f": the LR schedule is recomputed for {v} steps from step {step} on" if k == "steps" else ""
+            print(f"resume: {k} {old[k]} (checkpoint) -> {v} (command line){why}")
+    return TrainConfig(**cfg)
 
 
 def train(a) -> int:
@@ -141,9 +150,9 @@ def train(a) -> int:
     if a.resume and not ckpt.is_file():
         return _fail(f"--resume: no checkpoint at {ckpt} (drop --resume to start a new run there)")
     try:
-        base = _resume_base(a, ckpt) if a.resume else None
-        tr = Trainer(PRESETS[a.preset].replace(attention=a.attention), _train_cfg(a, a.out, base),
-                     corpus=load_corpus(a.corpus))
+        s = _resume_base(a, ckpt) if a.resume else None
+        cfg = _resume_cfg(a, s["train_cfg"], s["step"]) if a.resume else _train_cfg(a, a.out)
+        tr = Trainer(PRESETS[a.preset].replace(attention=a.attention), cfg, corpus=load_corpus(a.corpus))
         if a.resume:
             tr.load(ckpt)
             print(f"resumed from {ckpt} at step {tr.step} of {tr.cfg.steps}")
@@ -243,8 +252,16 @@ def main(argv=None) -> int:
     _train_args(c)
     c.add_argument("--out", default="runs/compare", help="folder of the plots, summary.json and each twin's run")
     c.set_defaults(func=compare_cmd)
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = p.parse_args(argv)
+    args.given = _given(sub.choices[args.cmd], argv)
     return args.func(args)
+
+
+def _given(parser, argv) -> set:
+    """The dests of the options argv gives (--opt VALUE or --opt=VALUE)."""
+    words = {w.split("=", 1)[0] for w in argv if w.startswith("--")}
+    return {act.dest for act in parser._actions if words & set(act.option_strings)}
 
 
 if __name__ == "__main__":
