@@ -171,7 +171,7 @@ def train(a) -> int:
 def evaluate(a) -> int:
     from nsa.lm.compare import mqar_at_trained_length, passkey_lengths
     from nsa.lm.data import load_corpus
-    from nsa.lm.eval import DEPTHS, mqar_accuracy, needle_grid, needle_selection
+    from nsa.lm.eval import DEPTHS, mqar_accuracy, needle_rows, needle_selection
     from nsa.lm.train import TrainConfig, Trainer, model_config_from, read_checkpoint
     t0 = time.monotonic()
     say = lambda msg: print(f"[{time.monotonic() - t0:6.1f} s] {msg}", flush=True)
@@ -190,8 +190,7 @@ def evaluate(a) -> int:
     lengths, depths = a.lengths or passkey_lengths(tr.cfg), DEPTHS
     say("passkey accuracy, share of examples with every digit right (rows: length; columns: depth "
         + ", ".join(f"{d:.0%}" for d in depths) + ")")
-    for L_ in lengths:
-        row = needle_grid(tr.model, tr.val_data, [L_], depths, n=a.samples, device=tr.device)[0]
+    for L_, row in zip(lengths, needle_rows(tr.model, tr.val_data, lengths, depths, n=a.samples, device=tr.device)):
         print(f"  {L_:6d}: " + "  ".join(f"{v:.2f}" for v in row), flush=True)
     if tr.model_cfg.attention == "nsa":
         print("needle block among the selected ones at the question (per layer, share of examples x KV heads; "

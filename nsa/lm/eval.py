@@ -85,9 +85,16 @@ def needle_selection(model, filler, length, depths=DEPTHS, n=8, seed=0, device="
     return hit, float(blind.mean())
 
 
+def needle_rows(model, filler, lengths, depths, n=8, device="cpu"):
+    """The passkey grid a row (one length) at a time, as each is done; cell (i, j) uses seed
+    i * 100 + j."""
+    for i, L in enumerate(lengths):
+        yield [passkey_accuracy(model, filler, L, d, n, seed=i * 100 + j, device=device) for j, d in enumerate(depths)]
+
+
 def needle_grid(model, filler, lengths, depths, n=8, device="cpu"):
-    return [[passkey_accuracy(model, filler, L, d, n, seed=i * 100 + j, device=device)
-             for j, d in enumerate(depths)] for i, L in enumerate(lengths)]
+    """Passkey accuracy [length][depth] (needle_rows, whole)."""
+    return list(needle_rows(model, filler, lengths, depths, n=n, device=device))
 
 
 @torch.no_grad()
