@@ -50,8 +50,37 @@ class NSACache:
 
     @property
     def nbytes(self) -> int:
-        return sum(x.numel() * x.element_size() for x in (self.k_slc, self.v_slc, self.k_win, self.v_win,
-                                                         self.k_raw, self.v_raw, self.k_cmp, self.v_cmp))
+        return sum(getattr(self, n).numel() * getattr(self, n).element_size() for n in self._BUFFERS)
+
+    _BUFFERS = ("k_slc", "v_slc", "k_win", "v_win", "k_raw", "v_raw", "k_cmp", "v_cmp")
+
+    def grow(self, capacity: int) -> None:
+        """Raise the capacity to `capacity` tokens, keeping what every row holds. While the rings
+        are shorter than w (or l) they hold every position in its own slot (lengths <= the old
+        capacity = their size), so a copy into the first slots of the larger rings is exact."""
+        if capacity <= self.capacity:
+            return
+        old = {n: getattr(self, n) for n in self._BUFFERS}
+        c = self.config
+        sizes = {"k_slc": capacity, "k_win": min(c.window_size, capacity),
+                 "k_raw": min(c.cmp_block_size, capacity), "k_cmp": c.num_compressed(capacity)}
+        for n, buf in old.items():
+            new = buf.new_zeros(buf.shape[0], sizes["k" + n[1:]], *buf.shape[2:])
+            new[:, :buf.shape[1]] = buf
+            setattr(self, n, new)
+        self.capacity = capacity
+
+    def select_rows(self, index) -> None:
+        """Keep the rows `index` (a 1-D index tensor or list, repeats allowed) in that order:
+        beam search's reordering, a batch repeated per returned sequence."""
+        index = torch.as_tensor(index, dtype=torch.long, device=self.device)
+        for n in self._BUFFERS:
+            setattr(self, n, getattr(self, n).index_select(0, index))
+        self.lengths = [self.lengths[i] for i in index.tolist()]
+        self.seqlens = self.seqlens.index_select(0, index)
+        if self.last_input is not None:
+            self.last_input = self.last_input.index_select(0, index)
+        self.batch_size = index.numel()
 
     def reset(self, rows=None):
         """Forget what rows (default: all) hold; their buffers are reused."""

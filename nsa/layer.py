@@ -76,7 +76,8 @@ class BlockCompressor(nn.Module):
 
 
 class _AttentionBase(nn.Module):
-    def __init__(self, hidden_size, num_heads, num_kv_heads, head_dim_qk, head_dim_v, rope_theta):
+    def __init__(self, hidden_size, num_heads, num_kv_heads, head_dim_qk, head_dim_v, rope_theta,
+                 qkv_bias=False, o_bias=False):
         super().__init__()
         for name, v in (("hidden_size", hidden_size), ("num_heads", num_heads),
                         ("num_kv_heads", num_kv_heads), ("head_dim_qk", head_dim_qk),
@@ -88,8 +89,8 @@ class _AttentionBase(nn.Module):
             raise ValueError(f"head_dim_qk must be even for rotary embeddings, got {head_dim_qk}")
         self.hidden_size, self.num_heads, self.num_kv_heads = hidden_size, num_heads, num_kv_heads
         self.head_dim_qk, self.head_dim_v, self.rope_theta = head_dim_qk, head_dim_v, rope_theta
-        self.q_proj = nn.Linear(hidden_size, num_heads * head_dim_qk, bias=False)
-        self.o_proj = nn.Linear(num_heads * head_dim_v, hidden_size, bias=False)
+        self.q_proj = nn.Linear(hidden_size, num_heads * head_dim_qk, bias=qkv_bias)
+        self.o_proj = nn.Linear(num_heads * head_dim_v, hidden_size, bias=o_bias)
 
     def _init_linears(self):
         for m in self.modules():
@@ -121,18 +122,22 @@ class _AttentionBase(nn.Module):
 
 
 class NativeSparseAttention(_AttentionBase):
-    """NSA layer: q projection, independent k/v per branch, RoPE, learned compression, gates."""
+    """NSA layer: q projection, independent k/v per branch, RoPE, learned compression, gates.
+    qkv_bias gives the q and every branch's k/v projection a bias (Qwen2-style), o_bias the
+    output projection."""
 
     def __init__(self, hidden_size, num_heads, num_kv_heads, head_dim_qk, head_dim_v,
-                 config: NSAConfig = NSAConfig(), rope_theta: float = 10000.0, backend="auto"):
-        super().__init__(hidden_size, num_heads, num_kv_heads, head_dim_qk, head_dim_v, rope_theta)
+                 config: NSAConfig = NSAConfig(), rope_theta: float = 10000.0, backend="auto",
+                 qkv_bias: bool = False, o_bias: bool = False):
+        super().__init__(hidden_size, num_heads, num_kv_heads, head_dim_qk, head_dim_v, rope_theta,
+                         qkv_bias, o_bias)
         if not isinstance(config, NSAConfig):
             raise TypeError(f"config must be an NSAConfig, got {type(config).__name__}")
         self.config, self.backend = config, backend
         kv = num_kv_heads * (head_dim_qk + head_dim_v)
-        self.cmp_proj = nn.Linear(hidden_size, kv, bias=False)
-        self.slc_proj = nn.Linear(hidden_size, kv, bias=False)
-        self.win_proj = nn.Linear(hidden_size, kv, bias=False)
+        self.cmp_proj = nn.Linear(hidden_size, kv, bias=qkv_bias)
+        self.slc_proj = nn.Linear(hidden_size, kv, bias=qkv_bias)
+        self.win_proj = nn.Linear(hidden_size, kv, bias=qkv_bias)
         self.compress_k = BlockCompressor(config.cmp_block_size, head_dim_qk)
         self.compress_v = BlockCompressor(config.cmp_block_size, head_dim_v)
         self.gate_proj = nn.Linear(hidden_size, num_heads * 3)

@@ -213,6 +213,24 @@ def compare_cmd(a) -> int:
     return 0
 
 
+def export(a) -> int:
+    from nsa.lm.train import read_checkpoint
+    try:
+        import torch
+        from nsa.hf import from_trainer_checkpoint
+    except ImportError as e:
+        return _fail(f"nsa export needs transformers ({e}): pip install -e \".[hf]\"")
+    try:
+        s = read_checkpoint(a.checkpoint)
+        model = from_trainer_checkpoint(s["model"], s["model_cfg"])
+    except (ValueError, FileNotFoundError) as e:
+        return _fail(e)
+    model.to(getattr(torch, a.dtype)).save_pretrained(a.out)
+    print(f"{a.out}/: nsa_lm model ({sum(p.numel() for p in model.parameters()):,} parameters, {a.dtype}, "
+          f"step {s['step']}); load with import nsa.hf; AutoModelForCausalLM.from_pretrained({a.out!r})")
+    return 0
+
+
 def main(argv=None) -> int:
     fmt = argparse.ArgumentDefaultsHelpFormatter
     p = argparse.ArgumentParser(prog="nsa", description="Native Sparse Attention tools", formatter_class=fmt)
@@ -251,6 +269,13 @@ def main(argv=None) -> int:
     _train_args(c)
     c.add_argument("--out", default="runs/compare", help="folder of the plots, summary.json and each twin's run")
     c.set_defaults(func=compare_cmd)
+    x = sub.add_parser("export", help="turn a checkpoint of nsa train into a transformers save_pretrained folder",
+                       formatter_class=fmt)
+    x.add_argument("checkpoint", help="a checkpoint.pt of nsa train (attention nsa)")
+    x.add_argument("out", help="folder to write (config.json, model.safetensors)")
+    x.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="dtype of the saved weights")
+    x.set_defaults(func=export)
     argv = sys.argv[1:] if argv is None else list(argv)
     args = p.parse_args(argv)
     args.given = _given(sub.choices[args.cmd], argv)
