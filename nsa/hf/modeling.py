@@ -8,6 +8,8 @@ are fixed by position, which is why padding cannot simply be masked out as in de
 """
 from __future__ import annotations
 
+from dataclasses import fields
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -18,6 +20,10 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from ..layer import BlockCompressor, NativeSparseAttention
 from .cache import NSALMCache
 from .configuration import NSALMConfig
+
+# transformers renamed the cache argument and output field past_key_values -> cache (5.24);
+# forward takes both names, outputs use the installed version's
+_CACHE = "cache" if "cache" in {f.name for f in fields(BaseModelOutputWithPast)} else "past_key_values"
 
 
 class NSALMRMSNorm(nn.Module):
@@ -122,6 +128,12 @@ def _check_kwargs(kwargs, what):
         raise ValueError("output_attentions is not supported: NSA forms no attention matrix")
 
 
+def _one_cache(past_key_values, cache):
+    if past_key_values is not None and cache is not None:
+        raise ValueError("give the cache as past_key_values or as cache, not both")
+    return cache if cache is not None else past_key_values
+
+
 class NSALMModel(NSALMPreTrainedModel):
     def __init__(self, config: NSALMConfig):
         super().__init__(config)
@@ -138,8 +150,10 @@ class NSALMModel(NSALMPreTrainedModel):
         self.embed_tokens = value
 
     def forward(self, input_ids=None, attention_mask=None, past_key_values=None, inputs_embeds=None,
-                use_cache=None, output_hidden_states=None, return_dict=None, **kwargs):
+                use_cache=None, output_hidden_states=None, return_dict=None, cache=None, **kwargs):
+        """past_key_values (or cache, transformers' newer name): an NSALMCache to append to."""
         _check_kwargs(kwargs, type(self).__name__)
+        past_key_values = _one_cache(past_key_values, cache)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids and inputs_embeds")
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
@@ -156,8 +170,8 @@ class NSALMModel(NSALMPreTrainedModel):
         x = self.norm(x)
         if hidden is not None:
             hidden.append(x)
-        out = BaseModelOutputWithPast(last_hidden_state=x, past_key_values=cache,
-                                      hidden_states=tuple(hidden) if hidden is not None else None)
+        out = BaseModelOutputWithPast(last_hidden_state=x, hidden_states=tuple(hidden) if hidden is not None else None,
+                                      **{_CACHE: cache})
         return out if return_dict is not False else out.to_tuple()
 
     def _cache(self, past, use_cache):
@@ -260,14 +274,14 @@ class NSALMForCausalLM(NSALMPreTrainedModel, GenerationMixin):
 
     def forward(self, input_ids=None, attention_mask=None, past_key_values=None, inputs_embeds=None,
                 labels=None, use_cache=None, logits_to_keep=0, output_hidden_states=None,
-                return_dict=None, **kwargs):
+                return_dict=None, cache=None, **kwargs):
         """labels [B, T] (shifted inside; -100 ignored) give the mean next-token cross-entropy.
         logits_to_keep: an int k keeps the last k positions' logits (0: all), a tensor the
         positions it lists."""
         _check_kwargs(kwargs, type(self).__name__)
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=past_key_values,
-                         inputs_embeds=inputs_embeds, use_cache=use_cache,
-                         output_hidden_states=output_hidden_states)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask,
+                         past_key_values=_one_cache(past_key_values, cache), inputs_embeds=inputs_embeds,
+                         use_cache=use_cache, output_hidden_states=output_hidden_states)
         h = out.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(h[:, keep])
@@ -275,6 +289,6 @@ class NSALMForCausalLM(NSALMPreTrainedModel, GenerationMixin):
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size,
                                       num_items_in_batch=kwargs.get("num_items_in_batch"))
-        result = CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values,
-                                        hidden_states=out.hidden_states)
+        result = CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=out.hidden_states,
+                                        **{_CACHE: getattr(out, _CACHE)})
         return result if return_dict is not False else result.to_tuple()
