@@ -264,3 +264,25 @@ def test_compare_end_to_end(tmp_path):
     sel = s["nsa"]["needle_selected_at_trained"]
     assert len(sel["layers"]) == PRESETS["tiny"].n_layer and 0 < sel["blind"] < 1
     assert "hold the needle at T" in table
+
+
+def test_compile_modes(tmp_path):
+    from nsa.lm.train import compile_mode
+    assert compile_mode("auto", "cuda") == "reduce-overhead"   # one GPU: compiled, replayed from CUDA graphs
+    assert compile_mode("auto", "cuda", world=2) == "off"
+    assert compile_mode("auto", "cpu") == "off"
+    assert compile_mode("default", "cpu") == "default"
+    tr = Trainer(TINY, _cfg(tmp_path), corpus=_corpus(), log=None)
+    assert tr.net is tr.model and "compile" not in tr.describe()   # CPU, auto: eager
+    with pytest.raises(ValueError, match="compile must be one of"):
+        Trainer(TINY, _cfg(tmp_path, compile="max"), corpus=_corpus())
+    tr = Trainer(TINY, _cfg(tmp_path, compile="default"), corpus=_corpus(), log=None)
+    assert tr.net is not tr.model and "torch.compile mode default" in tr.describe()
+
+
+def test_progress_line_shows_the_gpu_busy_share(tmp_path):
+    log = io.StringIO()
+    tr = Trainer(TINY, _cfg(tmp_path), corpus=_corpus(), log=log)
+    tr.gpu_busy = 0.934   # what a profiled GPU step sets (train.busy)
+    tr.fit()
+    assert "GPU busy 93%" in log.getvalue()

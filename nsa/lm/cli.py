@@ -76,6 +76,9 @@ def _train_args(p):
                    help="rows of each batch that are multi-query associative recall examples (cut like "
                         "the passkey rows: pairs, a gap of text, then the queries)")
     p.add_argument("--mqar-pairs", type=int, default=16, help="key-value pairs per MQAR example")
+    p.add_argument("--compile", default="auto", choices=["auto", "off", "default", "reduce-overhead"],
+                   help="torch.compile the model's forward; auto: reduce-overhead (CUDA graphs) on one GPU, "
+                        "off on a CPU or under torchrun")
 
 
 _SCHEDULE = ("steps", "batch_size", "seq_len", "lr")   # None on the command line: the preset's
@@ -96,7 +99,8 @@ def _train_cfg(a, out_dir, base=None):
                        seed=a.seed, device=a.device, out_dir=out_dir, passkey_rows=a.passkey_rows, save_every=a.save_every,
                        passkey_needles=a.passkey_needles, passkey_len=a.passkey_len,
                        passkey_len_from=a.passkey_len_from, passkey_schedule=a.passkey_schedule, mqar_rows=a.mqar_rows, mqar_pairs=a.mqar_pairs,
-                       parallel=getattr(a, "parallel", "ddp"), time_limit=getattr(a, "time_limit", 0))
+                       parallel=getattr(a, "parallel", "ddp"), time_limit=getattr(a, "time_limit", 0),
+                       compile=a.compile)
 
 
 def _init_distributed():

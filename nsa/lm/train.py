@@ -35,6 +35,7 @@ from .data import Batches, load_corpus, mqar_batch, mqar_min_length, passkey_bat
 from ..config import NSAConfig
 from ..reference import compute_dtype
 from .eval import needle_selection
+from .busy import busy
 from .model import LanguageModel, ModelConfig, autocast
 
 
@@ -69,6 +70,9 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     parallel: str = "ddp"          # with several processes: "ddp" or "fsdp" (FSDP2, fully_shard)
+    compile: str = "auto"          # the model's forward: "auto" (reduce-overhead on one GPU: compiled
+                                   # and replayed from CUDA graphs; eager on a CPU or with several
+                                   # processes), "off", "default", "reduce-overhead"
     out_dir: str = "runs/run"
 
 
@@ -113,6 +117,10 @@ class Trainer:
                                  f"processes ({self.world})")
         if cfg.parallel not in ("ddp", "fsdp"):
             raise ValueError(f"parallel must be 'ddp' or 'fsdp', got {cfg.parallel!r}")
+        if cfg.compile not in COMPILE_MODES:
+            raise ValueError(f"compile must be one of {COMPILE_MODES}, got {cfg.compile!r}")
+        if cfg.compile not in ("auto", "off") and self.world > 1:
+            raise ValueError(f"compile={cfg.compile!r} runs on one process only (use 'auto' or 'off' under torchrun)")
         torch.manual_seed(cfg.seed)
         self.model = LanguageModel(model_cfg).to(self.device)
         self.net = self.model
@@ -125,6 +133,10 @@ class Trainer:
             fully_shard(self.model, mesh=mesh)    # embeddings, final norm, head
         elif self.world > 1:
             self.net = DistributedDataParallel(self.model)
+        self.compile_mode = compile_mode(cfg.compile, self.device, self.world)
+        if self.compile_mode != "off":
+            self.net = torch.compile(self.model, mode=self.compile_mode)
+        self.gpu_busy = None   # the GPU-busy share of the last profiled step (GPU runs)
         if self.rank:
             self.log = None
         decay = [p for p in self.model.parameters() if p.dim() >= 2]
@@ -166,7 +178,8 @@ class Trainer:
         kind = self.model_cfg.attention
         note = (" (on a CPU NSA runs the PyTorch reference: the Triton kernels need a GPU)"
                 if kind == "nsa" and self.device.type == "cpu" else "")
-        return f"{kind} model, {self.model.num_params() / 1e6:.2f}M parameters, on {self.device}{note}"
+        mode = "" if self.compile_mode == "off" else f", torch.compile mode {self.compile_mode}"
+        return f"{kind} model, {self.model.num_params() / 1e6:.2f}M parameters, on {self.device}{mode}{note}"
 
     # ------------------------------------------------------------------ one step
     def _mine(self, t):
@@ -288,7 +301,11 @@ class Trainer:
                 self.stopped_early = True
                 break
             t_step = self.clock()
-            rec = self.train_step()
+            if self._profile_now():
+                rec, self.gpu_busy, _ = busy(self.train_step)
+                rec["gpu_busy"] = self.gpu_busy
+            else:
+                rec = self.train_step()
             if self.step % c.eval_every == 0 or self.step == c.steps:
                 rec["val_loss"] = self.val_loss()
                 rec.update(self.needle_selection())
@@ -308,6 +325,12 @@ class Trainer:
         return self.history
 
     clock = staticmethod(time.monotonic)   # seconds, for the time limit and tokens/s
+
+    def _profile_now(self):
+        """On a GPU, the 5th step (compiled and captured by then) and the step before each
+        evaluation run under the profiler for the GPU-busy share."""
+        nxt = self.step + 1
+        return self.device.type == "cuda" and (nxt == 5 or nxt % self.cfg.eval_every == 0)
 
     def _out_of_time(self, elapsed, longest):
         """Whether the next step (with room for a checkpoint: twice the longest step so far)
@@ -335,7 +358,8 @@ class Trainer:
         elapsed = self.clock() - t0
         eta = elapsed / max(1, self.step - step0) * (self.cfg.steps - self.step)
         line = (f"[{'#' * done}{'.' * (width - done)}] {self.step}/{self.cfg.steps} "
-                f"loss {r['loss']:.3f}{extra}{pk} | {r['tokens_per_s']:.0f} tok/s (mean so far) | "
+                f"loss {r['loss']:.3f}{extra}{pk} | {r['tokens_per_s']:.0f} tok/s (mean so far)"
+                f"{'' if self.gpu_busy is None else f', GPU busy {self.gpu_busy:.0%}'} | "
                 f"{_clock(elapsed)} elapsed, ETA {_clock(eta)}")
         end = "\r" if self.log.isatty() and "val_loss" not in r else "\n"
         if end == "\n" and self.step % max(1, self.cfg.steps // 20) and "val_loss" not in r:
@@ -393,6 +417,16 @@ class Trainer:
 def _clock(seconds: float) -> str:
     s = int(seconds + 0.5)
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+
+COMPILE_MODES = ("auto", "off", "default", "reduce-overhead")
+
+
+def compile_mode(mode: str, device, world: int = 1) -> str:
+    """What compile="auto" means here: reduce-overhead on one GPU, otherwise off."""
+    if mode != "auto":
+        return mode
+    return "reduce-overhead" if torch.device(device).type == "cuda" and world == 1 else "off"
 
 
 def read_checkpoint(path) -> dict:

@@ -1,0 +1,51 @@
+"""What CUDA-graph capture needs of the NSA ops, checked where a CPU can: the layer's forward and
+backward through the Triton backend (interpreter) read no tensor value on the host, so a
+captured step replays without waiting (benchmarks/bench_layer.py captures it on a GPU)."""
+import os
+import sys
+
+import pytest
+import torch
+
+import nsa
+
+NSA_DIR = os.path.dirname(nsa.__file__) + os.sep
+READS = ("item", "tolist", "cpu", "numpy", "__int__", "__float__", "__bool__", "__index__")
+
+
+@pytest.fixture
+def no_host_reads(monkeypatch):
+    """Tensor methods that copy a value to the host raise when nsa's own code calls them
+    (the interpreter, which runs the kernels on the CPU, may)."""
+    calls = []
+
+    def guard(name, orig):
+        def f(self, *a, **k):
+            caller = sys._getframe(1).f_code.co_filename
+            if caller.startswith(NSA_DIR):
+                calls.append(f"Tensor.{name} from {os.path.relpath(caller, NSA_DIR)}:{sys._getframe(1).f_lineno}")
+            return orig(self, *a, **k)
+        return f
+    for name in READS:
+        monkeypatch.setattr(torch.Tensor, name, guard(name, getattr(torch.Tensor, name)))
+    return calls
+
+
+CFG = nsa.NSAConfig(cmp_block_size=16, cmp_stride=8, sel_block_size=32, sel_block_count=3, window_size=64)
+
+
+def test_layer_step_reads_no_value_on_the_host(no_host_reads):
+    torch.manual_seed(0)
+    layer = nsa.NativeSparseAttention(64, 4, 2, 16, 16, config=CFG, backend="triton")
+    x = torch.randn(1, 150, 64, requires_grad=True)   # 150: blocks, window and a partial tail (~40 s)
+    layer(x).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    assert not no_host_reads, no_host_reads
+
+
+def test_the_guard_sees_a_host_read(no_host_reads):
+    """The check can fail: packed sequences read their lengths on the host (block_starts)."""
+    layer = nsa.NativeSparseAttention(64, 4, 2, 16, 16, config=CFG, backend="torch")
+    cu = torch.tensor([0, 100, 200], dtype=torch.int32)
+    layer(torch.randn(1, 200, 64), cu_seqlens=cu)
+    assert any("tolist" in c for c in no_host_reads)
