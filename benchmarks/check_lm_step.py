@@ -4,7 +4,7 @@ reduce-overhead, the CUDA-graph replay the trainer uses on a GPU) against float6
 reference in float64), beside the eager step's. The GPU check's rule, per tensor:
 err(compiled) <= 2 err(eager) + 1e-3, err = ||x - x_f64|| / ||x_f64||.
 
-  python benchmarks/check_lm_step.py [--T 4096]
+  python benchmarks/check_lm_step.py [--T 4096] [--modes default reduce-overhead]
 """
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ def loss_and_grads(model, fwd, x, bf16):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--T", type=int, default=4096)
+    p.add_argument("--modes", nargs="+", default=["default", "reduce-overhead"], choices=["default", "reduce-overhead"])
     a = p.parse_args()
     torch.manual_seed(0)
     model = LanguageModel(PRESETS["small"]).cuda()
@@ -42,7 +43,7 @@ def main():
     del ref
     eager = loss_and_grads(model, model, x, bf16=True)
     results = {}
-    for mode in ("default", "reduce-overhead"):
+    for mode in a.modes:
         fwd = torch.compile(model, mode=mode)
         for _ in range(3):   # compile, warm up, record the graphs
             got = loss_and_grads(model, fwd, x, bf16=True)
