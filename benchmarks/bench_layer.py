@@ -72,7 +72,9 @@ def measure(impl, d, T, mode, reps):
     return dict(ms=ms, gpu_busy=share, profiled_ms=prof_s * 1e3)
 
 
-def plot(rows, name):
+def plot(rows, name, out=None):
+    """layer.png: ms against T per dims, one line per impl and mode; out: a path instead of
+    the results folders."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -86,10 +88,14 @@ def plot(rows, name):
         ax.set(xscale="log", yscale="log", xlabel="tokens T", ylabel="layer forward + backward, ms",
                title=f"{dn} dims ({DIMS[dn]['HQ']}/{DIMS[dn]['H']} heads, {DIMS[dn]['dk']}/{DIMS[dn]['dv']})")
         ax.set_xticks(sorted({r["T"] for r in rows}), [f"{t // 1024}k" for t in sorted({r["T"] for r in rows})])
-        ax.grid(alpha=0.3, which="both")
+        ax.minorticks_off()
+        ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    save_figure(fig, name)
+    if out:
+        fig.savefig(out, dpi=120)
+    else:
+        save_figure(fig, name)
 
 
 def main():
@@ -100,7 +106,12 @@ def main():
     p.add_argument("--modes", nargs="+", default=["eager", "graphed"])
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--name", default="layer")
+    p.add_argument("--replot", metavar="JSON", help="only redraw the plot of a saved layer.json beside it")
     a = p.parse_args()
+    if a.replot:
+        import json
+        plot(json.load(open(a.replot))["rows"], a.name, out=a.replot.rsplit(".", 1)[0] + ".png")
+        return
     rows = []
     for dn in a.dims:
         for T in a.lengths:

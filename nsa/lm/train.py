@@ -293,8 +293,8 @@ class Trainer:
         for rec in self.history if metrics else ():   # a resumed run: the steps its checkpoint holds
             metrics.write(json.dumps(rec) + "\n")
         tokens = c.batch_size * c.seq_len
-        t0, last = self.clock(), self.step
-        self._started = (t0, last)   # for the progress line's elapsed time and ETA
+        t0 = self.clock()
+        self._started, self._first = t0, None   # for the progress line's elapsed time and ETA
         self.stopped_early, longest = False, 0.0
         while self.step < c.steps:
             if self._out_of_time(self.clock() - t0, longest):
@@ -306,11 +306,12 @@ class Trainer:
                 rec["gpu_busy"] = self.gpu_busy
             else:
                 rec = self.train_step()
+            rec["tokens_per_s"] = tokens / max(self.clock() - t_step, 1e-9)   # this step's, evaluation aside
+            if self._first is None:
+                self._first = (self.clock(), self.step)   # the ETA leaves out the first step (compilation)
             if self.step % c.eval_every == 0 or self.step == c.steps:
                 rec["val_loss"] = self.val_loss()
                 rec.update(self.needle_selection())
-            dt = self.clock() - t0
-            rec["tokens_per_s"] = (self.step - last) * tokens / max(dt, 1e-9)
             self.history.append(rec)
             if metrics:
                 metrics.write(json.dumps(rec) + "\n")
@@ -354,11 +355,12 @@ class Trainer:
             extra += f" needle selected {max(r['needle_selected']):.2f} best layer (blind {r['needle_blind']:.2f})"
         pk = f" passkey {r['passkey_loss']:.3f} ({r['passkey_digit_acc']:.0%} digits)" if r["passkey_loss"] is not None else ""
         pk += f" mqar {r['mqar_loss']:.3f} ({r['mqar_acc']:.0%})" if "mqar_loss" in r else ""
-        t0, step0 = self._started
-        elapsed = self.clock() - t0
-        eta = elapsed / max(1, self.step - step0) * (self.cfg.steps - self.step)
+        now = self.clock()
+        elapsed = now - self._started
+        (t1, step1), left = self._first, self.cfg.steps - self.step
+        eta = (now - t1) / (self.step - step1) * left if self.step > step1 else elapsed * left
         line = (f"[{'#' * done}{'.' * (width - done)}] {self.step}/{self.cfg.steps} "
-                f"loss {r['loss']:.3f}{extra}{pk} | {r['tokens_per_s']:.0f} tok/s (mean so far)"
+                f"loss {r['loss']:.3f}{extra}{pk} | {r['tokens_per_s']:.0f} tok/s"
                 f"{'' if self.gpu_busy is None else f', GPU busy {self.gpu_busy:.0%}'} | "
                 f"{_clock(elapsed)} elapsed, ETA {_clock(eta)}")
         end = "\r" if self.log.isatty() and "val_loss" not in r else "\n"
