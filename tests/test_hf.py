@@ -303,3 +303,16 @@ def test_nsa_export_refuses_a_full_attention_checkpoint(tmp_path, capsys):
     assert cli(["export", str(tmp_path / "ck.pt"), str(tmp_path / "hf")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("nsa: error:") and "full" in err and len(err.strip().splitlines()) == 1
+
+
+def test_inputs_embeds_and_hidden_states_match_the_input_ids_path():
+    m = tiny_model(token_shift=True)
+    ids = torch.randint(1, 61, (2, 27))
+    with torch.no_grad():
+        a = m(input_ids=ids, use_cache=False, output_hidden_states=True)
+        b = m(inputs_embeds=m.get_input_embeddings()(ids), use_cache=False)
+        with pytest.raises(ValueError, match="exactly one"):
+            m(input_ids=ids, inputs_embeds=m.get_input_embeddings()(ids))
+    assert torch.equal(a.logits, b.logits)
+    assert len(a.hidden_states) == m.config.num_hidden_layers + 1
+    assert torch.equal(a.hidden_states[0], m.get_input_embeddings()(ids))
