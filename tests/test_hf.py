@@ -228,7 +228,8 @@ def test_converted_model_with_window_gate_only_equals_the_dense_model(config_cls
 
 def test_converted_model_starts_at_the_gate_init_mix():
     dense = dense_model(*DENSE[0])
-    conv = H.convert_from_dense(dense, NSAConfig(**SPARSE))
+    conv = H.convert_from_dense(dense, NSAConfig(**SPARSE), max_position_embeddings=4096)
+    assert conv.config.max_position_embeddings == 4096
     g = torch.sigmoid(conv.model.layers[0].self_attn.gate_proj.bias.view(4, 3))
     torch.testing.assert_close(g, torch.tensor([0.05, 0.475, 0.475], dtype=g.dtype).expand(4, 3))
     assert all(torch.count_nonzero(layer.self_attn.compress_k.mlp[2].weight) == 0 for layer in conv.model.layers)
@@ -244,6 +245,8 @@ def test_convert_refuses_what_it_cannot_map():
         H.convert_from_dense(llama3)
     with pytest.raises(ValueError, match="gate_init"):
         H.convert_from_dense(dense_model(*DENSE[0]), gate_init=(0, 0, 1))
+    with pytest.warns(UserWarning, match="sliding window"):
+        H.convert_from_dense(dense_model(MistralConfig, MistralForCausalLM, {"sliding_window": 32}))
 
 
 def test_clear_errors_for_what_the_model_cannot_honour():

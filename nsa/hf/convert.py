@@ -3,6 +3,7 @@ or a model trained by `nsa train` (from_trainer_checkpoint, behind `nsa export`)
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
@@ -33,7 +34,8 @@ def _kv_weight(k, v, heads):
 
 
 @torch.no_grad()
-def convert_from_dense(model, nsa_config: NSAConfig | None = None, gate_init=(0.05, 0.475, 0.475)):
+def convert_from_dense(model, nsa_config: NSAConfig | None = None, gate_init=(0.05, 0.475, 0.475),
+                       max_position_embeddings: int | None = None):
     """An NSALMForCausalLM with the dense causal LM's weights: embeddings, norms, MLPs, q and o
     projections copied; every branch's k/v projection (compression, selection, window) a copy
     of the dense k/v; the compression MLP at mean pooling (its last layer and the position
@@ -41,7 +43,9 @@ def convert_from_dense(model, nsa_config: NSAConfig | None = None, gate_init=(0.
     probabilities (weights 0, biases their logits). With the defaults, up to T = n * l' = 1024
     tokens the selection and up to w = 512 the window see exactly what dense attention sees, so
     the converted model starts at 0.95 dense + 0.05 compression there.
-    The dense model's own sliding window (Mistral, Qwen2), if any, is not carried over."""
+    The dense model's own sliding window (Mistral, Qwen2), if any, is not carried over (a
+    warning says so). max_position_embeddings (default: the dense model's) bounds the length
+    the converted model's cache takes: raise it for continued pretraining to long context."""
     cfg = model.config
     if getattr(cfg, "model_type", None) not in DENSE_TYPES or not hasattr(model, "model"):
         raise ValueError(f"convert_from_dense takes a causal LM of type {DENSE_TYPES}, got "
@@ -53,6 +57,10 @@ def convert_from_dense(model, nsa_config: NSAConfig | None = None, gate_init=(0.
     nsa_config = nsa_config or NSAConfig()
     if not isinstance(nsa_config, NSAConfig):
         raise TypeError(f"nsa_config must be an NSAConfig, got {type(nsa_config).__name__}")
+    window = getattr(cfg, "sliding_window", None)
+    if window and getattr(cfg, "use_sliding_window", True):
+        warnings.warn(f"the dense model's sliding window ({window}) is not carried over: the NSA layers attend "
+                      f"every position through their branches (window_size {nsa_config.window_size})", stacklevel=2)
     src = model.model
     a0, m0 = src.layers[0].self_attn, src.layers[0].mlp
     heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads or cfg.num_attention_heads
@@ -60,7 +68,8 @@ def convert_from_dense(model, nsa_config: NSAConfig | None = None, gate_init=(0.
     new_cfg = NSALMConfig(
         vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
         num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-        head_dim=head_dim, v_head_dim=head_dim, max_position_embeddings=cfg.max_position_embeddings,
+        head_dim=head_dim, v_head_dim=head_dim,
+        max_position_embeddings=max_position_embeddings or cfg.max_position_embeddings,
         rms_norm_eps=cfg.rms_norm_eps, rope_theta=_rope_theta(cfg), tie_word_embeddings=bool(cfg.tie_word_embeddings),
         attention_bias=a0.q_proj.bias is not None, o_bias=a0.o_proj.bias is not None,
         mlp_bias=m0.gate_proj.bias is not None, pad_token_id=cfg.pad_token_id, bos_token_id=cfg.bos_token_id,
