@@ -12,16 +12,14 @@
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 import nsa.hf as H  # noqa: E402
-from shapes import environment, err, save  # noqa: E402
+from shapes import environment, err, save, wall_s  # noqa: E402
 
 DIMS = dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=14,
             num_attention_heads=16, num_key_value_heads=1, head_dim=64, max_position_embeddings=131072)
@@ -63,17 +61,6 @@ def check(prompt_len, new, batch=2):
     return row
 
 
-def timed(fn, reps):
-    times = []
-    for _ in range(reps):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 @torch.no_grad()
 def speed(kind, prompt_len, batch, new, reps):
     torch.manual_seed(0)
@@ -90,7 +77,7 @@ def speed(kind, prompt_len, batch, new, reps):
                                       min_new_tokens=n, do_sample=False, pad_token_id=0)
     gen(2)()                                                   # compile and tune the kernels
     torch.cuda.reset_peak_memory_stats()
-    t1, tn = timed(gen(1), reps), timed(gen(new + 1), reps)
+    t1, tn = wall_s(gen(1), reps), wall_s(gen(new + 1), reps)
     row = dict(kind=kind, prompt=prompt_len, batch=batch, new=new, prefill_s=t1, generate_s=tn,
                decode_tokens_per_s=batch * new / (tn - t1), generate_tokens_per_s=batch * (new + 1) / tn,
                peak_gib=torch.cuda.max_memory_allocated() / 2 ** 30,

@@ -13,16 +13,14 @@ Prints a table, writes benchmarks/results/<gpu>/layer.json and layer.png.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 import nsa  # noqa: E402
 from nsa.lm.busy import busy  # noqa: E402
-from shapes import environment, save, save_figure  # noqa: E402
+from shapes import environment, save, save_figure, wall_s  # noqa: E402
 
 DIMS = {"paper": dict(hidden=2560, HQ=64, H=4, dk=192, dv=128), "small": dict(hidden=768, HQ=16, H=1, dk=64, dv=64)}
 SDPA = {"cudnn": torch.nn.attention.SDPBackend.CUDNN_ATTENTION,
@@ -37,17 +35,6 @@ def build(impl, d):
         dv = d["dk"] if impl == "flash" else d["dv"]
         layer = nsa.FullAttention(d["hidden"], d["HQ"], d["H"], d["dk"], dv)
     return layer.to("cuda", torch.bfloat16)
-
-
-def wall_ms(step, n):
-    times = []
-    for _ in range(n):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        step()
-        torch.cuda.synchronize()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def measure(impl, d, T, mode, reps):
@@ -67,7 +54,7 @@ def measure(impl, d, T, mode, reps):
             fn = torch.cuda.make_graphed_callables(layer, (x,), num_warmup_iters=3)
         for _ in range(3):
             step()
-        ms = wall_ms(step, reps)
+        ms = wall_s(step, reps) * 1e3
         _, share, prof_s = busy(step, 3)
     return dict(ms=ms, gpu_busy=share, profiled_ms=prof_s * 1e3)
 

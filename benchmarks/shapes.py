@@ -37,6 +37,21 @@ def median_ms(fn, grads=None, warmup=25, rep=100):
     return triton.testing.do_bench(fn, warmup=warmup, rep=rep, grad_to_none=grads, return_mode="median")
 
 
+def wall_s(fn, reps):
+    """Median wall time of fn() in seconds, the GPU synchronised around each call (whole
+    steps with host work, where do_bench's kernel timing would miss the host)."""
+    import statistics
+    import time
+    times = []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
 def err(x, ref):
     """||x - ref|| / ||ref||, in float64."""
     x, ref = x.double(), ref.double()
