@@ -20,6 +20,8 @@ from .config import NSAConfig
 
 
 class NSACache:
+    _BUFFERS = ("k_slc", "v_slc", "k_win", "v_win", "k_raw", "v_raw", "k_cmp", "v_cmp")
+
     def __init__(self, batch_size: int, capacity: int, num_kv_heads: int, head_dim_qk: int,
                  head_dim_v: int, config: NSAConfig = NSAConfig(), dtype=torch.float32, device="cpu"):
         for name, v in (("batch_size", batch_size), ("capacity", capacity)):
@@ -51,8 +53,6 @@ class NSACache:
     @property
     def nbytes(self) -> int:
         return sum(getattr(self, n).numel() * getattr(self, n).element_size() for n in self._BUFFERS)
-
-    _BUFFERS = ("k_slc", "v_slc", "k_win", "v_win", "k_raw", "v_raw", "k_cmp", "v_cmp")
 
     def grow(self, capacity: int) -> None:
         """Raise the capacity to `capacity` tokens, keeping what every row holds. While the rings

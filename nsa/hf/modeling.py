@@ -199,10 +199,11 @@ class NSALMModel(NSALMPreTrainedModel):
         if mask.shape[0] != B or mask.shape[1] not in (S, past + S):
             raise ValueError(f"attention_mask has shape {tuple(mask.shape)}; expected [{B}, {S}] or "
                              f"[{B}, {past + S}] (past + new tokens)")
-        if ((mask != 0) & (mask != 1)).any():
+        new = mask[:, -S:]
+        bad, full = torch.stack([((mask != 0) & (mask != 1)).any(), (new == 1).all()]).tolist()   # one sync
+        if bad:
             raise ValueError("attention_mask must hold only 0 and 1")
-        mask = mask[:, -S:].bool()
-        return None if bool(mask.all()) else mask
+        return None if full else new.bool()
 
     def _run(self, x, mask, hidden):
         cu = None
