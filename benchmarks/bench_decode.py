@@ -22,7 +22,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 import nsa  # noqa: E402
 from nsa import reference  # noqa: E402
-from shapes import PAPER, environment, err, median_ms, save, save_figure  # noqa: E402
+from shapes import PAPER, environment, err, graphed, median_ms, save, save_figure  # noqa: E402
 
 HQ, H, DK, DV = 64, 4, 192, 128
 BF16 = torch.bfloat16
@@ -42,19 +42,6 @@ def decode_inputs(B, s, cfg=PAPER, seed=0, dtype=BF16):
     c = dict(k_cmp=r(B, nc, H, DK), v_cmp=r(B, nc, H, DV), k_slc=r(B, s, H, DK), v_slc=r(B, s, H, DV),
              k_win=r(B, W, H, DK), v_win=r(B, W, H, DV))
     return r(B, HQ, DK), c, torch.rand(B, HQ, 3, generator=g, device="cuda", dtype=dtype)
-
-
-def graphed(fn):
-    """fn captured in a CUDA graph (after a warm-up on a side stream): returns replay, outputs."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
-    return graph.replay, out
 
 
 # ----------------------------------------------------------------------------- checks

@@ -52,6 +52,19 @@ def wall_s(fn, reps):
     return statistics.median(times)
 
 
+def graphed(fn):
+    """fn captured in a CUDA graph (after a warm-up on a side stream): returns replay, outputs."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph.replay, out
+
+
 def err(x, ref):
     """||x - ref|| / ||ref||, in float64."""
     x, ref = x.double(), ref.double()

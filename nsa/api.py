@@ -95,6 +95,12 @@ def _compressed_len(k_name, k_cmp, q, cu, l, d):
         _dims(k_name, k_cmp, {1: ("total compressed length of the packed sequences", total)})
 
 
+def backend_module(backend, x):
+    """The module that runs `backend` ("auto", "torch", "triton") for tensors like x:
+    nsa.reference or nsa.triton.backend (errors as every op's)."""
+    return _backend(backend, x)
+
+
 def _backend(backend, x):
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
@@ -245,8 +251,85 @@ def nsa_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, config=
     return (o, idx) if return_block_idx else o
 
 
+def _check_cache_step(cfg, q, gates, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, lengths, new):
+    """Shapes, dtypes and devices of a step over a cache (nsa_decode: new = 1 query per row with
+    no token axis; nsa_extend: new = S); lengths' values on CPU tensors only."""
+    rank = 3 if new is None else 4
+    for name, x, r in (("q", q, rank), ("gates", gates, rank), ("k_cmp", k_cmp, 4), ("v_cmp", v_cmp, 4),
+                       ("k_slc", k_slc, 4), ("v_slc", v_slc, 4), ("k_win", k_win, 4),
+                       ("v_win", v_win, 4), ("lengths", lengths, 1)):
+        _tensor(name, x, r)
+    _floats("q", q, gates=gates, k_cmp=k_cmp, v_cmp=v_cmp, k_slc=k_slc, v_slc=v_slc, k_win=k_win,
+            v_win=v_win)
+    B, HQ, dk = q.shape[0], q.shape[-2], q.shape[-1]
+    S = 1 if new is None else q.shape[1]
+    H, dv, N = k_cmp.shape[2], v_cmp.shape[3], k_slc.shape[1]
+    if H < 1 or HQ % H:
+        raise ValueError(f"query heads ({HQ}) must be a positive multiple of k_cmp heads ({H})")
+    _dims("gates", gates, {0: ("batch", B), **({} if new is None else {1: ("new tokens, q.shape[1]", S)}),
+                           rank - 2: ("query heads", HQ), rank - 1: ("gates", 3)})
+    for name, x, d in (("k_cmp", k_cmp, dk), ("v_cmp", v_cmp, dv), ("k_slc", k_slc, dk),
+                       ("v_slc", v_slc, dv), ("k_win", k_win, dk), ("v_win", v_win, dv)):
+        _dims(name, x, {0: ("batch", B), 2: ("kv heads", H), 3: ("head dim", d)})
+    _dims("v_cmp", v_cmp, {1: ("length, k_cmp.shape[1]", k_cmp.shape[1])})
+    _dims("v_slc", v_slc, {1: ("length, k_slc.shape[1]", N)})
+    _dims("v_win", v_win, {1: ("length, k_win.shape[1]", k_win.shape[1])})
+    if k_cmp.shape[1] < cfg.num_compressed(N):
+        raise ValueError(f"k_cmp holds {k_cmp.shape[1]} compressed tokens, a cache of {N} tokens "
+                         f"needs {cfg.num_compressed(N)}")
+    if new is None and k_win.shape[1] < min(cfg.window_size, N):
+        raise ValueError(f"the window ring k_win holds {k_win.shape[1]} tokens, it needs "
+                         f"min(window_size, capacity) = {min(cfg.window_size, N)}")
+    if new is not None and k_win.shape[1] < S + min(cfg.window_size - 1, N - S):
+        raise ValueError(f"k_win holds {k_win.shape[1]} tokens; the {S} new ones and the "
+                         f"min(window_size - 1, capacity - {S}) = {min(cfg.window_size - 1, N - S)} "
+                         f"before them are needed")
+    if lengths.dtype not in (torch.int32, torch.int64) or lengths.device != q.device:
+        raise TypeError(f"lengths must be int32/int64 on {q.device}, got {lengths.dtype} on {lengths.device}")
+    _dims("lengths", lengths, {0: ("batch", B)})
+    if lengths.device.type == "cpu" and B and not bool(((lengths >= S) & (lengths <= N)).all()):
+        raise ValueError(f"lengths must be in [{S}, {N}] (the new tokens, the cache capacity), got "
+                         f"{lengths.tolist()}")
+
+
+def _check_paged(cfg, q, gates, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, lengths, block_table,
+                 window_table):
+    """nsa_decode's paged layout (nsa.PagedNSACache): page pools and [B, max_pages] tables."""
+    for name, x, r in (("q", q, 3), ("gates", gates, 3), ("k_cmp", k_cmp, 4), ("v_cmp", v_cmp, 4),
+                       ("k_slc", k_slc, 4), ("v_slc", v_slc, 4), ("k_win", k_win, 4), ("v_win", v_win, 4),
+                       ("lengths", lengths, 1), ("block_table", block_table, 2), ("window_table", window_table, 2)):
+        _tensor(name, x, r)
+    _floats("q", q, gates=gates, k_cmp=k_cmp, v_cmp=v_cmp, k_slc=k_slc, v_slc=v_slc, k_win=k_win, v_win=v_win)
+    B, HQ, dk = q.shape
+    P, page, H = k_slc.shape[0], k_slc.shape[1], k_slc.shape[2]
+    dv = v_slc.shape[3]
+    if page % cfg.sel_block_size or page % cfg.cmp_stride:
+        raise ValueError(f"the page size (k_slc.shape[1] = {page}) must be a multiple of sel_block_size "
+                         f"({cfg.sel_block_size}) and of cmp_stride ({cfg.cmp_stride})")
+    if H < 1 or HQ % H:
+        raise ValueError(f"query heads ({HQ}) must be a positive multiple of k_slc heads ({H})")
+    _dims("gates", gates, {0: ("batch", B), 1: ("query heads", HQ), 2: ("gates", 3)})
+    for name, x, n, d in (("v_slc", v_slc, page, dv), ("k_cmp", k_cmp, page // cfg.cmp_stride, dk),
+                          ("v_cmp", v_cmp, page // cfg.cmp_stride, dv)):
+        _dims(name, x, {0: ("pages, k_slc.shape[0]", P), 1: ("rows a page", n), 2: ("kv heads", H), 3: ("head dim", d)})
+    _dims("k_slc", k_slc, {3: ("head dim", dk)})
+    for name, x, d in (("k_win", k_win, dk), ("v_win", v_win, dv)):
+        _dims(name, x, {0: ("window pages, k_win.shape[0]", k_win.shape[0]), 1: ("page size", page),
+                        2: ("kv heads", H), 3: ("head dim", d)})
+    for name, t in (("block_table", block_table), ("window_table", window_table)):
+        if t.dtype != torch.int32 or t.device != q.device:
+            raise TypeError(f"{name} must be int32 on {q.device}, got {t.dtype} on {t.device}")
+        _dims(name, t, {0: ("batch", B), 1: ("pages a row, block_table.shape[1]", block_table.shape[1])})
+    if lengths.dtype not in (torch.int32, torch.int64) or lengths.device != q.device:
+        raise TypeError(f"lengths must be int32/int64 on {q.device}, got {lengths.dtype} on {lengths.device}")
+    _dims("lengths", lengths, {0: ("batch", B)})
+    N = block_table.shape[1] * page
+    if lengths.device.type == "cpu" and B and not bool(((lengths >= 1) & (lengths <= N)).all()):
+        raise ValueError(f"lengths must be in [1, {N}] (pages a row x page size), got {lengths.tolist()}")
+
+
 def nsa_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, lengths, *, config=None,
-               scale=None, return_block_idx=False, backend="auto"):
+               scale=None, return_block_idx=False, backend="auto", block_table=None, window_table=None):
     """One decoding step of NSA over a KV cache, for rows of different lengths.
 
     Row b holds lengths[b] tokens (the newest one's keys included); its query q[b] sits at
@@ -258,40 +341,49 @@ def nsa_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, lengths, *, c
     Returns o [B,HQ,dv] (and block_idx [B,H,n] int32 with return_block_idx). Equal to
     nsa_attention's output at those positions. No autograd (inference). Semantics:
     docs/semantics.md §10.
+
+    Paged (block_table and window_table [B, max_pages] int32, nsa.PagedNSACache's layout):
+    k_slc/v_slc are a pool of pages [P, page, H, *] (page a multiple of sel_block_size and
+    cmp_stride) holding positions [j*page, (j+1)*page) of row b in page block_table[b, j];
+    k_cmp/v_cmp [P, page/d, H, *] the compressed tokens whose blocks start in that page;
+    k_win/v_win [P_w, page, H, *] the window branch's keys, in pages window_table[b, j] (only
+    the pages of the last window_size positions are read); lengths in [1, max_pages * page].
     """
     cfg = resolve_config(config)
-    for name, x, rank in (("q", q, 3), ("gates", gates, 3), ("k_cmp", k_cmp, 4), ("v_cmp", v_cmp, 4),
-                          ("k_slc", k_slc, 4), ("v_slc", v_slc, 4), ("k_win", k_win, 4),
-                          ("v_win", v_win, 4), ("lengths", lengths, 1)):
-        _tensor(name, x, rank)
-    _floats("q", q, gates=gates, k_cmp=k_cmp, v_cmp=v_cmp, k_slc=k_slc, v_slc=v_slc, k_win=k_win,
-            v_win=v_win)
-    B, HQ, dk = q.shape
-    H, dv, N = k_cmp.shape[2], v_cmp.shape[3], k_slc.shape[1]
-    if H < 1 or HQ % H:
-        raise ValueError(f"query heads ({HQ}) must be a positive multiple of k_cmp heads ({H})")
-    _dims("gates", gates, {0: ("batch", B), 1: ("query heads", HQ), 2: ("gates", 3)})
-    for name, x, d in (("k_cmp", k_cmp, dk), ("v_cmp", v_cmp, dv), ("k_slc", k_slc, dk),
-                       ("v_slc", v_slc, dv), ("k_win", k_win, dk), ("v_win", v_win, dv)):
-        _dims(name, x, {0: ("batch", B), 2: ("kv heads", H), 3: ("head dim", d)})
-    _dims("v_cmp", v_cmp, {1: ("length, k_cmp.shape[1]", k_cmp.shape[1])})
-    _dims("v_slc", v_slc, {1: ("length, k_slc.shape[1]", N)})
-    _dims("v_win", v_win, {1: ("ring size, k_win.shape[1]", k_win.shape[1])})
-    if k_cmp.shape[1] < cfg.num_compressed(N):
-        raise ValueError(f"k_cmp holds {k_cmp.shape[1]} compressed tokens, a cache of {N} tokens "
-                         f"needs {cfg.num_compressed(N)}")
-    if k_win.shape[1] < min(cfg.window_size, N):
-        raise ValueError(f"the window ring k_win holds {k_win.shape[1]} tokens, it needs "
-                         f"min(window_size, capacity) = {min(cfg.window_size, N)}")
-    if lengths.dtype not in (torch.int32, torch.int64) or lengths.device != q.device:
-        raise TypeError(f"lengths must be int32/int64 on {q.device}, got {lengths.dtype} on {lengths.device}")
-    _dims("lengths", lengths, {0: ("batch", B)})
-    if lengths.device.type == "cpu" and B and not bool(((lengths >= 1) & (lengths <= N)).all()):
-        raise ValueError(f"lengths must be in [1, {N}] (the cache capacity), got {lengths.tolist()}")
+    if (block_table is None) != (window_table is None):
+        raise ValueError("a paged cache needs both block_table and window_table")
+    if block_table is None:
+        _check_cache_step(cfg, q, gates, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, lengths, None)
+        tables = {}
+    else:
+        _check_paged(cfg, q, gates, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, lengths, block_table, window_table)
+        tables = dict(block_table=block_table, window_table=window_table)
     o, idx = _backend(backend, q).nsa_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates,
+                                             lengths, config=cfg, scale=_scale(scale), **tables)
+    return (o, idx) if return_block_idx else o
+
+
+def nsa_extend(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, lengths, *, config=None,
+               scale=None, return_block_idx=False, backend="auto"):
+    """S new tokens per row after what a cache holds: a chunk of a prompt after its first part,
+    the next turn of a chat. nsa_decode for S queries.
+
+    Row b holds lengths[b] tokens, the S new ones' keys included; its queries q[b] sit at
+    positions lengths[b] - S .. lengths[b] - 1. q [B,S,HQ,dk], gates [B,S,HQ,3]; k_cmp/v_cmp
+    [B,Nc,H,*] the compressed tokens (the first Tc(lengths[b]) are read, those the new tokens
+    complete included); k_slc/v_slc [B,N,H,*] the selection branch's keys of positions
+    0..lengths[b]-1; k_win/v_win [B,Wt,H,*] the window branch's keys of positions
+    lengths[b] - Wt .. lengths[b] - 1 in order (entries before position 0 are not read;
+    Wt >= S + min(window_size - 1, N - S)); lengths [B] in [S, N]. Returns o [B,S,HQ,dv] (and
+    block_idx [B,S,H,n]). Equal to nsa_attention's rows at those positions. No autograd
+    (inference). Semantics: docs/semantics.md §10.
+    """
+    cfg = resolve_config(config)
+    _check_cache_step(cfg, q, gates, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, lengths, True)
+    o, idx = _backend(backend, q).nsa_extend(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates,
                                              lengths, config=cfg, scale=_scale(scale))
     return (o, idx) if return_block_idx else o
 
 
 __all__ = ["compressed_attention", "select_blocks", "selected_attention",
-           "sliding_window_attention", "nsa_attention", "nsa_decode", "compressed_cu_seqlens", "NSAConfig"]
+           "sliding_window_attention", "nsa_attention", "nsa_decode", "nsa_extend", "compressed_cu_seqlens", "NSAConfig"]

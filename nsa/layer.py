@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import reference
-from .api import nsa_attention, nsa_decode
+from .api import backend_module, nsa_attention, nsa_decode, nsa_extend
 from .cache import NSACache
 from .config import NSAConfig, check_int
 
@@ -24,12 +24,15 @@ def positions(batch, seqlen, cu_seqlens, device):
     return (t - cu_seqlens.long()[seq]).unsqueeze(0)
 
 
+def rope_freqs(d, theta, device, dtype):
+    """Rotary frequencies theta ** (-2i / d), i < d / 2."""
+    return theta ** (-torch.arange(0, d, 2, device=device, dtype=dtype) / d)
+
+
 def rotary(x, pos, theta):
     """Rotary embedding (rotate-half form) of x [B, T, H, D] at positions pos [B, T]."""
-    d = x.shape[-1]
     cdt = reference.compute_dtype(x.dtype)                                # float64 stays float64
-    inv = theta ** (-torch.arange(0, d, 2, device=x.device, dtype=cdt) / d)
-    ang = pos.to(cdt)[..., None, None] * inv                           # [B, T, 1, D/2]
+    ang = pos.to(cdt)[..., None, None] * rope_freqs(x.shape[-1], theta, x.device, cdt)   # [B, T, 1, D/2]
     cos, sin = ang.cos(), ang.sin()
     x1, x2 = x.to(cdt).chunk(2, -1)
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).to(x.dtype)
@@ -68,10 +71,18 @@ class BlockCompressor(nn.Module):
         nn.init.zeros_(self.mlp[2].bias)
 
     def forward(self, x, rows):
-        """x [B, T, H, D], rows [Tc] first key row of each block -> [B, Tc, H, D]."""
-        idx = rows[:, None] + torch.arange(self.block_size, device=x.device)   # [Tc, l]
-        blocks = x[:, idx] + self.pos_emb[:, None, :].to(x.dtype)              # [B, Tc, l, H, D]
-        blocks = blocks.transpose(2, 3)                                        # [B, Tc, H, l, D]
+        """x [B, T, H, D], rows [Tc] (or [B, Tc], per batch row) first key row of each block
+        -> [B, Tc, H, D]."""
+        idx = rows[..., None] + torch.arange(self.block_size, device=x.device)  # [(B,) Tc, l]
+        if idx.dim() == 2:
+            blocks = x[:, idx]
+        else:
+            blocks = x[torch.arange(x.shape[0], device=x.device)[:, None, None], idx]
+        blocks = blocks + self.pos_emb[:, None, :].to(x.dtype)                  # [B, Tc, l, H, D]
+        return self.phi(blocks.transpose(2, 3))                                # [B, Tc, H, l, D]
+
+    def phi(self, blocks):
+        """blocks [..., l, D], the position embedding added -> [..., D]."""
         return blocks.mean(-2) + self.mlp(blocks.flatten(-2))
 
 
@@ -147,19 +158,20 @@ class NativeSparseAttention(_AttentionBase):
 
     def _project(self, x, pos):
         """Per-token projections at positions pos [B, T]: q, the compression branch's raw k/v,
-        the rotated selection/window keys with their values, and the gates."""
+        the rotated selection/window keys with their values, and the gates. pos None: nothing
+        rotated (the fused decode step rotates in its kernel)."""
         B, T, _ = x.shape
-        q = rotary(self.q_proj(x).view(B, T, self.num_heads, self.head_dim_qk), pos, self.rope_theta)
+        rot = (lambda z: z) if pos is None else (lambda z: rotary(z, pos, self.rope_theta))
+        q = rot(self.q_proj(x).view(B, T, self.num_heads, self.head_dim_qk))
         k_c, v_c = self._kv(self.cmp_proj, x)
         k_s, v_s = self._kv(self.slc_proj, x)
         k_w, v_w = self._kv(self.win_proj, x)
         gates = torch.sigmoid(self.gate_proj(x)).view(B, T, self.num_heads, 3).to(q.dtype)
-        return (q, k_c, v_c, rotary(k_s, pos, self.rope_theta), v_s, rotary(k_w, pos, self.rope_theta),
-                v_w, gates)
+        return q, k_c, v_c, rot(k_s), v_s, rot(k_w), v_w, gates
 
     def _compress(self, k_c, v_c, rows, starts):
         """Compressed tokens of the blocks whose first key is row rows[i] of k_c/v_c [B, *, H, d]
-        and sits at position starts[:, i] ([B|1, Tc]); a compressed key is rotated at its
+        (rows [Tc], or [B, Tc] per batch row) and sits at position starts[:, i] ([B|1, Tc]); a compressed key is rotated at its
         block's last position, the first query that can see it."""
         cpos = (starts + self.config.cmp_block_size - 1).expand(k_c.shape[0], -1)
         return rotary(self.compress_k(k_c, rows), cpos, self.rope_theta), self.compress_v(v_c, rows)
@@ -171,6 +183,11 @@ class NativeSparseAttention(_AttentionBase):
         rows, starts = block_starts(B, T, cu_seqlens, self.config, x.device)
         k_cmp, v_cmp = self._compress(k_c, v_c, rows, starts[None])
         return q, k_cmp.to(q.dtype), v_cmp.to(q.dtype), k_s, v_s, k_w, v_w, gates
+
+    def decode_capturable(self, x) -> bool:
+        """Whether this layer's decode step for tensors like x can be captured in a CUDA graph:
+        on CUDA with the Triton backend (the reference reads lengths on the host)."""
+        return x.is_cuda and getattr(backend_module(self.backend, x), "CAPTURABLE", False)
 
     def new_cache(self, batch_size, capacity, dtype=None, device=None):
         """An empty NSACache sized for this layer."""
@@ -196,46 +213,32 @@ class NativeSparseAttention(_AttentionBase):
 
 
     def _forward_cached(self, x, cache, rows, return_block_idx):
-        """Append x's tokens to the cache rows and attend: one token per row goes through
-        nsa_decode (the decode kernels on GPU); a prompt into empty rows through nsa_attention
-        (the training kernels); more tokens after a non-empty prefix through the reference."""
+        """Append x's tokens to the cache rows and attend: a prompt into empty rows through
+        nsa_attention (the training kernels); one token per row (nsa_decode) or a chunk after a
+        non-empty prefix (nsa_extend) through the cache's buffers. Appending all rows of a cache
+        reads no host value and syncs nothing: a decode step can be captured in a CUDA graph
+        (the caller then advances cache.lengths itself on every replay, NSACache.advance_host)."""
         all_rows = rows is None
         rows = list(range(x.shape[0])) if all_rows else [int(r) for r in rows]
-        cache.check(x, rows, self.hidden_size)
+        cache.check(x, rows, self.hidden_size)   # and makes room (a paged cache takes pages)
         all_rows = all_rows or rows == list(range(cache.batch_size))
         B, S, _ = x.shape
-        rows_t = torch.tensor(rows, dtype=torch.long, device=x.device)
+        rows_t = cache.row_ids if all_rows else torch.tensor(rows, dtype=torch.long, device=x.device)
+        impl = backend_module(self.backend, x)
+        if S == 1 and isinstance(cache, NSACache) and hasattr(impl, "decode_append"):
+            o, idx = self._decode_fused(impl, cache, rows_t, all_rows, self._project_fused(x))
+            cache.advance(rows, rows_t, S)
+            out = self.o_proj(o.reshape(B, S, -1))
+            return (out, idx) if return_block_idx else out
         pos = cache.seqlens[rows_t].long()[:, None] + torch.arange(S, device=x.device)   # [B, S]
         new = self._project(x, pos)
-        lengths = [cache.lengths[r] for r in rows]
-        if S == 1:
-            o, idx = self._decode_step(cache, rows_t, lengths, pos, new, all_rows)
-        elif not any(lengths):
+        if S > 1 and not any(cache.lengths[r] for r in rows):
             o, idx = self._prefill(cache, rows_t, pos, new)
         else:
-            o, idx = self._extend(cache, rows, rows_t, pos, new)
+            o, idx = self._append(cache, rows_t, all_rows, pos, new)
         cache.advance(rows, rows_t, S)
         out = self.o_proj(o.reshape(B, S, -1))
         return (out, idx) if return_block_idx else out
-
-    def _decode_step(self, cache, rows_t, lengths, pos, new, all_rows):
-        q, k_c, v_c, k_s, v_s, k_w, v_w, gates = new
-        c, dt = self.config, cache.dtype
-        cache.write(rows_t, pos, k_s, v_s, k_w, v_w, k_c, v_c)
-        done = [i for i, L in enumerate(lengths) if c.num_compressed(L + 1) > c.num_compressed(L)]
-        if done:   # rows whose newest token completes a block: phi on that block alone
-            ci = torch.tensor([c.num_compressed(lengths[i] + 1) - 1 for i in done], device=q.device)
-            rr, starts = rows_t[done], ci * c.cmp_stride
-            slots = (starts[:, None] + torch.arange(c.cmp_block_size, device=q.device)) % cache.k_raw.shape[1]
-            k_new, v_new = self._compress(cache.k_raw[rr[:, None], slots], cache.v_raw[rr[:, None], slots],
-                                          starts.new_zeros(1), starts[:, None])
-            cache.k_cmp[rr, ci], cache.v_cmp[rr, ci] = k_new[:, 0].to(dt), v_new[:, 0].to(dt)
-        bufs = (cache.k_cmp, cache.v_cmp, cache.k_slc, cache.v_slc, cache.k_win, cache.v_win)
-        if not all_rows:
-            bufs = tuple(b[rows_t] for b in bufs)
-        o, idx = nsa_decode(q[:, 0], *bufs, gates[:, 0], pos[:, 0] + 1, config=c,
-                            return_block_idx=True, backend=self.backend)
-        return o[:, None], idx[:, None]
 
     def _prefill(self, cache, rows_t, pos, new):
         q, k_c, v_c, k_s, v_s, k_w, v_w, gates = new
@@ -243,35 +246,86 @@ class NativeSparseAttention(_AttentionBase):
         cache.write(rows_t, pos, k_s, v_s, k_w, v_w, k_c, v_c)
         starts = torch.arange(c.num_compressed(S), device=q.device) * c.cmp_stride
         k_cmp, v_cmp = (z.to(q.dtype) for z in self._compress(k_c, v_c, starts, starts[None]))
-        ci = torch.arange(starts.numel(), device=q.device)
-        cache.k_cmp[rows_t[:, None], ci], cache.v_cmp[rows_t[:, None], ci] = k_cmp, v_cmp
+        ci = torch.arange(starts.numel(), device=q.device).expand(rows_t.numel(), -1)
+        cache.write_compressed(rows_t, ci, k_cmp, v_cmp)
         return nsa_attention(q, k_cmp, v_cmp, k_s, v_s, k_w, v_w, gates, config=c,
                              return_block_idx=True, backend=self.backend)
 
-    def _extend(self, cache, rows, rows_t, pos, new):
+    def _append(self, cache, rows_t, all_rows, pos, new):
+        """S >= 1 tokens per row after what the rows hold (possibly nothing)."""
         q, k_c, v_c, k_s, v_s, k_w, v_w, gates = new
-        c, S = self.config, q.shape[1]
-        # the rings' old tokens, before the new ones overwrite them
-        old = [[reference.ring_order(buf[r], cache.lengths[r]) for buf in
-                (cache.k_win, cache.v_win, cache.k_raw, cache.v_raw)] for r in rows]
+        S, P = q.shape[1], pos[:, 0]
+        # the rings' last tokens, oldest first, before the new ones overwrite them
+        raw_k, raw_v = (torch.cat([old, n], 1) for old, n in zip(cache.tail("raw", rows_t, P), (k_c, v_c)))
+        if S > 1:
+            win_k, win_v = (torch.cat([old, n], 1) for old, n in zip(cache.tail("win", rows_t, P), (k_w, v_w)))
         cache.write(rows_t, pos, k_s, v_s, k_w, v_w, k_c, v_c)
-        outs, idxs = [], []
-        for i, r in enumerate(rows):
-            (kw, w0), (vw, _), (kr, r0), (vr, _) = old[i]
-            L, E = cache.lengths[r], cache.lengths[r] + S
-            c0, c1 = c.num_compressed(L), c.num_compressed(E)
-            if c1 > c0:   # blocks completed by these tokens: phi on them alone
-                starts = torch.arange(c0, c1, device=q.device) * c.cmp_stride
-                kc, vc = self._compress(torch.cat([kr, k_c[i]])[None], torch.cat([vr, v_c[i]])[None],
-                                        starts - r0, starts[None])
-                cache.k_cmp[r, c0:c1], cache.v_cmp[r, c0:c1] = kc[0].to(q.dtype), vc[0].to(q.dtype)
-            o, idx = reference.nsa_at_positions(
-                q[i], cache.k_cmp[r, :c1], cache.v_cmp[r, :c1], cache.k_slc[r, :E], cache.v_slc[r, :E],
-                torch.cat([kw, k_w[i]]), torch.cat([vw, v_w[i]]), gates[i], pos[i], config=c,
-                win_start=w0)
-            outs.append(o)
-            idxs.append(idx)
-        return torch.stack(outs), torch.stack(idxs)
+        self._append_compressed(cache, rows_t, P, S, raw_k, raw_v)
+        if S == 1:
+            bufs, tables = cache.decode_inputs(rows_t, all_rows)
+            o, idx = nsa_decode(q[:, 0], *bufs, gates[:, 0], P + 1, config=self.config,
+                                return_block_idx=True, backend=self.backend, **tables)
+            return o[:, None], idx[:, None]
+        return nsa_extend(q, *cache.extend_inputs(rows_t, all_rows), win_k, win_v, gates, P + S,
+                          config=self.config, return_block_idx=True, backend=self.backend)
+
+    def _decode_fused(self, impl, cache, rows_t, all_rows, new):
+        """_append for one token a row of a contiguous cache, its bookkeeping in two kernels
+        (nsa/triton/append.py); phi stays this module's."""
+        q, k_c, v_c, k_s, v_s, k_w, v_w, gates = (z[:, 0] for z in new)
+        freqs = self._freqs(q.device)
+        q, blk_k, blk_v = impl.decode_append(cache, rows_t, q, k_s, v_s, k_w, v_w, k_c, v_c, freqs,
+                                             self.compress_k.pos_emb, self.compress_v.pos_emb)
+        if blk_k is not None:
+            impl.decode_store_compressed(cache, rows_t, self.compress_k.phi(blk_k), self.compress_v.phi(blk_v), freqs)
+        bufs, tables = cache.decode_inputs(rows_t, all_rows)
+        seen = cache.seqlens if all_rows else cache.seqlens[rows_t]
+        o, idx = nsa_decode(q, *bufs, gates, seen + 1, config=self.config,
+                            return_block_idx=True, backend=self.backend, **tables)
+        return o[:, None], idx[:, None]
+
+    def _project_fused(self, x):
+        """_project(x, None) as one matrix product (inference: q, the three branches' k/v and
+        the gates share x), the weights concatenated once and kept until a parameter changes."""
+        mods = (self.q_proj, self.cmp_proj, self.slc_proj, self.win_proj, self.gate_proj)
+        key = tuple((p.data_ptr(), p._version) for m in mods for p in m.parameters())
+        if getattr(self, "_fused_key", None) != key:
+            w = torch.cat([m.weight for m in mods])
+            b = None
+            if any(m.bias is not None for m in mods):
+                b = torch.cat([m.bias if m.bias is not None else w.new_zeros(m.out_features) for m in mods])
+            self._fused_key, self._fused_w = key, (w, b)
+        B, T, _ = x.shape
+        H, dk, dv, HQ = self.num_kv_heads, self.head_dim_qk, self.head_dim_v, self.num_heads
+        kv = H * (dk + dv)
+        q, c, sl, wi, g = F.linear(x, *self._fused_w).split([HQ * dk, kv, kv, kv, HQ * 3], -1)
+        split = lambda y: y.view(B, T, H, dk + dv).split([dk, dv], -1)
+        (k_c, v_c), (k_s, v_s), (k_w, v_w) = split(c), split(sl), split(wi)
+        gates = torch.sigmoid(g).view(B, T, HQ, 3)
+        return q.view(B, T, HQ, dk), k_c, v_c, k_s, v_s, k_w, v_w, gates
+
+    def _freqs(self, device):
+        """rotary's frequencies for head_dim_qk in float32, kept per device."""
+        f = getattr(self, "_freq_cache", None)
+        if f is None or f.device != device:
+            f = self._freq_cache = rope_freqs(self.head_dim_qk, self.rope_theta, device, torch.float32)
+        return f
+
+    def _append_compressed(self, cache, rows_t, P, S, raw_k, raw_v):
+        """phi on the blocks that the S new tokens of each row complete, from raw_k/raw_v
+        [B, R + S, H, d] (the R positions before the new tokens, then theirs), written to the
+        rows' next compressed slots. Every row computes S // d + 1 candidates; those that are
+        not blocks go to the cache's spare slot: no host value decides anything."""
+        c = self.config
+        l, d, R = c.cmp_block_size, c.cmp_stride, cache.raw_span
+        if c.num_compressed(cache.capacity) == 0:   # no block ever completes
+            return
+        tc = lambda L: torch.where(L >= l, torch.div(L - l, d, rounding_mode="floor") + 1, 0)
+        i = tc(P)[:, None] + torch.arange(S // d + 1, device=P.device)          # [B, M] candidates
+        starts = i * d                                                        # their first positions
+        first = (starts - (P[:, None] - R)).clamp(0, R + S - l)               # their rows in raw_k
+        k_new, v_new = self._compress(raw_k, raw_v, first, starts)
+        cache.write_compressed(rows_t, i, k_new, v_new, valid=i < tc(P + S)[:, None])
 
 
 class FullAttention(_AttentionBase):

@@ -267,10 +267,41 @@ def ring_order(buf, length):
     return buf[slots], start
 
 
+def from_pages(pool, table, positions):
+    """Items at positions [B, K] of each row, read from pool [P, n, ...] through the row's
+    page table [B, max_pages] (item p in row p % n of page table[b, p // n]): [B, K, ...].
+    Positions past the table or in unassigned pages (< 0) read page 0: callers mask them."""
+    n = pool.shape[1]
+    j = (positions // n).clamp(0, table.shape[1] - 1)
+    page = table.long().gather(1, j).clamp_min(0)
+    return pool[page, positions % n]
+
+
+def unpage(k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, lengths, block_table, window_table, config):
+    """nsa_decode's paged layout -> its contiguous one: every position the tables map, and the
+    window as a ring of min(w, capacity) slots holding each row's last positions."""
+    B, MP, page = block_table.shape[0], block_table.shape[1], k_slc.shape[1]
+    N, dev = MP * page, k_slc.device
+    pos = torch.arange(N, device=dev).expand(B, N)
+    cpos = torch.arange(MP * k_cmp.shape[1], device=dev).expand(B, -1)
+    W = min(config.window_size, N)
+    j = torch.arange(W, device=dev)
+    last = lengths.long()[:, None] - 1                          # slot j holds the latest p <= last, p % W == j
+    wpos = (j + W * torch.div(last - j, W, rounding_mode="floor")).clamp_min(0)
+    return (from_pages(k_cmp, block_table, cpos), from_pages(v_cmp, block_table, cpos),
+            from_pages(k_slc, block_table, pos), from_pages(v_slc, block_table, pos),
+            from_pages(k_win, window_table, wpos), from_pages(v_win, window_table, wpos))
+
+
 @torch.no_grad()
-def nsa_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, lengths, *, config, scale=None):
+def nsa_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, lengths, *, config, scale=None,
+               block_table=None, window_table=None):
     """One decoding step over a cache (the layout of nsa.nsa_decode): row b's query sits at
-    position lengths[b] - 1. Returns (o [B,HQ,dv], block_idx [B,H,n])."""
+    position lengths[b] - 1. Returns (o [B,HQ,dv], block_idx [B,H,n]). A paged cache is read
+    into the contiguous layout first (unpage)."""
+    if block_table is not None:
+        k_cmp, v_cmp, k_slc, v_slc, k_win, v_win = unpage(k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, lengths,
+                                                          block_table, window_table, config)
     outs, idxs = [], []
     for b, L in enumerate(lengths.tolist()):
         kw, start = ring_order(k_win[b], L)
@@ -284,6 +315,25 @@ def nsa_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, lengths, *, c
     return torch.stack(outs), torch.stack(idxs)
 
 
+@torch.no_grad()
+def nsa_extend(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, lengths, *, config, scale=None):
+    """S queries per row after what a cache holds (the layout of nsa.nsa_extend): row b's
+    queries sit at positions lengths[b] - S .. lengths[b] - 1; k_win[b] holds positions
+    lengths[b] - k_win.shape[1] .. lengths[b] - 1 (those below 0 unused). Returns
+    (o [B,S,HQ,dv], block_idx [B,S,H,n])."""
+    S, Wt = q.shape[1], k_win.shape[1]
+    outs, idxs = [], []
+    for b, L in enumerate(lengths.tolist()):
+        j0 = max(0, Wt - L)                              # window slots before position 0
+        pos, nc = torch.arange(L - S, L, device=q.device), config.num_compressed(L)
+        o, idx = nsa_at_positions(q[b], k_cmp[b, :nc], v_cmp[b, :nc], k_slc[b, :L], v_slc[b, :L],
+                                  k_win[b, j0:], v_win[b, j0:], gates[b], pos, config=config, scale=scale,
+                                  win_start=L - Wt + j0)
+        outs.append(o)
+        idxs.append(idx)
+    return torch.stack(outs), torch.stack(idxs)
+
+
 __all__ = ["compressed_attention", "select_blocks", "selected_attention",
            "sliding_window_attention", "overlap_weights", "pick_blocks", "block_mask",
-           "block_scores", "nsa_at_positions", "nsa_decode", "ring_order", "num_compressed", "segments"]
+           "block_scores", "nsa_at_positions", "nsa_decode", "nsa_extend", "from_pages", "unpage", "ring_order", "num_compressed", "segments"]

@@ -27,7 +27,7 @@ def test_prefill_then_decode_equals_parallel(prefill):
     torch.testing.assert_close(torch.cat(outs, 1), full, rtol=0, atol=1e-12)
     assert torch.equal(torch.cat(idxs, 1), idx_full)
     assert cache.lengths == [75, 75]
-    assert cache.k_cmp.shape[1] == CFG.num_compressed(80)
+    assert cache.k_cmp.shape[1] == CFG.num_compressed(80) + 1   # and the spare slot
 
 
 def test_chunked_prefill_equals_parallel():
@@ -58,9 +58,9 @@ def test_rows_of_different_lengths_decode_as_if_alone():
 def test_rings_hold_only_what_is_read():
     cache = _layer().new_cache(3, 80)
     assert cache.k_win.shape[1] == CFG.window_size and cache.k_raw.shape[1] == CFG.cmp_block_size
-    assert cache.k_slc.shape[1] == 80 and cache.k_cmp.shape[1] == CFG.num_compressed(80)
+    assert cache.k_slc.shape[1] == 80 and cache.k_cmp.shape[1] == CFG.num_compressed(80) + 1
     small = _layer().new_cache(1, 5)   # capacity under l and w: rings shrink to it
-    assert small.k_win.shape[1] == 5 and small.k_raw.shape[1] == 5 and small.k_cmp.shape[1] == 0
+    assert small.k_win.shape[1] == 5 and small.k_raw.shape[1] == 5 and small.k_cmp.shape[1] == 1   # the spare slot only
 
 
 @pytest.mark.parametrize("capacity", [5, 8, 16], ids=lambda c: f"cap{c}")
@@ -91,8 +91,9 @@ def test_decode_a_subset_of_rows():
 
 
 def test_triton_cached_path_matches_parallel():
-    """The layer's cached path with backend='triton': prompt through the training kernels,
-    then the decode kernels, one token at a time (the interpreter on CPU)."""
+    """The layer's cached path with backend='triton': prompt through the training kernels, a
+    chunk after it (nsa_extend: the training kernels after held keys, ending mid-block), then
+    the decode kernels, one token at a time (the interpreter on CPU)."""
     torch.manual_seed(5)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     m = nsa.NativeSparseAttention(32, 4, 2, 16, 8, config=CFG, backend="triton").to(dev)
@@ -103,11 +104,56 @@ def test_triton_cached_path_matches_parallel():
         want, want_idx = ref(x.double().cpu(), return_block_idx=True)
         cache = m.new_cache(2, 70)
         outs, idxs = zip(*[m(x[:, a:b], cache=cache, return_block_idx=True)
-                           for a, b in [(0, 37)] + [(t, t + 1) for t in range(37, 70)]])
+                           for a, b in [(0, 37), (37, 58)] + [(t, t + 1) for t in range(58, 70)]])
     got = torch.cat(outs, 1).cpu()
     assert not torch.isnan(got).any()
     assert (got.double() - want).abs().max() < 1e-5 * want.abs().max()
     assert torch.equal(torch.cat(idxs, 1).cpu(), want_idx)
+
+
+def test_fused_decode_append_fills_the_cache_as_pytorch_does():
+    """One token a step through the Triton bookkeeping (nsa/triton/append.py: rotary, ring slots,
+    the candidate block, the compressed token's conditional store) leaves every cache buffer as
+    the PyTorch path does, across block completions and ring wrap-arounds, all rows or some."""
+    torch.manual_seed(6)
+    m = nsa.NativeSparseAttention(32, 4, 2, 16, 8, config=CFG, backend="torch")
+    for c in (m.compress_k, m.compress_v):   # no part hides behind a zero initialisation
+        torch.nn.init.normal_(c.pos_emb, std=0.3)
+        torch.nn.init.normal_(c.mlp[2].weight, std=0.1)
+    kern = nsa.NativeSparseAttention(32, 4, 2, 16, 8, config=CFG, backend="triton")
+    kern.load_state_dict(m.state_dict())
+    x = torch.randn(3, 50, 32)
+    with torch.no_grad():
+        caches = [layer.new_cache(3, 50) for layer in (m, kern)]
+        for layer, cache in zip((m, kern), caches):
+            layer(x[:, :5], cache=cache)
+            for t in range(5, 45):
+                layer(x[:, t:t + 1], cache=cache)
+            for t in range(45, 50):
+                layer(x[[2, 0], t:t + 1], cache=cache, rows=[2, 0])
+    want, got = caches
+    for name in ("k_slc", "v_slc", "k_win", "v_win", "k_raw", "v_raw"):
+        torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=0, atol=2e-6)
+    for r, L in enumerate(want.lengths):   # the spare slot holds whatever the non-blocks gave
+        n = CFG.num_compressed(L)
+        torch.testing.assert_close(got.k_cmp[r, :n], want.k_cmp[r, :n], rtol=0, atol=2e-6)
+        torch.testing.assert_close(got.v_cmp[r, :n], want.v_cmp[r, :n], rtol=0, atol=2e-6)
+    assert got.lengths == want.lengths == [50, 45, 50] and torch.equal(got.seqlens, want.seqlens)
+
+
+def test_cuda_graph_needs_a_capturable_step():
+    """A CUDA graph of the decode step needs CUDA tensors and the Triton backend: asked for
+    elsewhere, a clear error (generate's default simply runs eagerly)."""
+    from nsa.graph import DecodeGraph
+    from nsa.lm.model import PRESETS, LanguageModel, generate
+    model = LanguageModel(PRESETS["tiny"]).eval()
+    prompt = torch.randint(0, 256, (1, 8))
+    with pytest.raises(ValueError, match="cuda_graph needs the cached NSA decode path on CUDA"):
+        generate(model, prompt, 2, cuda_graph=True)
+    assert generate(model, prompt, 2).shape == (1, 10)
+    cache = model.blocks[0].attn.new_cache(1, 10)
+    with pytest.raises(ValueError, match="DecodeGraph needs CUDA tensors"):
+        DecodeGraph(lambda t: t, [cache], prompt[:, :1])
 
 
 def test_cache_errors():

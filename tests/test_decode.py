@@ -98,3 +98,69 @@ def test_decode_errors():
         run(q=q[:, None])
     with pytest.raises(TypeError, match="lengths must be int32"):
         run(lengths=lens.float())
+
+
+# ----------------------------------------------------------------------------- nsa_extend
+def _extend_case(T, HQ, H, dk, dv, cfg, lengths, S, dtype, extra=0, seed=0, dev=DEV):
+    """Rows holding lengths[b] tokens whose last S are new; the window tensor holds positions
+    lengths[b] - Wt .. lengths[b] - 1 (Wt = S + window_size - 1 + extra, garbage below 0)."""
+    B = len(lengths)
+    t, _ = make_inputs(T, HQ, H, dk, dv, cfg, B=B, seed=seed)
+    full, idx_full = nsa.nsa_attention(**t, config=cfg, return_block_idx=True, backend="torch")
+    c, _, _ = as_cache(t, lengths, cfg, T, min(cfg.window_size, T))
+    Wt = S + min(cfg.window_size - 1, T - S) + extra
+    g = torch.Generator().manual_seed(3)
+    for n in ("k_win", "v_win"):
+        win = torch.randn(B, Wt, *t[n].shape[2:], generator=g, dtype=torch.float64)
+        for b, L in enumerate(lengths):
+            for j in range(Wt):
+                if L - Wt + j >= 0:
+                    win[b, j] = t[n][b, L - Wt + j]
+        c[n] = win
+    pos = torch.stack([torch.arange(L - S, L) for L in lengths])
+    rows = torch.arange(B)[:, None]
+    q, gates = t["q"][rows, pos], t["gates"][rows, pos]
+    args = {k: v.to(dev, dtype) for k, v in c.items()}
+    return (q.to(dev, dtype), args, gates.to(dev, dtype), torch.tensor(lengths, dtype=torch.int32, device=dev),
+            full[rows, pos], idx_full[rows, pos])
+
+
+EXTEND = [  # T, HQ, H, dk, dv, cfg, lengths, S, extra window slots
+    pytest.param(90, 4, 2, 8, 8, CFG, [90, 13, 40, 64], 13, 0, id="G2-mid-block-mid-window"),
+    pytest.param(96, 16, 1, 16, 8, CFG, [96, 50, 21], 21, 5, id="G16-odd-chunk-empty-prefix"),
+    pytest.param(60, 3, 3, 8, 12, CFG, [60, 7, 31], 7, 0, id="G1-dk!=dv"),
+    pytest.param(150, 8, 2, 16, 16, LONG, [150, 70, 41], 41, 0, id="long-blocks"),
+    pytest.param(50, 4, 2, 24, 16, ODD.replace(window_size=5), [50, 9, 33], 9, 2, id="odd-sizes"),
+]
+
+
+@pytest.mark.parametrize("T,HQ,H,dk,dv,cfg,lengths,S,extra", EXTEND)
+def test_reference_extend_equals_parallel(T, HQ, H, dk, dv, cfg, lengths, S, extra):
+    q, c, gates, lens, want, want_idx = _extend_case(T, HQ, H, dk, dv, cfg, lengths, S, torch.float64, extra,
+                                                     dev="cpu")
+    o, idx = nsa.nsa_extend(q, **c, gates=gates, lengths=lens, config=cfg, return_block_idx=True, backend="torch")
+    torch.testing.assert_close(o, want, rtol=0, atol=1e-12)
+    assert torch.equal(idx, want_idx)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("T,HQ,H,dk,dv,cfg,lengths,S,extra", EXTEND)
+def test_triton_extend(T, HQ, H, dk, dv, cfg, lengths, S, extra, dtype):
+    q, c, gates, lens, want, want_idx = _extend_case(T, HQ, H, dk, dv, cfg, lengths, S, dtype, extra, seed=T)
+    o, idx = nsa.nsa_extend(q, **c, gates=gates, lengths=lens, config=cfg, return_block_idx=True,
+                            backend="triton")
+    assert torch.equal(idx.cpu(), want_idx)   # selection matches float64's exactly
+    assert rel_err(o.cpu(), want) < TOL[dtype]
+
+
+def test_extend_errors():
+    q, c, gates, lens, _, _ = _extend_case(40, 4, 2, 8, 8, CFG, [40, 9], 5, torch.float64, dev="cpu")
+    run = lambda **kw: nsa.nsa_extend(**{**dict(q=q, gates=gates, lengths=lens, config=CFG, **c), **kw})
+    with pytest.raises(ValueError, match=r"lengths must be in \[5, 40\]"):
+        run(lengths=torch.tensor([40, 4], dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"k_win holds 12 tokens; the 5 new ones"):
+        run(k_win=c["k_win"][:, -12:], v_win=c["v_win"][:, -12:])
+    with pytest.raises(ValueError, match=r"gates.shape\[1\] \(new tokens"):
+        run(gates=gates[:, :4])
+    with pytest.raises(ValueError, match="rank 4"):
+        run(q=q[:, 0])

@@ -12,6 +12,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from ..cache import NSACache
+from ..graph import DecodeGraph
 
 
 class NSALMCacheLayer(CacheLayerMixin):
@@ -68,12 +69,33 @@ class NSALMCache(Cache):
     get_seq_length() is the number of input columns seen (padding included, as generate counts
     them); each row's own token count is in `layers[i].state.lengths`. max_cache_len (default:
     config.max_position_embeddings) bounds every row's length; a longer input is an error.
+    cuda_graph: decode steps of all rows replay one CUDA graph of all layers on a GPU (decode).
     """
 
-    def __init__(self, config, max_cache_len: int | None = None):
+    def __init__(self, config, max_cache_len: int | None = None, cuda_graph: bool = True):
         super().__init__(layers=[NSALMCacheLayer() for _ in range(config.num_hidden_layers)])
         self.capacity = int(max_cache_len or config.max_position_embeddings)
         self.seen_tokens = 0
+        self.cuda_graph = cuda_graph
+        self._graph: DecodeGraph | None = None
+        self._eager_steps = 0
+
+    def decode(self, run, h, states: list[NSACache], capturable: bool):
+        """run(h): one token for every row through all layers. With cuda_graph and a capturable
+        step (CUDA, the Triton backend), it is replayed from a CUDA graph (nsa.graph.DecodeGraph):
+        captured at the second step of a shape (the first, eager, compiles the kernels) and again
+        after the buffers grow."""
+        if not (self.cuda_graph and capturable):
+            return run(h)
+        if self._graph is not None and self._graph.matches(h):
+            return self._graph(h)
+        self._graph = None
+        if self._eager_steps == 0:
+            self._eager_steps = 1
+            return run(h)
+        self._eager_steps = 0
+        self._graph = DecodeGraph(run, states, h)
+        return self._graph(h)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seen_tokens
@@ -87,6 +109,7 @@ class NSALMCache(Cache):
     def reset(self):
         super().reset()
         self.seen_tokens = 0
+        self._graph = None
 
     def states(self, attentions, batch_size: int, new_tokens: list[int], dtype, device) -> list[NSACache]:
         """Each layer's NSACache, allocated (first call) or grown so that every row r can take

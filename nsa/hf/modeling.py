@@ -232,6 +232,9 @@ class NSALMModel(NSALMPreTrainedModel):
         B, S, _ = x.shape
         n = [S] * B if mask is None else mask.sum(1).tolist()
         states = cache.states([layer.self_attn for layer in self.layers], B, n, x.dtype, x.device)
+        if mask is None and S == 1:   # decoding: a CUDA graph of all layers on a GPU
+            capturable = all(layer.self_attn.decode_capturable(x) for layer in self.layers)
+            return cache.decode(lambda h: self._through_layers(h, states, None), x, states, capturable)
         if mask is None:
             return self._through_layers(x, states, None)
         out = x.new_zeros(x.shape)

@@ -11,6 +11,7 @@ from torch import nn
 
 from ..api import sliding_window_attention
 from ..config import NSAConfig
+from ..graph import DecodeGraph
 from ..layer import FullAttention, NativeSparseAttention
 from ..reference import compute_dtype
 
@@ -126,7 +127,7 @@ class Block(nn.Module):
             if cache.last_input is None:
                 cache.last_input = h.new_zeros(cache.batch_size, h.shape[-1])
             prev = torch.cat([cache.last_input[:, None], h[:, :-1]], 1)
-            cache.last_input = h[:, -1].detach().clone()
+            cache.last_input.copy_(h[:, -1])   # in place: a captured decode step replays it
         return h + self.shift.to(h.dtype) * prev
 
     def forward(self, x, cache=None):
@@ -176,19 +177,36 @@ def _sample(logits, temperature, top_p, generator):
 
 @torch.no_grad()
 def generate(model: LanguageModel, prompt, max_new_tokens: int, temperature: float = 0.0,
-             top_p: float = 1.0, generator=None, use_cache: bool = True):
+             top_p: float = 1.0, generator=None, use_cache: bool = True, cuda_graph: bool | None = None):
     """prompt [B, P] int64 -> [B, P + max_new_tokens]. Greedy when temperature is 0. An NSA
     model decodes with one NSACache per layer (prefill once, then a token a step); other
-    attentions (and use_cache=False) recompute the whole prefix every step."""
+    attentions (and use_cache=False) recompute the whole prefix every step. cuda_graph (default:
+    on when the cached decode step can be captured: CUDA, the Triton backend): the decode step of the whole model is captured once and replayed
+    (nsa.graph.DecodeGraph): the host launches one graph a token instead of every kernel."""
     model.eval()
     out = prompt
     caches = None
     if use_cache and model.cfg.attention == "nsa":
         cap = prompt.shape[1] + max_new_tokens
         caches = [b.attn.new_cache(prompt.shape[0], cap) for b in model.blocks]
+    capturable = caches is not None and all(b.attn.decode_capturable(prompt) for b in model.blocks)
+    if cuda_graph is None:
+        cuda_graph = capturable
+    if cuda_graph and not capturable:
+        raise ValueError("cuda_graph needs the cached NSA decode path on CUDA with the Triton backend "
+                         "(an NSA model, use_cache=True)")
+    step = (lambda tok: model(tok, caches=caches)[:, -1]) if caches else None
     logits = model(prompt, caches=caches)[:, -1]
-    for _ in range(max_new_tokens):
+    for i in range(max_new_tokens):
         nxt = _sample(logits, temperature, top_p, generator)
         out = torch.cat([out, nxt[:, None]], 1)
-        logits = (model(nxt[:, None], caches=caches) if caches else model(out))[:, -1]
+        if i == max_new_tokens - 1:
+            break
+        if caches is None:
+            logits = model(out)[:, -1]
+        elif cuda_graph and i == 1:   # step 0 ran eagerly (kernels compiled): capture from here
+            step = DecodeGraph(step, caches, nxt[:, None])
+            logits = step(nxt[:, None])
+        else:
+            logits = step(nxt[:, None])
     return out

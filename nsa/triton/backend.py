@@ -8,15 +8,17 @@ from __future__ import annotations
 import torch
 
 from ..core import compressed_cu_seqlens
+from .append import decode_append, decode_store_compressed
 from .banded import banded_fwd
 from .decode import decode, decode_launch
-from .fused import FusedNSA
+from .fused import FusedNSA, nsa_after
 from .gate import gate_fwd
 from .select import select_blocks as select_op
 from .selected import selected_fwd
 from .utils import varlen
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+CAPTURABLE = True   # a decode step reads no host value: it can be captured in a CUDA graph (nsa.graph)
 
 
 def _packed(x):
@@ -91,13 +93,43 @@ def combine(o_cmp, o_slc, o_win, gates):
     return gate_fwd(o_cmp.contiguous(), o_slc.contiguous(), o_win.contiguous(), gates.contiguous())
 
 
-def nsa_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, lengths, *, config, scale=None):
-    """One decoding step over a cache (nsa.nsa_decode's layout): the four decode kernels."""
+def nsa_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, lengths, *, config, scale=None,
+               block_table=None, window_table=None):
+    """One decoding step over a cache (nsa.nsa_decode's layout, paged or not): the four decode
+    kernels."""
     if q.dtype not in _DTYPES:
         raise TypeError(f"backend='triton' supports float32/float16/bfloat16, got {q.dtype}")
     c = config
     run = decode if torch.compiler.is_compiling() else decode_launch
+    tables = [] if block_table is None else [block_table.contiguous(), window_table.contiguous()]
     return run(*(x.contiguous() for x in (q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates)),
                       lengths.to(torch.int32).contiguous(), _scale(scale, q), c.cmp_block_size,
                       c.cmp_stride, c.sel_block_size, c.sel_block_count, c.sel_init_blocks,
-                      c.sel_local_blocks, c.window_size)
+                      c.sel_local_blocks, c.window_size, *tables)
+
+
+def nsa_extend(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, lengths, *, config, scale=None):
+    """S queries per row after what a cache holds (nsa.nsa_extend's layout): the training
+    kernels' forward with each row's queries placed after its keys (utils.seq_tile's CHUNK),
+    reading the cache's buffers in place. Every span is built on the device: no host sync."""
+    if q.dtype not in _DTYPES:
+        raise TypeError(f"backend='triton' supports float32/float16/bfloat16, got {q.dtype}")
+    c = config
+    B, S, HQ, _ = q.shape
+    Nc, N, Wt = k_cmp.shape[1], k_slc.shape[1], k_win.shape[1]
+    L = lengths.to(torch.int32)
+    P = L - S                                                   # each row's prefix
+    rows = torch.arange(B, dtype=torch.int32, device=q.device)
+    tc = torch.where(L >= c.cmp_block_size, (L - c.cmp_block_size) // c.cmp_stride + 1, 0)
+    held = torch.minimum(P, P.new_tensor(Wt - S))               # window keys before the chunk
+    spans = (torch.stack([P, rows * Nc, tc]), torch.stack([P, rows * N, L]),
+             torch.stack([held, rows * Wt + Wt - S - held, held + S]))
+    cu = torch.arange(B + 1, dtype=torch.int32, device=q.device) * S
+    o, idx = nsa_after(*(_packed(x.contiguous()) for x in (q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates)),
+                       cu, tuple(x.contiguous() for x in spans), _scale(scale, q), c)
+    return o.view(B, S, HQ, -1), idx.view(B, S, k_cmp.shape[2], c.sel_block_count)
+
+
+__all__ = ["compressed_attention", "sliding_window_attention", "select_blocks", "selected_attention",
+           "nsa_attention", "combine", "nsa_decode", "nsa_extend", "decode_append", "decode_store_compressed",
+           "CAPTURABLE"]

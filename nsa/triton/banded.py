@@ -14,6 +14,8 @@ binary search over device prefix sums, so nothing syncs with the host.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -70,18 +72,18 @@ def _fwd_tile(qa, qb, k, v, k0, s0, s_hi, t, hk, m_i, l_i, acc, scale_log2, H: t
 @triton.jit
 def nsa_banded_fwd_kernel(
     q, k, v, o, lse,            # q [Nq,HQ,DK] k [Nk,H,DK] v [Nk,H,DV] o [Nq,HQ,DV] lse [Nq,HQ] f32
-    cu_q, cu_k, tiles_q, n_seq, scale_log2,
+    cu_q, cu_k, tiles_q, n_seq, scale_log2, spans,
     HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr, BV: tl.constexpr,
     BT: tl.constexpr, BN: tl.constexpr,
     STRIDE: tl.constexpr, OFFSET: tl.constexpr, WIN: tl.constexpr,
-    PREC: tl.constexpr, UNMASKED: tl.constexpr,
+    PREC: tl.constexpr, UNMASKED: tl.constexpr, CHUNK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     hk = tl.program_id(1)
     if pid >= tl.load(tiles_q + n_seq):
         return
-    q0, Tq, k0, Tk, t0 = seq_tile(pid, tiles_q, cu_q, cu_k, n_seq, BT)
+    q0, Tq, k0, Tk, t0 = seq_tile(pid, tiles_q, cu_q, cu_k, n_seq, BT, spans, CHUNK)
     t, head, row_ok = tile_rows(t0, Tq, hk, G, GP, BT)
     rows = (q0 + t).to(tl.int64) * HQ + head                               # [BM]
     dv = tl.arange(0, BV)
@@ -159,7 +161,7 @@ def nsa_banded_bwd_dq_kernel(
     hk = tl.program_id(1)
     if pid >= tl.load(tiles_q + n_seq):
         return
-    q0, Tq, k0, Tk, t0 = seq_tile(pid, tiles_q, cu_q, cu_k, n_seq, BT)
+    q0, Tq, k0, Tk, t0 = seq_tile(pid, tiles_q, cu_q, cu_k, n_seq, BT, cu_q, False)
     t, rows, row_ok, qa, qb, dot_, lse2 = _query_tile(q, do, lse, q0, t0, Tq, hk, HQ, G, GP, DK, DV, KA, KB, BV, BT)
     if DELTA_IN:
         dlt = tl.load(delta + rows, mask=row_ok, other=0.0)
@@ -220,7 +222,7 @@ def nsa_banded_bwd_dkv_kernel(
     split = tl.program_id(2)
     if pid >= tl.load(tiles_k + n_seq):
         return
-    q0, Tq, k0, Tk, s0 = seq_tile(pid, tiles_k, cu_q, cu_k, n_seq, BN)
+    q0, Tq, k0, Tk, s0 = seq_tile(pid, tiles_k, cu_q, cu_k, n_seq, BN, cu_q, False)
     s = s0 + tl.arange(0, BN)
     kmask = s < Tk
     krow = (k0 + s).to(tl.int64) * H + hk
@@ -274,19 +276,21 @@ def _banded_meta(kind, q, v, stride, offset, win):
 
 @custom_op("nsa::banded_fwd", mutates_args=())
 def banded_fwd(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, scale: float,
-               stride: int, offset: int, win: int) -> tuple[Tensor, Tensor]:
+               stride: int, offset: int, win: int, spans: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """spans given: queries after held keys (utils.seq_tile's CHUNK; cu_k is then not read)."""
     meta = _banded_meta("fwd", q, v, stride, offset, win)
     N, HQ, H, n_seq = q.shape[0], q.shape[1], v.shape[1], cu_q.numel() - 1
     o = empty(N, HQ, v.shape[2], dtype=q.dtype, device=q.device)
     lse = empty(N, HQ, dtype=torch.float32, device=q.device)
     tiles = tile_cu(cu_q, meta["BT"])
     grid = (tile_grid_bound(N, n_seq, meta["BT"]), H)
-    nsa_banded_fwd_kernel[grid](q, k, v, o, lse, cu_q, cu_k, tiles, n_seq, scale * LOG2E, **meta)
+    nsa_banded_fwd_kernel[grid](q, k, v, o, lse, cu_q, cu_k, tiles, n_seq, scale * LOG2E,
+                                cu_q if spans is None else spans, CHUNK=spans is not None, **meta)
     return o, lse
 
 
 @banded_fwd.register_fake
-def _(q, k, v, cu_q, cu_k, scale, stride, offset, win):
+def _(q, k, v, cu_q, cu_k, scale, stride, offset, win, spans=None):
     return q.new_empty(q.shape[0], q.shape[1], v.shape[2]), q.new_empty(q.shape[:2], dtype=torch.float32)
 
 
@@ -332,7 +336,9 @@ def _(q, k, v, o, lse, do, dlse, cu_q, cu_k, scale, stride, offset, win):
 
 
 def _banded_setup(ctx, inputs, output):
-    q, k, v, cu_q, cu_k, scale, stride, offset, win = inputs
+    q, k, v, cu_q, cu_k, scale, stride, offset, win, spans = inputs
+    if spans is not None:
+        raise NotImplementedError("queries after held keys (spans) are for inference: no backward")
     ctx.save_for_backward(q, k, v, *output, cu_q, cu_k)
     ctx.consts = (scale, stride, offset, win)
 
@@ -341,7 +347,7 @@ def _banded_backward(ctx, do, dlse):
     q, k, v, o, lse, cu_q, cu_k = ctx.saved_tensors
     dq, dk, dv = banded_bwd(q, k, v, o, lse, grad_or_zeros(do, o), grad_or_zeros(dlse, lse),
                             cu_q, cu_k, *ctx.consts)
-    return dq, dk, dv, None, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None, None
 
 
 banded_fwd.register_autograd(_banded_backward, setup_context=_banded_setup)

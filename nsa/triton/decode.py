@@ -21,6 +21,8 @@ no host sync and can be captured in a CUDA graph.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -35,16 +37,27 @@ from .utils import LOG2E, empty, pow2, softmax_step
 
 
 @triton.jit
-def _attend_tile(qt, k_row0, v_row0, p, ok, ring, m_i, l_i, acc, scale_log2,
+def _rows(p, ok, ring, table, PPG: tl.constexpr):
+    """Buffer rows of positions p: row p % ring of the row's own buffer or, paged (PPG > 0),
+    row p % PPG of page table[p // PPG] (table: the row's entries of the page table)."""
+    if PPG > 0:
+        r = tl.load(table + p // PPG, mask=ok, other=0).to(tl.int64) * PPG + p % PPG
+    else:
+        r = (p % ring).to(tl.int64)
+    return r
+
+
+@triton.jit
+def _attend_tile(qt, k_row0, v_row0, p, ok, ring, table, m_i, l_i, acc, scale_log2,
                  H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr,
-                 BV: tl.constexpr, PREC: tl.constexpr):
+                 BV: tl.constexpr, PREC: tl.constexpr, PPG: tl.constexpr):
     """One online-softmax step of the group's queries qt [GP, BK] over key positions p [BN]
-    (valid where ok); position p lives in row p % ring of k_row0/v_row0 (pointers to the
-    (row, head)'s first token; consecutive tokens are H*D apart). Returns the log2-scaled
-    logits too."""
+    (valid where ok); position p lives in row _rows(p) of k_row0/v_row0 (pointers to the
+    head's first token of the row's buffer, or of the page pool; consecutive rows are H*D
+    apart). Returns the log2-scaled logits too."""
     dk = tl.arange(0, BK)
     dv = tl.arange(0, BV)
-    r = (p % ring).to(tl.int64)
+    r = _rows(p, ok, ring, table, PPG)
     kt = tl.load(k_row0 + r[None, :] * (H * DK) + dk[:, None], mask=ok[None, :] & (dk[:, None] < DK), other=0.0)
     s = tl.where(ok[None, :], tl.dot(qt, kt, input_precision=PREC) * scale_log2, float("-inf"))  # [GP, BN]
     vt = tl.load(v_row0 + r[:, None] * (H * DV) + dv[None, :], mask=ok[:, None] & (dv[None, :] < DV), other=0.0)
@@ -53,18 +66,18 @@ def _attend_tile(qt, k_row0, v_row0, p, ok, ring, m_i, l_i, acc, scale_log2,
 
 
 @triton.jit
-def _attend_range(qt, k_row0, v_row0, lo, hi, ring, m_i, l_i, acc, scale_log2, logit_ptr, NC,
+def _attend_range(qt, k_row0, v_row0, lo, hi, ring, table, m_i, l_i, acc, scale_log2, logit_ptr, NC,
                   H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, DK: tl.constexpr,
                   DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BN: tl.constexpr,
-                  STORE: tl.constexpr, PREC: tl.constexpr):
+                  STORE: tl.constexpr, PREC: tl.constexpr, PPG: tl.constexpr):
     """_attend_tile over the positions [lo, hi). STORE: also write the logits to
     logit_ptr[g * NC + p]."""
     g = tl.arange(0, GP)
     for p0 in range(lo, hi, BN):
         p = p0 + tl.arange(0, BN)
         ok = p < hi
-        m_i, l_i, acc, s = _attend_tile(qt, k_row0, v_row0, p, ok, ring, m_i, l_i, acc, scale_log2,
-                                        H, DK, DV, BK, BV, PREC)
+        m_i, l_i, acc, s = _attend_tile(qt, k_row0, v_row0, p, ok, ring, table, m_i, l_i, acc, scale_log2,
+                                        H, DK, DV, BK, BV, PREC, PPG)
         if STORE:
             tl.store(logit_ptr + g[:, None] * NC + p[None, :], s, mask=(g[:, None] < G) & ok[None, :])
     return m_i, l_i, acc
@@ -107,12 +120,15 @@ def _split(n, s, S: tl.constexpr, BN: tl.constexpr):
 @triton.jit
 def nsa_decode_cmp_win_kernel(
     q, k_cmp, v_cmp, k_win, v_win, lengths, logits, pm, pl, pacc,
-    NC, W, scale_log2,
+    NC, W, scale_log2, slc_table, win_table, MP,
     HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BN: tl.constexpr,
     CMP_L: tl.constexpr, CMP_D: tl.constexpr, WIN: tl.constexpr,
     S_C: tl.constexpr, S_W: tl.constexpr, S_ALL: tl.constexpr, PREC: tl.constexpr,
+    PAGE: tl.constexpr,
 ):
+    """PAGE > 0: paged cache (positions a page; MP entries a table row): the compressed tokens
+    through slc_table (PAGE // CMP_D of them a page), the window through win_table."""
     bh = tl.program_id(0)
     s = tl.program_id(1)
     b = bh // H
@@ -125,17 +141,18 @@ def nsa_decode_cmp_win_kernel(
     if s < S_C:
         nc = _num_compressed(L, CMP_L, CMP_D)
         lo, hi = _split(nc, s, S_C, BN)
-        row0 = (b.to(tl.int64) * NC) * H + hk
-        m_i, l_i, acc = _attend_range(qt, k_cmp + row0 * DK, v_cmp + row0 * DV, lo, hi, NC, m_i, l_i,
-                                      acc, scale_log2, logits + bh.to(tl.int64) * G * NC, NC,
-                                      H, G, GP, DK, DV, BK, BV, BN, True, PREC)
+        row0 = hk if PAGE > 0 else (b.to(tl.int64) * NC) * H + hk
+        m_i, l_i, acc = _attend_range(qt, k_cmp + row0 * DK, v_cmp + row0 * DV, lo, hi, NC,
+                                      slc_table + b.to(tl.int64) * MP, m_i, l_i, acc, scale_log2,
+                                      logits + bh.to(tl.int64) * G * NC, NC, H, G, GP, DK, DV, BK, BV, BN,
+                                      True, PREC, PAGE // CMP_D)
     else:
         first = tl.maximum(L - WIN, 0)
         lo, hi = _split(L - first, s - S_C, S_W, BN)
-        row0 = (b.to(tl.int64) * W) * H + hk
+        row0 = hk if PAGE > 0 else (b.to(tl.int64) * W) * H + hk
         m_i, l_i, acc = _attend_range(qt, k_win + row0 * DK, v_win + row0 * DV, first + lo, first + hi,
-                                      W, m_i, l_i, acc, scale_log2, logits, NC,
-                                      H, G, GP, DK, DV, BK, BV, BN, False, PREC)
+                                      W, win_table + b.to(tl.int64) * MP, m_i, l_i, acc, scale_log2, logits, NC,
+                                      H, G, GP, DK, DV, BK, BV, BN, False, PREC, PAGE)
     _store_partial(pm, pl, pacc, s, m_i, l_i, acc, S_ALL, G, GP, DV, BV)
 
 
@@ -209,12 +226,12 @@ def _top_blocks(scores, NB, L, SEL_L: tl.constexpr, N_SEL: tl.constexpr, NTOP: t
 
 @triton.jit
 def nsa_decode_selected_kernel(
-    q, k_slc, v_slc, lengths, scores, idx, pm, pl, pacc, N, NB, scale_log2,
+    q, k_slc, v_slc, lengths, scores, idx, pm, pl, pacc, N, NB, scale_log2, slc_table, MP,
     HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BN: tl.constexpr,
     SEL_L: tl.constexpr, N_SEL: tl.constexpr, NTOP: tl.constexpr, CHK: tl.constexpr,
     INIT: tl.constexpr, LOCAL: tl.constexpr, PER: tl.constexpr,
-    S_FIRST: tl.constexpr, S_ALL: tl.constexpr, PREC: tl.constexpr,
+    S_FIRST: tl.constexpr, S_ALL: tl.constexpr, PREC: tl.constexpr, PAGE: tl.constexpr,
 ):
     bh = tl.program_id(0)
     s = tl.program_id(1)
@@ -231,7 +248,8 @@ def nsa_decode_selected_kernel(
     m_i = tl.full([GP], float("-inf"), tl.float32)
     l_i = tl.zeros([GP], tl.float32)
     acc = tl.zeros([GP, BV], tl.float32)
-    row0 = (b.to(tl.int64) * N) * H + hk
+    row0 = hk if PAGE > 0 else (b.to(tl.int64) * N) * H + hk
+    table = slc_table + b.to(tl.int64) * MP
     TPB: tl.constexpr = (SEL_L + BN - 1) // BN     # key tiles per block
     lane = tl.arange(0, BN)
     for it in range(s * PER * TPB, tl.minimum(s * PER + PER, N_SEL) * TPB):
@@ -240,7 +258,7 @@ def nsa_decode_selected_kernel(
         p = j * SEL_L + off
         ok = (off * 0 + j < 2147483647) & (off < SEL_L) & (p < L)   # vector conditions only
         m_i, l_i, acc, _ = _attend_tile(qt, k_slc + row0 * DK, v_slc + row0 * DV, tl.where(ok, p, 0), ok, N,
-                                        m_i, l_i, acc, scale_log2, H, DK, DV, BK, BV, PREC)
+                                        table, m_i, l_i, acc, scale_log2, H, DK, DV, BK, BV, PREC, PAGE)
     _store_partial(pm, pl, pacc, S_FIRST + s, m_i, l_i, acc, S_ALL, G, GP, DV, BV)
 
 
@@ -286,11 +304,21 @@ def nsa_decode_merge_kernel(
 def decode_launch(q: Tensor, k_cmp: Tensor, v_cmp: Tensor, k_slc: Tensor, v_slc: Tensor, k_win: Tensor,
            v_win: Tensor, gates: Tensor, lengths: Tensor, scale: float, cmp_block_size: int,
            cmp_stride: int, sel_block_size: int, sel_block_count: int, sel_init_blocks: int,
-           sel_local_blocks: int, window_size: int) -> tuple[Tensor, Tensor]:
-    """One decode step (layout of nsa.nsa_decode): four launches, no host sync."""
+           sel_local_blocks: int, window_size: int, block_table: Optional[Tensor] = None,
+           window_table: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """One decode step (layout of nsa.nsa_decode): four launches, no host sync. With the page
+    tables, k_slc/v_slc/k_cmp/v_cmp and k_win/v_win are page pools (nsa.PagedNSACache)."""
     B, HQ, DK = q.shape
-    NC, H, DV = max(k_cmp.shape[1], 1), k_cmp.shape[2], v_cmp.shape[3]
-    N, W = k_slc.shape[1], k_win.shape[1]
+    H, DV = k_cmp.shape[2], v_cmp.shape[3]
+    paged = block_table is not None
+    if paged:
+        MP, page = block_table.shape[1], k_slc.shape[1]
+        N = W = MP * page                      # positions a row can hold; the window is not a ring
+        NC = max(MP * (page // cmp_stride), 1)
+    else:
+        MP, page, block_table = 0, 0, lengths
+        window_table = lengths
+        NC, N, W = max(k_cmp.shape[1], 1), k_slc.shape[1], k_win.shape[1]
     NB = triton.cdiv(N, sel_block_size)
     G = HQ // H
     GP, BK, BV = pow2(G, 16), pow2(DK, 16), pow2(DV, 16)
@@ -312,17 +340,17 @@ def decode_launch(q: Tensor, k_cmp: Tensor, v_cmp: Tensor, k_slc: Tensor, v_slc:
     sl2, prec, warps = scale * LOG2E, precision(q), t["warps"]
     sel = dict(SEL_L=sel_block_size)
     nsa_decode_cmp_win_kernel[(B * H, S_C + S_W)](
-        q, k_cmp, v_cmp, k_win, v_win, lengths, logits, pm, pl, pacc, NC, W, sl2,
+        q, k_cmp, v_cmp, k_win, v_win, lengths, logits, pm, pl, pacc, NC, W, sl2, block_table, window_table, MP,
         CMP_L=cmp_block_size, CMP_D=cmp_stride, WIN=window_size, S_C=S_C, S_W=S_W, S_ALL=S_ALL,
-        PREC=prec, num_warps=warps, **dims)
+        PREC=prec, PAGE=page, num_warps=warps, **dims)
     nsa_decode_score_kernel[(B * H, S_B)](
         lengths, logits, pm, pl, scores, NC, NB, H=H, G=G, GP=GP, S_C=S_C, S_B=S_B, S_ALL=S_ALL,
         CMP_L=cmp_block_size, CMP_D=cmp_stride, BCH=t["BCH"], RP=pow2(sel_block_size // cmp_stride),
         num_warps=4, **sel)
     nsa_decode_selected_kernel[(B * H, S_S)](
-        q, k_slc, v_slc, lengths, scores, idx, pm, pl, pacc, N, NB, sl2, N_SEL=sel_block_count,
+        q, k_slc, v_slc, lengths, scores, idx, pm, pl, pacc, N, NB, sl2, block_table, MP, N_SEL=sel_block_count,
         NTOP=pow2(sel_block_count), CHK=min(t["CHK"], pow2(NB)), INIT=sel_init_blocks,
-        LOCAL=sel_local_blocks, PER=PER, S_FIRST=S_C + S_W, S_ALL=S_ALL, PREC=prec,
+        LOCAL=sel_local_blocks, PER=PER, S_FIRST=S_C + S_W, S_ALL=S_ALL, PREC=prec, PAGE=page,
         num_warps=warps, num_stages=t["stages"], **sel, **dims)
     nsa_decode_merge_kernel[(B * H, G)](
         pm, pl, pacc, gates, o, HQ=HQ, H=H, G=G, DV=DV, BV=BV, S_C=S_C, S_W=S_W, S_S=S_S,
@@ -337,7 +365,8 @@ decode = custom_op("nsa::decode", mutates_args=())(decode_launch)
 
 
 @decode.register_fake
-def _(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, lengths, scale, *config):
+def _(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, lengths, scale, cmp_block_size, cmp_stride,
+      sel_block_size, sel_block_count, *rest):
     B, HQ, _ = q.shape
     return (q.new_empty(B, HQ, v_cmp.shape[3]),
-            q.new_empty(B, k_cmp.shape[2], config[3], dtype=torch.int32))
+            q.new_empty(B, k_cmp.shape[2], sel_block_count, dtype=torch.int32))

@@ -24,21 +24,26 @@ class FusedNSA(torch.autograd.Function):
     torch.compile takes the composed custom ops instead (nsa.api.nsa_attention)."""
 
     @staticmethod
-    def _branches(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, cu, cu_k, scale, c, idx=None):
+    def _branches(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, cu, cu_k, scale, c, idx=None,
+                  spans=(None, None, None)):
         """([o_cmp, o_slc, o_win], [their lse], idx): the three branches; the selection is made
-        from the compression branch unless given (a recompute)."""
+        from the compression branch unless given (a recompute). spans: per branch (compressed,
+        selected, window), queries after held keys (utils.seq_tile's CHUNK; a chunk after a
+        cached prefix, forward only)."""
         sel = (c.cmp_block_size, c.cmp_stride, c.sel_block_size, c.sel_block_count, c.sel_init_blocks,
                c.sel_local_blocks)
+        sp_cmp, sp_slc, sp_win = spans
         if tuning.cmp_select(pow2(q.shape[1] // v_cmp.shape[1]), pow2(v_cmp.shape[2], 16)):
             # G = 1: one kernel; a recompute gets the same o_cmp from it and keeps the given idx
-            o_cmp, lse_cmp, new_idx = cmp_select_fwd(q, k_cmp, v_cmp, cu, cu_k, scale, *sel)
+            o_cmp, lse_cmp, new_idx = cmp_select_fwd(q, k_cmp, v_cmp, cu, cu_k, scale, *sel, spans=sp_cmp)
             idx = new_idx if idx is None else idx
         else:
-            o_cmp, lse_cmp = banded_fwd(q, k_cmp, v_cmp, cu, cu_k, scale, c.cmp_stride, c.cmp_block_size - 1, 0)
+            o_cmp, lse_cmp = banded_fwd(q, k_cmp, v_cmp, cu, cu_k, scale, c.cmp_stride, c.cmp_block_size - 1, 0,
+                                        spans=sp_cmp)
             if idx is None:
-                idx = select_blocks(q, k_cmp, lse_cmp, cu, cu_k, scale, *sel)
-        o_slc, lse_slc = selected_fwd(q, k_slc, v_slc, idx, cu, scale, c.sel_block_size)
-        o_win, lse_win = banded_fwd(q, k_win, v_win, cu, cu, scale, 1, 0, c.window_size)
+                idx = select_blocks(q, k_cmp, lse_cmp, cu, cu_k, scale, *sel, spans=sp_cmp)
+        o_slc, lse_slc = selected_fwd(q, k_slc, v_slc, idx, cu, scale, c.sel_block_size, spans=sp_slc)
+        o_win, lse_win = banded_fwd(q, k_win, v_win, cu, cu, scale, 1, 0, c.window_size, spans=sp_win)
         return [o_cmp, o_slc, o_win], [lse_cmp, lse_slc, lse_win], idx
 
     @staticmethod
@@ -76,3 +81,11 @@ class FusedNSA(torch.autograd.Function):
         _, dk_win, dv_win = banded_bwd_launch(q, k_win, v_win, None, lse_win, g(2), None, cu, cu, scale, 1, 0,
                                               c.window_size, delta=delta[2], dq=dq)
         return dq, dk_cmp, dv_cmp, dk_slc, dv_slc, dk_win, dv_win, dgates, None, None, None, None
+
+
+def nsa_after(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, cu, spans, scale, c):
+    """Forward of a chunk of queries after held keys (FusedNSA._branches' spans) and the gate:
+    (o, idx). Inference: no autograd node."""
+    outs, _, idx = FusedNSA._branches(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, cu, cu, scale, c,
+                                      spans=spans)
+    return gate_fwd(*outs, gates), idx

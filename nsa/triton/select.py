@@ -30,6 +30,8 @@ ranking), the top list and carry rescaled as the running max grows.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -157,18 +159,18 @@ def _store_selection(top, out, q0, tp, Tq, hk, H: tl.constexpr, N_SEL: tl.conste
 @triton.jit
 def nsa_select_kernel(
     q, k, lse, out,             # q [Nq,HQ,DK] k [Nc,H,DK] lse [Nq,HQ] f32  out [Nq,H,N_SEL] int32
-    cu_q, cu_k, tiles_q, n_seq, scale_log2,
+    cu_q, cu_k, tiles_q, n_seq, scale_log2, spans,
     HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
     DK: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr, BT: tl.constexpr,
     CMP_L: tl.constexpr, CMP_D: tl.constexpr, SEL_L: tl.constexpr,
     N_SEL: tl.constexpr, NTOP: tl.constexpr, RP: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr,
-    PREC: tl.constexpr, SPREAD: tl.constexpr, SPLIT: tl.constexpr,
+    PREC: tl.constexpr, SPREAD: tl.constexpr, SPLIT: tl.constexpr, CHUNK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     hk = tl.program_id(1)
     if pid >= tl.load(tiles_q + n_seq):
         return
-    q0, Tq, k0, Tc, t0 = seq_tile(pid, tiles_q, cu_q, cu_k, n_seq, BT)
+    q0, Tq, k0, Tc, t0 = seq_tile(pid, tiles_q, cu_q, cu_k, n_seq, BT, spans, CHUNK)
 
     BC: tl.constexpr = NTOP * (SEL_L // CMP_D)   # compressed tokens per chunk
     t, head, row_ok = tile_rows(t0, Tq, hk, G, GP, BT)
@@ -228,11 +230,11 @@ def _cmp_chunk(j0, qa, qb, k, v, k0, hk, t, last, Tq, Tc, m_i, l_i, acc, top, ca
 @triton.jit
 def nsa_cmp_select_kernel(
     q, k, v, o, lse, out,       # q [Nq,H,DK] k [Nc,H,DK] v [Nc,H,DV] o [Nq,H,DV] lse [Nq,H] f32 out [Nq,H,N_SEL]
-    cu_q, cu_k, tiles_q, n_seq, scale_log2,
+    cu_q, cu_k, tiles_q, n_seq, scale_log2, spans,
     H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr, BV: tl.constexpr,
     BT: tl.constexpr, CMP_L: tl.constexpr, CMP_D: tl.constexpr, SEL_L: tl.constexpr,
     N_SEL: tl.constexpr, NTOP: tl.constexpr, RP: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr,
-    PREC: tl.constexpr, SPREAD: tl.constexpr, SPLIT: tl.constexpr,
+    PREC: tl.constexpr, SPREAD: tl.constexpr, SPLIT: tl.constexpr, CHUNK: tl.constexpr,
 ):
     """G = 1: the compression branch's attention (o, lse) and the block selection in one pass
     over the compressed keys, q.k_cmp computed once for both. With one head per group a
@@ -243,7 +245,7 @@ def nsa_cmp_select_kernel(
     hk = tl.program_id(1)
     if pid >= tl.load(tiles_q + n_seq):
         return
-    q0, Tq, k0, Tc, t0 = seq_tile(pid, tiles_q, cu_q, cu_k, n_seq, BT)
+    q0, Tq, k0, Tc, t0 = seq_tile(pid, tiles_q, cu_q, cu_k, n_seq, BT, spans, CHUNK)
     BC: tl.constexpr = NTOP * (SEL_L // CMP_D)
     t, head, row_ok = tile_rows(t0, Tq, hk, 1, 1, BT)
     rows = (q0 + t).to(tl.int64) * H + head
@@ -296,7 +298,8 @@ def _select_meta(q, cmp_block_size, cmp_stride, sel_block_size, sel_block_count,
 @custom_op("nsa::select_blocks", mutates_args=())
 def select_blocks(q: Tensor, k: Tensor, lse: Tensor, cu_q: Tensor, cu_k: Tensor, scale: float,
                   cmp_block_size: int, cmp_stride: int, sel_block_size: int, sel_block_count: int,
-                  sel_init_blocks: int, sel_local_blocks: int) -> Tensor:
+                  sel_init_blocks: int, sel_local_blocks: int, spans: Optional[Tensor] = None) -> Tensor:
+    """spans given: queries after held keys (utils.seq_tile's CHUNK; cu_k is then not read)."""
     N, HQ, H, G, GP, DK, DV, BK, BV = head_dims(q, k)
     n_seq = cu_q.numel() - 1
     rows, warps, stages, spread = tuning.select(DK, GP)
@@ -304,7 +307,8 @@ def select_blocks(q: Tensor, k: Tensor, lse: Tensor, cu_q: Tensor, cu_k: Tensor,
     out = empty(N, H, sel_block_count, dtype=torch.int32, device=q.device)
     tiles = tile_cu(cu_q, BT)
     nsa_select_kernel[(tile_grid_bound(N, n_seq, BT), H)](
-        q, k, lse, out, cu_q, cu_k, tiles, n_seq, scale * LOG2E, HQ=HQ, H=H, G=G, GP=GP,
+        q, k, lse, out, cu_q, cu_k, tiles, n_seq, scale * LOG2E, cu_q if spans is None else spans,
+        CHUNK=spans is not None, HQ=HQ, H=H, G=G, GP=GP,
         **_select_meta(q, cmp_block_size, cmp_stride, sel_block_size, sel_block_count, sel_init_blocks,
                        sel_local_blocks, BT, spread), num_warps=warps, num_stages=stages)
     return out
@@ -312,9 +316,10 @@ def select_blocks(q: Tensor, k: Tensor, lse: Tensor, cu_q: Tensor, cu_k: Tensor,
 
 def cmp_select_fwd(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, scale: float,
                    cmp_block_size: int, cmp_stride: int, sel_block_size: int, sel_block_count: int,
-                   sel_init_blocks: int, sel_local_blocks: int):
+                   sel_init_blocks: int, sel_local_blocks: int, spans: Optional[Tensor] = None):
     """G = 1 only: (o, lse) of the compression branch and the selection, in one kernel
-    (select.py, nsa_cmp_select_kernel). What compressed_attention and select_blocks return."""
+    (select.py, nsa_cmp_select_kernel). What compressed_attention and select_blocks return.
+    spans: as select_blocks'."""
     N, HQ, H, G, GP, DK, DV, BK, BV = head_dims(q, v)
     assert G == 1, "the fused compression + selection kernel serves one query head per KV head"
     n_seq = cu_q.numel() - 1
@@ -325,7 +330,8 @@ def cmp_select_fwd(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, 
     out = empty(N, H, sel_block_count, dtype=torch.int32, device=q.device)
     tiles = tile_cu(cu_q, rows)
     nsa_cmp_select_kernel[(tile_grid_bound(N, n_seq, rows), H)](
-        q, k, v, o, lse, out, cu_q, cu_k, tiles, n_seq, scale * LOG2E, H=H, DV=DV, BV=BV,
+        q, k, v, o, lse, out, cu_q, cu_k, tiles, n_seq, scale * LOG2E, cu_q if spans is None else spans,
+        CHUNK=spans is not None, H=H, DV=DV, BV=BV,
         **_select_meta(q, cmp_block_size, cmp_stride, sel_block_size, sel_block_count, sel_init_blocks,
                        sel_local_blocks, rows, spread), num_warps=warps, num_stages=stages)
     return o, lse, out
@@ -333,5 +339,5 @@ def cmp_select_fwd(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, 
 
 @select_blocks.register_fake
 def _(q, k, lse, cu_q, cu_k, scale, cmp_block_size, cmp_stride, sel_block_size, sel_block_count,
-      sel_init_blocks, sel_local_blocks):
+      sel_init_blocks, sel_local_blocks, spans=None):
     return q.new_empty(q.shape[0], k.shape[1], sel_block_count, dtype=torch.int32)

@@ -11,6 +11,8 @@ a fixed order. Every key row belongs to exactly one bucket, so dK/dV are written
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -26,12 +28,20 @@ from .utils import (LOG2E, empty, pow2, dot2, dot_keys, find_segment, load_keys_
 
 
 @triton.jit
-def _query_group(pid_t, hk, cu_q, n_seq, HQ: tl.constexpr, G: tl.constexpr, BM: tl.constexpr):
-    """Packed query row pid_t, KV head hk -> (first row of its sequence, its position, the
-    rows of the group's G heads padded to BM, their validity)."""
-    q0 = tl.load(cu_q + find_segment(cu_q, n_seq, pid_t))
+def _query_group(pid_t, hk, cu_q, n_seq, spans, HQ: tl.constexpr, G: tl.constexpr, BM: tl.constexpr,
+                 CHUNK: tl.constexpr):
+    """Packed query row pid_t, KV head hk -> (first key row of its sequence, its position, the
+    rows of the group's G heads padded to BM, their validity). Keys share the queries' rows,
+    unless CHUNK: the queries come after held keys (spans as in utils.seq_tile)."""
+    seq = find_segment(cu_q, n_seq, pid_t)
+    q0 = tl.load(cu_q + seq)
     r = tl.arange(0, BM)
-    return q0, pid_t - q0, pid_t.to(tl.int64) * HQ + hk * G + r, r < G
+    t = pid_t - q0
+    k0 = q0
+    if CHUNK:
+        t += tl.load(spans + seq)
+        k0 = tl.load(spans + n_seq + seq)
+    return k0, t, pid_t.to(tl.int64) * HQ + hk * G + r, r < G
 
 
 @triton.jit
@@ -45,15 +55,15 @@ def _slot_keys(blocks, slots, slot, t, q0, lane, hk, H: tl.constexpr, SEL_L: tl.
 @triton.jit
 def nsa_selected_fwd_kernel(
     q, k, v, idx, o, lse,       # q [N,HQ,DK] k [N,H,DK] v [N,H,DV] idx [N,H,N_SEL] o [N,HQ,DV] lse [N,HQ]
-    cu_q, n_seq, scale_log2,
+    cu_q, n_seq, scale_log2, spans,
     HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, BM: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr, BV: tl.constexpr,
     BS: tl.constexpr, SEL_L: tl.constexpr, N_SEL: tl.constexpr, NP: tl.constexpr,
-    PREC: tl.constexpr,
+    PREC: tl.constexpr, CHUNK: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     hk = tl.program_id(1)
-    q0, t, rows, row_ok = _query_group(pid_t, hk, cu_q, n_seq, HQ, G, BM)
+    q0, t, rows, row_ok = _query_group(pid_t, hk, cu_q, n_seq, spans, HQ, G, BM, CHUNK)
     dv = tl.arange(0, BV)
     lane = tl.arange(0, BS)
     qa, qb = load_rows2(q, rows, row_ok, DK, KA, KB)
@@ -86,7 +96,7 @@ def nsa_selected_bwd_dq_kernel(
     is added to what dq holds."""
     pid_t = tl.program_id(0)
     hk = tl.program_id(1)
-    q0, t, rows, row_ok = _query_group(pid_t, hk, cu_q, n_seq, HQ, G, BM)
+    q0, t, rows, row_ok = _query_group(pid_t, hk, cu_q, n_seq, cu_q, HQ, G, BM, False)
     dv = tl.arange(0, BV)
     lane = tl.arange(0, BS)
     qa, qb = load_rows2(q, rows, row_ok, DK, KA, KB)
@@ -382,16 +392,18 @@ def _selected_meta(kind, q, v, idx, sel_block_size):
 
 @custom_op("nsa::selected_fwd", mutates_args=())
 def selected_fwd(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, cu_q: Tensor, scale: float,
-                 sel_block_size: int) -> tuple[Tensor, Tensor]:
+                 sel_block_size: int, spans: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """spans given: queries after held keys (utils.seq_tile's CHUNK), always group-centric
+    (the inverse index of the key-centric path maps keys to the queries' own rows)."""
     meta = _selected_meta("fwd", q, v, idx, sel_block_size)
     N, HQ, H = q.shape[0], q.shape[1], v.shape[1]
     o = empty(N, HQ, v.shape[2], dtype=q.dtype, device=q.device)
     lse = empty(N, HQ, dtype=torch.float32, device=q.device)
-    if N and tuning.selected_key_centric(meta["G"], "fwd"):
+    if N and spans is None and tuning.selected_key_centric(meta["G"], "fwd"):
         _selected_fwd_key_centric(q, k, v, idx, o, lse, cu_q, scale, sel_block_size, meta)
     elif N:
-        nsa_selected_fwd_kernel[(N, H)](q, k, v, idx, o, lse, cu_q, cu_q.numel() - 1,
-                                        scale * LOG2E, **meta)
+        nsa_selected_fwd_kernel[(N, H)](q, k, v, idx, o, lse, cu_q, cu_q.numel() - 1, scale * LOG2E,
+                                        cu_q if spans is None else spans, CHUNK=spans is not None, **meta)
     return o, lse
 
 
@@ -422,7 +434,7 @@ def _selected_fwd_key_centric(q, k, v, idx, o, lse, cu_q, scale, sel_block_size,
 
 
 @selected_fwd.register_fake
-def _(q, k, v, idx, cu_q, scale, sel_block_size):
+def _(q, k, v, idx, cu_q, scale, sel_block_size, spans=None):
     return q.new_empty(q.shape[0], q.shape[1], v.shape[2]), q.new_empty(q.shape[:2], dtype=torch.float32)
 
 
@@ -509,7 +521,9 @@ def _(q, k, v, idx, o, lse, do, cu_q, scale, sel_block_size):
 
 
 def _selected_setup(ctx, inputs, output):
-    q, k, v, idx, cu_q, scale, sel_block_size = inputs
+    q, k, v, idx, cu_q, scale, sel_block_size, spans = inputs
+    if spans is not None:
+        raise NotImplementedError("queries after held keys (spans) are for inference: no backward")
     ctx.save_for_backward(q, k, v, idx, output[0], output[1], cu_q)
     ctx.consts = (scale, sel_block_size)
 
@@ -517,7 +531,7 @@ def _selected_setup(ctx, inputs, output):
 def _selected_backward(ctx, do, dlse):
     q, k, v, idx, o, lse, cu_q = ctx.saved_tensors
     dq, dk, dv = selected_bwd(q, k, v, idx, o, lse, grad_or_zeros(do, o), cu_q, *ctx.consts)
-    return dq, dk, dv, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None
 
 
 selected_fwd.register_autograd(_selected_backward, setup_context=_selected_setup)

@@ -89,14 +89,28 @@ def tile_rows(t0, Tq, hk, G: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr):
 
 
 @triton.jit
-def seq_tile(pid, tiles, cu_q, cu_k, n_seq, TILE: tl.constexpr):
+def seq_tile(pid, tiles, cu_q, cu_k, n_seq, TILE: tl.constexpr, spans, CHUNK: tl.constexpr):
     """Tile `pid` of a packed launch -> (q0, Tq, k0, Tk, first position of the tile): the
-    sequence's first query row and length, its first key row and key count."""
+    sequence's first query row and length, its first key row and key count.
+
+    CHUNK: each sequence's queries are its last ones, after keys already held (a chunk after a
+    cached prefix): spans [3, n_seq] int32 gives per sequence the position of its first query in
+    its keys' frame (p0), its first key row and its key count. The returned q0 and Tq are then
+    those of a virtual sequence of p0 + Tq rows whose rows t >= p0 are the queries, so that a
+    query's row index is also its position and every kernel's masks hold as they are."""
     seq = find_segment(tiles, n_seq, pid)
     q0 = tl.load(cu_q + seq)
-    k0 = tl.load(cu_k + seq)
+    Tq = tl.load(cu_q + seq + 1) - q0
     t0 = (pid - tl.load(tiles + seq)) * TILE
-    return q0, tl.load(cu_q + seq + 1) - q0, k0, tl.load(cu_k + seq + 1) - k0, t0
+    if CHUNK:
+        p0 = tl.load(spans + seq)
+        k0 = tl.load(spans + n_seq + seq)
+        Tk = tl.load(spans + 2 * n_seq + seq)
+    else:
+        p0 = 0
+        k0 = tl.load(cu_k + seq)
+        Tk = tl.load(cu_k + seq + 1) - k0
+    return q0 - p0, Tq + p0, k0, Tk, t0 + p0
 
 
 @triton.jit

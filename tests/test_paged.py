@@ -1,0 +1,180 @@
+"""PagedNSACache: pages and block tables give what the contiguous cache gives, step for step.
+
+Free and unassigned pages are NaN (poison=True), so a sequence that read a page it does not
+hold would show NaN in its output; sequences are allocated and freed in random orders.
+"""
+import random
+
+import pytest
+import torch
+
+import nsa
+from helpers import CFG, TOL, make_inputs, rel_err
+from test_decode import as_cache
+
+PAGE = 16   # a multiple of CFG's l' = 16 and d = 4
+
+
+def _layer(backend="torch", seed=0, dtype=torch.float64):
+    torch.manual_seed(seed)
+    return nsa.NativeSparseAttention(32, 4, 2, 8, 6, config=CFG, backend=backend).to(dtype)
+
+
+def _paged(m, num_pages=24, max_seqs=3, max_pages=5, **kw):
+    p = m.q_proj.weight
+    return nsa.PagedNSACache(num_pages, PAGE, max_seqs, max_pages, m.num_kv_heads, m.head_dim_qk, m.head_dim_v,
+                             m.config, dtype=p.dtype, device=p.device, poison=True, **kw)
+
+
+def _run(m, cache, slot, x, chunks):
+    """x [1, T, hidden] appended to sequence `slot` in chunks (lengths): the outputs, joined."""
+    outs, t = [], 0
+    for n in chunks:
+        outs.append(m(x[:, t:t + n], cache=cache, rows=[slot]))
+        t += n
+    return torch.cat(outs, 1)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_paged_equals_contiguous_through_random_allocations(seed):
+    """Sequences of random lengths, chunkings and allocate/free orders: each one's outputs equal
+    those of the same tokens through a contiguous NSACache of its own, and no NaN shows."""
+    rng = random.Random(seed)
+    m = _layer(seed=seed)
+    paged = _paged(m)
+    x = torch.randn(6, 80, 32, dtype=torch.float64)
+    with torch.no_grad():
+        live = {}
+        for s in range(6):
+            if len(live) == paged.batch_size or (live and rng.random() < 0.4):
+                paged.free(live.pop(rng.choice(sorted(live))))
+            slot = paged.allocate()
+            T = rng.randint(20, 80)
+            chunks, left = [], T
+            while left:
+                n = rng.choice([1, 1, 1, 3, 7, 17, 33])
+                chunks.append(min(n, left))
+                left -= chunks[-1]
+            got = _run(m, paged, slot, x[s:s + 1], chunks)
+            want = _run(m, m.new_cache(1, 80), 0, x[s:s + 1], chunks)
+            assert not torch.isnan(got).any()
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+            live[s] = slot
+    assert paged.free_pages[0] + sum(-(-paged.lengths[r] // PAGE) for r in range(3) if paged.active[r]) == 24
+
+
+def test_interleaved_sequences_decode_together():
+    """Rows at different lengths decode in one batch through the page tables (and a subset)."""
+    m = _layer(seed=3)
+    paged = _paged(m)
+    xs = torch.randn(3, 70, 32, dtype=torch.float64)
+    with torch.no_grad():
+        full = [m(xs[i:i + 1]) for i in range(3)]
+        slots = [paged.allocate() for _ in range(3)]
+        starts = [40, 9, 23]
+        for i, s in enumerate(slots):
+            m(xs[i:i + 1, :starts[i]], cache=paged, rows=[s])
+        steps = []
+        for t in range(12):
+            tok = torch.stack([xs[i, starts[i] + t] for i in range(3)])[:, None]
+            steps.append(m(tok, cache=paged))
+        got = torch.cat(steps, 1)
+        for i in range(3):
+            torch.testing.assert_close(got[i], full[i][0, starts[i]:starts[i] + 12], rtol=0, atol=1e-12)
+        one = m(xs[1:2, starts[1] + 12:starts[1] + 13], cache=paged, rows=[1])
+    torch.testing.assert_close(one[0], full[1][0, starts[1] + 12:starts[1] + 13], rtol=0, atol=1e-12)
+
+
+def test_recent_pages_are_handed_back():
+    m = _layer()
+    paged = _paged(m, num_pages=10, max_seqs=1, max_pages=10)
+    x = torch.randn(1, 150, 32, dtype=torch.float64)
+    with torch.no_grad():
+        s = paged.allocate()
+        for t in range(150):
+            m(x[:, t:t + 1], cache=paged, rows=[s])
+    held = int((paged._win_table[s] >= 0).sum())
+    keep = max(CFG.window_size, CFG.cmp_block_size)
+    assert held <= -(-keep // PAGE) + 2 and paged.free_pages == (0, paged.k_win.shape[0] - 1 - held)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_triton_paged_decode(dtype):
+    """nsa_decode through block tables (NaN in every page not in them) == float64 contiguous."""
+    T, lengths = 70, [70, 1, 33, 48]
+    B = len(lengths)
+    t, _ = make_inputs(T, 4, 2, 8, 8, CFG, B=B, seed=11)
+    full, idx_full = nsa.nsa_attention(**t, config=CFG, return_block_idx=True, backend="torch")
+    c, q, gates = as_cache(t, lengths, CFG, T, T)        # ring = capacity: every position
+    MP, d = -(-T // PAGE), CFG.cmp_stride
+    order = torch.randperm(B * MP + 4, generator=torch.Generator().manual_seed(0))
+    table = order[:B * MP].view(B, MP).to(torch.int32)
+    pools = {}
+    for name, per in (("k_slc", PAGE), ("v_slc", PAGE), ("k_cmp", PAGE // d), ("v_cmp", PAGE // d),
+                      ("k_win", PAGE), ("v_win", PAGE)):
+        x = c[name]
+        pad = torch.full((B, MP * per - x.shape[1], *x.shape[2:]), float("nan"), dtype=x.dtype)
+        x = torch.cat([x, pad], 1).view(B, MP, per, *x.shape[2:])
+        pool = torch.full((B * MP + 4, per, *x.shape[3:]), float("nan"), dtype=x.dtype)
+        pool[table.long()] = x
+        for b, L in enumerate(lengths):   # nothing past a row's length, nor older than its window
+            n = CFG.num_compressed(L) if "cmp" in name else L
+            pool.view(-1, *x.shape[3:])[(table[b].long()[:, None] * per + torch.arange(per)).flatten()[n:]] = float("nan")
+            if "win" in name:
+                old = max(0, L - CFG.window_size)
+                pool.view(-1, *x.shape[3:])[(table[b].long()[:, None] * per + torch.arange(per)).flatten()[:old]] = float("nan")
+        pools[name] = pool.to(dtype)
+    rows, last = torch.arange(B), torch.tensor(lengths) - 1
+    o, idx = nsa.nsa_decode(q.to(dtype), **pools, gates=gates.to(dtype), lengths=torch.tensor(lengths, dtype=torch.int32),
+                            config=CFG, return_block_idx=True, backend="triton", block_table=table, window_table=table)
+    assert not torch.isnan(o).any()
+    assert torch.equal(idx, idx_full[rows, last])
+    assert rel_err(o, full[rows, last]) < TOL[dtype]
+
+
+def test_triton_layer_paged_matches_contiguous():
+    """The layer on the Triton backend (interpreter): prefill, a chunk after it, decoding, a
+    freed sequence's slot and pages reused by the next one."""
+    m = _layer("triton", seed=5, dtype=torch.float32)
+    paged = _paged(m, num_pages=12, max_seqs=2, max_pages=5)
+    x = torch.randn(3, 70, 32)
+    with torch.no_grad():
+        a = paged.allocate()
+        _run(m, paged, a, x[0:1], [30])
+        paged.free(a)
+        for s, chunks in ((1, [37, 21, 1, 1, 1]), (2, [5, 1, 1, 17])):
+            slot = paged.allocate()
+            got = _run(m, paged, slot, x[s:s + 1], chunks)
+            want = _run(m, m.new_cache(1, 80), 0, x[s:s + 1], chunks)
+            assert not torch.isnan(got).any()
+            assert (got - want).abs().max() < 1e-5 * want.abs().max()
+
+
+def test_paged_errors():
+    m = _layer()
+    paged = _paged(m, num_pages=3, max_seqs=2, max_pages=5)
+    x = torch.randn(1, 50, 32, dtype=torch.float64)
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="sequence slot 0 is not allocated"):
+            m(x[:, :4], cache=paged, rows=[0])
+        s = paged.allocate()
+        with pytest.raises(ValueError, match=r"out of main pages: sequence 0 needs one more"):
+            m(x[:, :50], cache=paged, rows=[s])
+        paged.free(s)
+        s = paged.allocate()
+        m(x[:, :20], cache=paged, rows=[s])
+        paged.free(s)
+        with pytest.raises(ValueError, match="sequence slot 0 is not allocated"):
+            m(x[:, 20:21], cache=paged, rows=[s])
+        with pytest.raises(ValueError, match="sequence slot 1 is not allocated"):
+            paged.free(1)
+        big = _paged(m, num_pages=40, max_seqs=1, max_pages=2)
+        s = big.allocate()
+        with pytest.raises(ValueError, match=r"cache capacity 32 exceeded for sequence 0: length 0 \+ 33"):
+            m(x[:, :33], cache=big, rows=[s])
+    with pytest.raises(ValueError, match="page_size .* must be a multiple of sel_block_size"):
+        nsa.PagedNSACache(4, 24, 1, 2, 2, 8, 6, CFG)
+    p2 = _paged(m, max_seqs=1)
+    p2.allocate()
+    with pytest.raises(ValueError, match="all 1 sequence slots are in use"):
+        p2.allocate()
