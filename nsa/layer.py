@@ -38,6 +38,36 @@ def rotary(x, pos, theta):
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).to(x.dtype)
 
 
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in float32 for half inputs (float64 stays float64)."""
+
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.to(reference.compute_dtype(x.dtype))
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
+def token_shift(h, weight, cu_seqlens=None, cache=None, rows=None):
+    """h + weight * (h one position back) [B, T, D]: a sequence's first position sees zeros
+    (packed sequences restart at cu_seqlens) or, with a cache, the row's last input of the
+    previous call (cache.last_input, updated in place so that a captured decode step replays
+    it); rows: the cache rows of x's batch entries (default all)."""
+    prev = F.pad(h, (0, 0, 1, 0))[:, :-1]
+    if cu_seqlens is not None:
+        prev[0, cu_seqlens[:-1].long()] = 0
+    if cache is not None:
+        idx = slice(None) if rows is None else torch.tensor(rows, device=h.device)
+        if cache.last_input is None:
+            cache.last_input = h.new_zeros(cache.batch_size, h.shape[-1])
+        prev[:, 0] = cache.last_input[idx]
+        cache.last_input[idx] = h[:, -1]
+    return h + weight.to(h.dtype) * prev
+
+
 def block_starts(batch, seqlen, cu_seqlens, cfg: NSAConfig, device):
     """For every compressed token: (row of its first key, its position in its sequence).
     Packed input needs the sequence lengths on the host (one sync per call)."""

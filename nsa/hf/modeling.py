@@ -17,7 +17,7 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
-from ..layer import BlockCompressor, NativeSparseAttention
+from ..layer import BlockCompressor, NativeSparseAttention, RMSNorm, token_shift
 from .cache import NSALMCache
 from .configuration import NSALMConfig
 
@@ -26,15 +26,7 @@ from .configuration import NSALMConfig
 _CACHE = "cache" if "cache" in {f.name for f in fields(BaseModelOutputWithPast)} else "past_key_values"
 
 
-class NSALMRMSNorm(nn.Module):
-    def __init__(self, dim, eps=1e-6):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x):
-        xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+NSALMRMSNorm = RMSNorm   # nsa.layer.RMSNorm, under the name transformers code expects here
 
 
 class NSALMMLP(nn.Module):
@@ -61,24 +53,10 @@ class NSALMDecoderLayer(GradientCheckpointingLayer):
         self.mlp = NSALMMLP(config)
         self.token_shift = nn.Parameter(torch.full((config.hidden_size,), 0.5)) if config.token_shift else None
 
-    def _shifted(self, h, cu_seqlens, state, rows):
-        """h + token_shift * (h one position back), the previous position of a sequence's first
-        token being zeros or, with a cache, the row's last input of the previous call."""
-        if self.token_shift is None:
-            return h
-        prev = F.pad(h, (0, 0, 1, 0))[:, :-1]
-        if cu_seqlens is not None:
-            prev[0, cu_seqlens[:-1].long()] = 0
-        if state is not None:
-            idx = slice(None) if rows is None else torch.tensor(rows, device=h.device)
-            if state.last_input is None:
-                state.last_input = h.new_zeros(state.batch_size, h.shape[-1])
-            prev[:, 0] = state.last_input[idx]
-            state.last_input[idx] = h[:, -1]
-        return h + self.token_shift.to(h.dtype) * prev
-
     def forward(self, hidden_states, cu_seqlens=None, state=None, rows=None):
-        h = self._shifted(self.input_layernorm(hidden_states), cu_seqlens, state, rows)
+        h = self.input_layernorm(hidden_states)
+        if self.token_shift is not None:
+            h = token_shift(h, self.token_shift, cu_seqlens, state, rows)
         if state is None:
             a = self.self_attn(h, cu_seqlens=cu_seqlens)
         else:

@@ -12,7 +12,7 @@ from torch import nn
 from ..api import sliding_window_attention
 from ..config import NSAConfig
 from ..graph import DecodeGraph
-from ..layer import FullAttention, NativeSparseAttention
+from ..layer import FullAttention, NativeSparseAttention, RMSNorm, token_shift
 from ..reference import compute_dtype
 
 ATTENTIONS = ("nsa", "full", "window")
@@ -58,17 +58,6 @@ def autocast(device):
     return torch.autocast("cpu", enabled=False)
 
 
-class RMSNorm(nn.Module):
-    def __init__(self, dim, eps=1e-6):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x):
-        xf = x.to(compute_dtype(x.dtype))
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
-
-
 class SwiGLU(nn.Module):
     def __init__(self, dim):
         super().__init__()
@@ -105,8 +94,8 @@ class Block(nn.Module):
     h_t + s * h_{t-1} (s a learned per-channel weight, starting at 0.5; h_{-1} = 0): every key
     also describes the token before it (Olsson et al. 2022's "smeared keys"), so a lookup such as
     "the byte after this marker" is one attention step instead of two composed layers. The same
-    in all three attentions; it shortened the copy-task plateau of the tiny model ~3x
-    (benchmarks/NOTES.md)."""
+    in all three attentions; it shortened the copy-task plateau of the tiny model ~3x. With a
+    cache, each row's last input of the previous call is the first position's previous one."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -116,22 +105,9 @@ class Block(nn.Module):
         self.mlp = SwiGLU(cfg.hidden)
         self.shift = nn.Parameter(torch.full((cfg.hidden,), 0.5)) if cfg.token_shift else None
 
-    def _shifted(self, h, cache):
-        """h + shift * (h one position back); with a cache, the row's last input of the previous
-        call comes first (zeros for an empty row), and this call's last one is kept."""
-        if self.shift is None:
-            return h
-        if cache is None:
-            prev = F.pad(h, (0, 0, 1, 0))[:, :-1]
-        else:
-            if cache.last_input is None:
-                cache.last_input = h.new_zeros(cache.batch_size, h.shape[-1])
-            prev = torch.cat([cache.last_input[:, None], h[:, :-1]], 1)
-            cache.last_input.copy_(h[:, -1])   # in place: a captured decode step replays it
-        return h + self.shift.to(h.dtype) * prev
-
     def forward(self, x, cache=None):
-        h = self._shifted(self.norm1(x), cache)
+        h = self.norm1(x)
+        h = h if self.shift is None else token_shift(h, self.shift, cache=cache)
         x = x + (self.attn(h) if cache is None else self.attn(h, cache=cache))
         return x + self.mlp(self.norm2(x))
 
