@@ -1,5 +1,6 @@
 """This project's NSA against other open NSA kernels, side by side on one GPU (bf16, B = 1,
-triton.testing.do_bench medians, forward and forward+backward).
+triton.testing.do_bench medians, forward and forward+backward; results saved after every
+setting, so a run cut short keeps what it measured).
 
 Peers, when their sources are found under --peers (default .peers/, ignored by git; each a
 plain checkout, imported from there, never copied into this project):
@@ -38,8 +39,9 @@ from shapes import environment, median_ms, save  # noqa: E402
 BF16 = torch.bfloat16
 MDY, XL, FSA = ("Scalable-Flash-Native-Sparse-Attention", "native-sparse-attention-triton",
                 "Flash-Sparse-Attention")
-# (name, HQ, H, dk, dv, l, d): the paper's settings and fla's (l = d = 64), at G = 16
+# (name, HQ, H, dk, dv, l, d): the paper's settings at G = 16, 4, 1, and fla's (l = d = 64)
 SETTINGS = [("paper 128/128", 64, 4, 128, 128, 32, 16), ("paper 192/128", 64, 4, 192, 128, 32, 16),
+            ("G4 128/128", 16, 4, 128, 128, 32, 16), ("G1 128/128", 8, 8, 128, 128, 32, 16),
             ("l=d=64 128/128", 64, 4, 128, 128, 64, 64)]
 SEL_L, N_SEL, WIN = 64, 16, 512
 
