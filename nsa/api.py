@@ -284,12 +284,16 @@ def _check_cache_step(cfg, q, gates, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, l
         raise ValueError(f"k_win holds {k_win.shape[1]} tokens; the {S} new ones and the "
                          f"min(window_size - 1, capacity - {S}) = {min(cfg.window_size - 1, N - S)} "
                          f"before them are needed")
+    _check_lengths(lengths, q, B, S, N, "the new tokens, the cache capacity")
+
+
+def _check_lengths(lengths, q, B, lo, hi, what):
+    """lengths [B] int32/int64 on q's device, its values (CPU tensors only) in [lo, hi]."""
     if lengths.dtype not in (torch.int32, torch.int64) or lengths.device != q.device:
         raise TypeError(f"lengths must be int32/int64 on {q.device}, got {lengths.dtype} on {lengths.device}")
     _dims("lengths", lengths, {0: ("batch", B)})
-    if lengths.device.type == "cpu" and B and not bool(((lengths >= S) & (lengths <= N)).all()):
-        raise ValueError(f"lengths must be in [{S}, {N}] (the new tokens, the cache capacity), got "
-                         f"{lengths.tolist()}")
+    if lengths.device.type == "cpu" and B and not bool(((lengths >= lo) & (lengths <= hi)).all()):
+        raise ValueError(f"lengths must be in [{lo}, {hi}] ({what}), got {lengths.tolist()}")
 
 
 def _check_paged(cfg, q, gates, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, lengths, block_table,
@@ -320,12 +324,7 @@ def _check_paged(cfg, q, gates, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, length
         if t.dtype != torch.int32 or t.device != q.device:
             raise TypeError(f"{name} must be int32 on {q.device}, got {t.dtype} on {t.device}")
         _dims(name, t, {0: ("batch", B), 1: ("pages a row, block_table.shape[1]", block_table.shape[1])})
-    if lengths.dtype not in (torch.int32, torch.int64) or lengths.device != q.device:
-        raise TypeError(f"lengths must be int32/int64 on {q.device}, got {lengths.dtype} on {lengths.device}")
-    _dims("lengths", lengths, {0: ("batch", B)})
-    N = block_table.shape[1] * page
-    if lengths.device.type == "cpu" and B and not bool(((lengths >= 1) & (lengths <= N)).all()):
-        raise ValueError(f"lengths must be in [1, {N}] (pages a row x page size), got {lengths.tolist()}")
+    _check_lengths(lengths, q, B, 1, block_table.shape[1] * page, "pages a row x page size")
 
 
 def nsa_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, lengths, *, config=None,

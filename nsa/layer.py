@@ -188,21 +188,20 @@ class NativeSparseAttention(_AttentionBase):
 
     def _project(self, x, pos):
         """Per-token projections at positions pos [B, T]: q, the compression branch's raw k/v,
-        the rotated selection/window keys with their values, and the gates. pos None: nothing
-        rotated (the fused decode step rotates in its kernel)."""
+        the rotated selection/window keys with their values, and the gates."""
         B, T, _ = x.shape
-        rot = (lambda z: z) if pos is None else (lambda z: rotary(z, pos, self.rope_theta))
-        q = rot(self.q_proj(x).view(B, T, self.num_heads, self.head_dim_qk))
+        q = rotary(self.q_proj(x).view(B, T, self.num_heads, self.head_dim_qk), pos, self.rope_theta)
         k_c, v_c = self._kv(self.cmp_proj, x)
         k_s, v_s = self._kv(self.slc_proj, x)
         k_w, v_w = self._kv(self.win_proj, x)
         gates = torch.sigmoid(self.gate_proj(x)).view(B, T, self.num_heads, 3).to(q.dtype)
-        return q, k_c, v_c, rot(k_s), v_s, rot(k_w), v_w, gates
+        return (q, k_c, v_c, rotary(k_s, pos, self.rope_theta), v_s, rotary(k_w, pos, self.rope_theta),
+                v_w, gates)
 
     def _compress(self, k_c, v_c, rows, starts):
         """Compressed tokens of the blocks whose first key is row rows[i] of k_c/v_c [B, *, H, d]
-        (rows [Tc], or [B, Tc] per batch row) and sits at position starts[:, i] ([B|1, Tc]); a compressed key is rotated at its
-        block's last position, the first query that can see it."""
+        (rows [Tc], or [B, Tc] per batch row) and sits at position starts[:, i] ([B|1, Tc]); a
+        compressed key is rotated at its block's last position, the first query that can see it."""
         cpos = (starts + self.config.cmp_block_size - 1).expand(k_c.shape[0], -1)
         return rotary(self.compress_k(k_c, rows), cpos, self.rope_theta), self.compress_v(v_c, rows)
 
@@ -257,15 +256,13 @@ class NativeSparseAttention(_AttentionBase):
         impl = backend_module(self.backend, x)
         if S == 1 and isinstance(cache, NSACache) and hasattr(impl, "decode_append"):
             o, idx = self._decode_fused(impl, cache, rows_t, all_rows, self._project_fused(x))
-            cache.advance(rows, rows_t, S)
-            out = self.o_proj(o.reshape(B, S, -1))
-            return (out, idx) if return_block_idx else out
-        pos = cache.seqlens[rows_t].long()[:, None] + torch.arange(S, device=x.device)   # [B, S]
-        new = self._project(x, pos)
-        if S > 1 and not any(cache.lengths[r] for r in rows):
-            o, idx = self._prefill(cache, rows_t, pos, new)
         else:
-            o, idx = self._append(cache, rows_t, all_rows, pos, new)
+            pos = cache.seqlens[rows_t].long()[:, None] + torch.arange(S, device=x.device)   # [B, S]
+            new = self._project(x, pos)
+            if S > 1 and not any(cache.lengths[r] for r in rows):
+                o, idx = self._prefill(cache, rows_t, pos, new)
+            else:
+                o, idx = self._append(cache, rows_t, all_rows, pos, new)
         cache.advance(rows, rows_t, S)
         out = self.o_proj(o.reshape(B, S, -1))
         return (out, idx) if return_block_idx else out
@@ -315,8 +312,9 @@ class NativeSparseAttention(_AttentionBase):
         return o[:, None], idx[:, None]
 
     def _project_fused(self, x):
-        """_project(x, None) as one matrix product (inference: q, the three branches' k/v and
-        the gates share x), the weights concatenated once and kept until a parameter changes."""
+        """_project's outputs, nothing rotated (the fused decode step rotates in its kernel), as
+        one matrix product (inference: q, the three branches' k/v and the gates share x), the
+        weights concatenated once and kept until a parameter changes."""
         mods = (self.q_proj, self.cmp_proj, self.slc_proj, self.win_proj, self.gate_proj)
         key = tuple((p.data_ptr(), p._version) for m in mods for p in m.parameters())
         if getattr(self, "_fused_key", None) != key:
