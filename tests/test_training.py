@@ -286,3 +286,143 @@ def test_progress_line_shows_the_gpu_busy_share(tmp_path):
     tr.gpu_busy = 0.934   # what a profiled GPU step sets (train.busy)
     tr.fit()
     assert "GPU busy 93%" in log.getvalue()
+
+
+def test_matched_twins_have_nsa_s_size():
+    """Full and window-only twins get the SwiGLU width that gives them NSA's parameter count;
+    the count without building the model is the built model's."""
+    from nsa.lm.compare import PARAM_TOLERANCE, twin_configs
+    from nsa.lm.model import matched, num_params
+    for preset in PRESETS:
+        cfgs = twin_configs(preset)
+        n = {k: LanguageModel(c).num_params() if preset == "tiny" else num_params(c) for k, c in cfgs.items()}
+        assert all(abs(v / n["nsa"] - 1) <= PARAM_TOLERANCE for v in n.values()), (preset, n)
+        assert cfgs["full"].mlp_hidden > cfgs["nsa"].mlp_hidden == 0   # NSA's extra parameters go to the MLP
+        unmatched = num_params(cfgs["nsa"].replace(attention="full"))
+        assert abs(unmatched / n["nsa"] - 1) > PARAM_TOLERANCE   # without matching they differ
+    c = matched(TINY.replace(attention="full"), 10 * LanguageModel(TINY).num_params())
+    assert c.mlp_hidden % 8 == 0 and LanguageModel(c).num_params() == num_params(c)
+
+
+def test_spread_mqar_data():
+    """Spread MQAR: every asked pair lies at its reported position, at least `spread` tokens
+    before the separator (so no query sees it within a window of that size), keys occur only
+    where placed, and each target is the value after its key."""
+    from nsa.lm.data import spread_at
+    filler, _ = _corpus()
+    rng = np.random.default_rng(1)
+    x, y, at = mqar_batch(6, 8, 5, rng, length=300, filler=filler, spread=100, with_positions=True)
+    assert x.shape == y.shape == (6, 300) and at.shape == (6, 5)
+    for i in range(6):
+        qs = (y[i] >= 0).nonzero().flatten()
+        sep = qs[0] - 1
+        assert x[i, sep] == 0 and (x[i] == 0).sum() == 1
+        keys_at = (x[i, :sep] >= 128).nonzero().flatten()
+        assert len(keys_at) == 8 and (keys_at % 2 == 0).all() and (keys_at <= sep - 100 - 2).all()
+        for j, q in enumerate(qs):
+            p = at[i, j]
+            assert x[i, p] == x[i, q] and x[i, p + 1] == y[i, q] and (x[i, :q] == x[i, q]).sum() == 1
+    assert at.min() < 60 and at.max() > 120   # spread through the text, not packed at the start
+    assert spread_at(512, 4096) == 512 and spread_at(512, 1024) == 256
+    with pytest.raises(ValueError, match="spread MQAR"):
+        mqar_batch(1, 8, 5, rng, length=120, filler=filler, spread=100)
+
+
+def test_recall_accuracy_of_an_oracle():
+    """recall_accuracy: a 'model' that looks each asked key up in the context scores 1.0 in every
+    depth bin; one that only finds pairs in the first half of the context scores 1.0 in the
+    early bins and 0.0 in the late ones: the metric and its bins can succeed and fail."""
+    from nsa.lm.eval import recall_accuracy
+    filler, _ = _corpus()
+
+    class Lookup(torch.nn.Module):
+        def __init__(self, horizon=1.0):
+            super().__init__()
+            self.horizon = horizon
+
+        def forward(self, x):
+            out = torch.zeros(*x.shape, 256)
+            for i, row in enumerate(x.tolist()):
+                sep = row.index(0)
+                for t in range(sep + 1, len(row), 2):
+                    p = row.index(row[t])
+                    if p < self.horizon * len(row):
+                        out[i, t, row[p + 1]] = 1.0
+            return out
+    acc, bins = recall_accuracy(Lookup(), filler, 400, 8, 8, 100, n=8, bins=4)
+    assert acc == 1.0 and bins == [1.0] * 4
+    acc, bins = recall_accuracy(Lookup(0.5), filler, 400, 8, 8, 100, n=8, bins=4)
+    assert bins[:2] == [1.0, 1.0] and bins[3] == 0.0 and 0 < acc < 1
+
+
+def _recall_args(out, corpus, *more):
+    return ["compare", "--preset", "tiny", "--steps", "3", "--batch-size", "4", "--seq-len", "256",
+            "--passkey-rows", "0", "--mqar-rows", "2", "--mqar-pairs", "4", "--mqar-queries", "4",
+            "--mqar-spread", "64", "--passkey-schedule", "128:2", "--eval-every", "2", "--device", "cpu",
+            "--corpus", corpus, "--out", str(out), *more]
+
+
+def test_compare_recall_pipeline(tmp_path, capsys):
+    """The recall experiment's command, scaled down: three twins of one size, identical data step
+    by step, results and plots written, a verdict with the recall table and NSA's selection."""
+    from nsa.lm.cli import main
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_bytes(b"\n".join(_corpus(60000)[0].tobytes().split(b" if ")))
+    assert main(_recall_args(tmp_path / "run", str(corpus))) == 0
+    out = capsys.readouterr().out
+    for what in ("recall@T", "recall@4T", "NSA's selected blocks hold the asked pair at 512", "recall at T: NSA"):
+        assert what in out, what
+    run = tmp_path / "run"
+    s = json.loads((run / "summary.json").read_text())
+    assert s["identical_data"] and set(s["summary"]) == set(ATTENTIONS)
+    params = [v["params"] for v in s["summary"].values()]
+    assert max(params) / min(params) - 1 <= 0.02
+    for kind, v in s["summary"].items():
+        assert list(v["recall"]) == ["256", "512", "1024"] and len(v["recall"]["256"]["by_depth"]) == 5
+        assert ("selected" in v["recall"]["256"]) == (kind == "nsa")
+        assert (run / kind / "result.json").is_file() and (run / kind / "checkpoint.pt").is_file()
+    checks = [[json.loads(line)["data"] for line in (run / k / "metrics.jsonl").read_text().splitlines()]
+              for k in ATTENTIONS]
+    assert checks[0] == checks[1] == checks[2] and len(set(checks[0])) == 3   # same data, new each step
+    for png in ("loss_curves.png", "recall_heatmap.png"):
+        assert (run / png).stat().st_size > 1000
+    assert not (run / "needle_heatmap.png").exists()   # no passkey rows trained: no passkey grid
+    # another seed draws other data (the checksums see it); done twins are not trained again
+    assert main(_recall_args(tmp_path / "seed1", str(corpus), "--seed", "1", "--steps", "1")) == 0
+    assert json.loads((tmp_path / "seed1" / "nsa" / "metrics.jsonl").read_text())["data"] != checks[0][0]
+    capsys.readouterr()
+    assert main(_recall_args(run, str(corpus))) == 0
+    assert "nsa: done earlier" in capsys.readouterr().err
+    assert main(_recall_args(run, str(corpus), "--lr", "1e-3")) == 2   # other settings, same folder
+    assert "holds a nsa twin of other settings" in capsys.readouterr().err
+
+
+def test_compare_resumes_exactly(tmp_path):
+    """compare under a time limit stops inside a twin, and the same call again finishes as if
+    never stopped: every twin's losses and final weights equal an uninterrupted run's."""
+    cfg = _cfg(tmp_path, steps=4, seq_len=256, passkey_rows=0, mqar_rows=1, mqar_pairs=4, mqar_queries=4,
+               mqar_spread=64, eval_every=4)
+    corpus = _corpus()
+    whole = compare("tiny", cfg, out_dir=str(tmp_path / "a"), grid_n=1, log=None, corpus=corpus)
+
+    now = [0.0]
+
+    def clock():   # each call is a second: a step reads the clock a few times
+        now[0] += 1.0
+        return now[0]
+    parts = 0
+    while True:
+        s = compare("tiny", cfg, out_dir=str(tmp_path / "b"), grid_n=1, log=None, corpus=corpus,
+                    time_limit=12, clock=clock)
+        parts += 1
+        if s is not None:
+            break
+        assert parts < 30
+    assert parts > 2   # it did stop, more than once
+    for kind in ATTENTIONS:
+        a, b = (json.loads((tmp_path / r / kind / "result.json").read_text()) for r in "ab")
+        assert [h["loss"] for h in a["history"]] == [h["loss"] for h in b["history"]]
+        assert [h["data"] for h in a["history"]] == [h["data"] for h in b["history"]]
+        wa, wb = (torch.load(tmp_path / r / kind / "checkpoint.pt", weights_only=True)["model"] for r in "ab")
+        assert all(torch.equal(wa[k], wb[k]) for k in wa)
+        assert s[kind]["val_loss"] == whole[kind]["val_loss"]

@@ -47,13 +47,14 @@ def demo(args) -> int:
 
 
 def _train_args(p):
-    p.add_argument("--preset", default="tiny", choices=["tiny", "small"],
-                   help="model and training sizes: tiny (0.57M, CPU) or small (97M, one GPU)")
+    p.add_argument("--preset", default="tiny", choices=list(PRESET_TRAINING),
+                   help="model and training sizes: tiny (0.57M, CPU), small (97M, one GPU), recall (5M, one "
+                        "GPU: the spread-recall experiment of docs/training.md)")
     p.add_argument("--steps", type=int, default=None,
-                   help="optimizer steps (default: the preset's, tiny 150, small 2000; on --resume the checkpoint's)")
-    p.add_argument("--batch-size", type=int, default=None, help="global batch in rows (default: 8)")
-    p.add_argument("--seq-len", type=int, default=None, help="bytes per row (default: tiny 256, small 8192)")
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: tiny 3e-3, small 1e-3)")
+                   help="optimizer steps (default: the preset's; on --resume the checkpoint's)")
+    p.add_argument("--batch-size", type=int, default=None, help="global batch in rows (default: the preset's)")
+    p.add_argument("--seq-len", type=int, default=None, help="bytes per row (default: the preset's)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the preset's)")
     p.add_argument("--eval-every", type=int, default=50, help="steps between held-out evaluations")
     p.add_argument("--seed", type=int, default=0, help="seed of the initialisation and the data order")
     p.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda, cuda:1, ...")
@@ -61,44 +62,53 @@ def _train_args(p):
                         "(default: Python's stdlib sources)")
     p.add_argument("--save-every", type=int, default=0, help="also checkpoint every N steps (default: at the end)")
     p.add_argument("--time-limit", type=float, default=0,
-                   help="seconds: stop between steps in time to checkpoint (continue with --resume)")
-    p.add_argument("--passkey-rows", type=int, default=2, help="rows of each batch that are passkey examples")
-    p.add_argument("--passkey-needles", type=int, default=1, help="needles (each with its question) per passkey example")
-    p.add_argument("--passkey-len", type=int, default=0,
-                   help="bytes per passkey example (default: seq-len); a passkey row holds seq-len // this many")
-    p.add_argument("--passkey-len-from", type=int, default=0,
-                   help="curriculum: passkey examples start this long and double, over the first half "
+                   help="seconds: stop between steps in time to checkpoint (continue with --resume; nsa compare: "
+                        "with the same command)")
+    p.add_argument("--passkey-rows", type=int, default=None, help="rows of each batch that are passkey examples (default: the preset's)")
+    p.add_argument("--passkey-needles", type=int, default=None, help="needles (each with its question) per passkey example")
+    p.add_argument("--passkey-len", type=int, default=None,
+                   help="bytes per retrieval example (0: seq-len); a passkey or MQAR row holds seq-len // this many")
+    p.add_argument("--passkey-len-from", type=int, default=None,
+                   help="curriculum: retrieval examples start this long and double, over the first half "
                         "of training, up to --passkey-len")
-    p.add_argument("--passkey-schedule", default="",
+    p.add_argument("--passkey-schedule", default=None,
                    help="curriculum by hand: 'LEN:UNTIL,...' = examples of LEN bytes before step UNTIL, "
                         "then the next phase; after the last, --passkey-len (e.g. 128:150,256:250,2048:1200)")
-    p.add_argument("--mqar-rows", type=int, default=0,
+    p.add_argument("--mqar-rows", type=int, default=None,
                    help="rows of each batch that are multi-query associative recall examples (cut like "
                         "the passkey rows: pairs, a gap of text, then the queries)")
-    p.add_argument("--mqar-pairs", type=int, default=16, help="key-value pairs per MQAR example")
+    p.add_argument("--mqar-pairs", type=int, default=None, help="key-value pairs per MQAR example")
+    p.add_argument("--mqar-queries", type=int, default=None, help="queries per MQAR example")
+    p.add_argument("--mqar-spread", type=int, default=None,
+                   help="> 0: MQAR pairs lie at random places of the text, each at least this many tokens "
+                        "before the queries (0: the pairs first, then the text)")
     p.add_argument("--compile", default="auto", choices=["auto", "off", "default", "reduce-overhead"],
                    help="torch.compile the model's forward; auto: reduce-overhead (CUDA graphs) on one GPU, "
                         "off on a CPU or under torchrun")
 
 
-_SCHEDULE = ("steps", "batch_size", "seq_len", "lr")   # None on the command line: the preset's
+# Options whose default (None on the command line) is the preset's, else TrainConfig's.
+_FROM_PRESET = ("steps", "batch_size", "seq_len", "lr", "passkey_rows", "passkey_needles", "passkey_len",
+                "passkey_len_from", "passkey_schedule", "mqar_rows", "mqar_pairs", "mqar_queries", "mqar_spread")
 
 
-# tiny: the three twins train on a 2-core CPU in a few minutes; small: one GPU, long context
+# tiny: the three twins train on a 2-core CPU in a few minutes; small: one GPU, long context;
+# recall: one GPU, spread recall at 4k (docs/training.md, "Recall beyond the window")
 PRESET_TRAINING = {"tiny": dict(steps=150, batch_size=8, seq_len=256, lr=3e-3),
-                   "small": dict(steps=2000, batch_size=8, seq_len=8192, lr=1e-3)}
+                   "small": dict(steps=2000, batch_size=8, seq_len=8192, lr=1e-3),
+                   "recall": dict(steps=1500, batch_size=16, seq_len=4096, lr=2e-3, passkey_rows=0,
+                                  mqar_rows=12, mqar_pairs=16, mqar_queries=16, mqar_spread=512,
+                                  passkey_schedule="256:500,1024:900")}
 
 
 def _train_cfg(a, out_dir, base=None):
-    """The run's TrainConfig from the command line; where it gives no steps, batch size, length or
-    learning rate: base's (a resumed checkpoint's settings), else the preset's."""
+    """The run's TrainConfig from the command line; where it gives no value for an option of
+    _FROM_PRESET: base's (a resumed checkpoint's settings), else the preset's, else TrainConfig's."""
     from nsa.lm.train import TrainConfig
-    base = base or PRESET_TRAINING[a.preset]
-    d = {k: getattr(a, k) if getattr(a, k) is not None else base[k] for k in _SCHEDULE}
+    base = {**asdict(TrainConfig()), **(base or PRESET_TRAINING[a.preset])}
+    d = {k: getattr(a, k) if getattr(a, k) is not None else base[k] for k in _FROM_PRESET}
     return TrainConfig(**d, warmup=max(1, d["steps"] // 10), eval_every=min(a.eval_every, d["steps"]),
-                       seed=a.seed, device=a.device, out_dir=out_dir, passkey_rows=a.passkey_rows, save_every=a.save_every,
-                       passkey_needles=a.passkey_needles, passkey_len=a.passkey_len,
-                       passkey_len_from=a.passkey_len_from, passkey_schedule=a.passkey_schedule, mqar_rows=a.mqar_rows, mqar_pairs=a.mqar_pairs,
+                       seed=a.seed, device=a.device, out_dir=out_dir, save_every=a.save_every,
                        parallel=getattr(a, "parallel", "ddp"), time_limit=getattr(a, "time_limit", 0),
                        compile=a.compile)
 
@@ -209,9 +219,13 @@ def compare_cmd(a) -> int:
     from nsa.lm.compare import compare, verdict_table
     from nsa.lm.data import load_corpus
     try:
-        summary = compare(a.preset, _train_cfg(a, a.out), out_dir=a.out, corpus=load_corpus(a.corpus))
+        summary = compare(a.preset, _train_cfg(a, a.out), out_dir=a.out, corpus=load_corpus(a.corpus),
+                          time_limit=a.time_limit)
     except (ValueError, FileNotFoundError) as e:
         return _fail(e)
+    if summary is None:
+        print(f"time limit: stopped in time, the work so far is in {a.out}/ (run the same command again to continue)")
+        return 0
     print(verdict_table(summary))
     print(f"plots and summary.json in {a.out}/")
     return 0

@@ -184,7 +184,14 @@ def mqar_min_length(n_pairs, n_queries):
     return 2 * n_pairs + 2 * n_queries
 
 
-def mqar_batch(batch_size, n_pairs, n_queries, rng, vocab=256, length=None, filler=None):
+def spread_at(spread: int, length: int) -> int:
+    """The spread of MQAR examples of `length` tokens: the asked `spread`, but at most a quarter of
+    the length, so that a length curriculum can start with examples shorter than the spread."""
+    return min(spread, length // 4)
+
+
+def mqar_batch(batch_size, n_pairs, n_queries, rng, vocab=256, length=None, filler=None, spread=0,
+               with_positions=False):
     """Multi-query associative recall: 'k v k v ... | q ? q ? ...' with byte keys from the upper
     half of the vocabulary and values from the lower half; loss on the recalled values. The
     queries ask distinct keys (while n_queries <= n_pairs), so that no answer can be copied from
@@ -192,28 +199,47 @@ def mqar_batch(batch_size, n_pairs, n_queries, rng, vocab=256, length=None, fill
     `length` (and a `filler` corpus), each example is `length` tokens: the pairs, a gap of
     filler text (bytes of the upper half and 0 replaced by spaces, so keys and the separator
     occur only where placed), then the separator and the queries, so that every query is at
-    least the gap away from its pair."""
+    least the gap away from its pair. With `spread` > 0 the pairs lie instead at random places
+    of the filler, each at least `spread` tokens before the separator: no pair is within a
+    window of `spread` tokens of any query, and recall needs attention that reaches anywhere
+    in the context. with_positions: also returns the position of each asked key [B, n_queries]
+    (int64), for accuracy by depth and for whether a selection held it."""
     short = mqar_min_length(n_pairs, n_queries)
     if length is not None and (filler is None or length < short):
         raise ValueError(f"an MQAR example of {n_pairs} pairs and {n_queries} queries needs a filler "
                          f"corpus and length >= {short}, got length {length}")
-    xs, ys = [], []
+    hay = None if length is None else length - 2 * n_queries   # filler + pairs, before the separator
+    if spread and (length is None or hay - spread < 2 * n_pairs):
+        raise ValueError(f"spread MQAR ({n_pairs} pairs at least {spread} tokens before {n_queries} "
+                         f"queries) needs length >= {2 * n_pairs + spread + 2 * n_queries}, got {length}")
+    xs, ys, at = [], [], []
     for _ in range(batch_size):
         keys = rng.choice(np.arange(vocab // 2, vocab), n_pairs, replace=False)
         vals = rng.integers(1, vocab // 2, n_pairs)
         ask = rng.choice(n_pairs, n_queries, replace=n_queries > n_pairs)
         gap = np.zeros(0, dtype=np.int64)
         if length is not None:
-            start = int(rng.integers(0, len(filler) - (length - short)))
-            gap = filler[start:start + length - short].astype(np.int64)
+            n_fill = length - short + (2 * n_pairs if spread else 0)
+            start = int(rng.integers(0, len(filler) - n_fill))
+            gap = filler[start:start + n_fill].astype(np.int64)
             gap = np.where((gap >= vocab // 2) | (gap == 0), 32, gap)
-        seq = np.concatenate([np.stack([keys, vals], 1).ravel(), gap, [0], np.stack([keys[ask], vals[ask]], 1).ravel()])
+        if spread:   # pair i at an even offset (2-token cells), all before hay - spread
+            place = 2 * rng.choice((hay - spread) // 2, n_pairs, replace=False)
+            hay_seq = gap.copy()
+            hay_seq[place] = keys
+            hay_seq[place + 1] = vals
+        else:
+            hay_seq = np.concatenate([np.stack([keys, vals], 1).ravel(), gap])
+            place = 2 * np.arange(n_pairs)
+        seq = np.concatenate([hay_seq, [0], np.stack([keys[ask], vals[ask]], 1).ravel()])
         y = np.full(len(seq) - 1, -100, dtype=np.int64)
         q0 = len(seq) - 2 * n_queries - 1                 # the separator
         y[q0 + 1::2] = seq[q0 + 2::2]                     # predict each value after its query key
         xs.append(seq[:-1])
         ys.append(y)
-    return torch.from_numpy(np.stack(xs).astype(np.int64)), torch.from_numpy(np.stack(ys))
+        at.append(place[ask])
+    out = torch.from_numpy(np.stack(xs).astype(np.int64)), torch.from_numpy(np.stack(ys))
+    return out + (torch.from_numpy(np.stack(at).astype(np.int64)),) if with_positions else out
 
 
 def cpu_count():

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from ..layer import NativeSparseAttention
-from .data import mqar_batch, passkey_batch, passkey_example
+from .data import mqar_batch, passkey_batch, passkey_example, spread_at
 from .model import autocast
 
 
@@ -54,13 +54,34 @@ def _kept_block_idx(model):
             del m.forward
 
 
+def selection_hits(model, x, rows, q, key, device="cpu"):
+    """Does NSA's block selection hold what a query needs? x [B, T] tokens; for each i, query
+    position q[i] of row rows[i] needs key position key[i]. Returns (per NSA layer the share of
+    (i, KV head) whose selected blocks at q[i] hold key[i]'s block, the share a selection blind
+    to the key would reach: forced blocks always, the free picks spread evenly over the other
+    visible blocks); ([], nan) for a model without NSA layers."""
+    with _kept_block_idx(model) as kept:
+        _logits(model, x, device)
+    if not kept or kept[0] is None:
+        return [], float("nan")
+    c = next(m for m in model.modules() if isinstance(m, NativeSparseAttention)).config
+    rows, q = torch.as_tensor(rows), torch.as_tensor(q)
+    blk = torch.as_tensor(key) // c.sel_block_size
+    hit = [(idx.cpu()[rows, q] == blk[:, None, None]).any(-1).float().mean().item() for idx in kept]
+    visible = q // c.sel_block_size + 1
+    forced = (blk < c.sel_init_blocks) | (blk >= visible - c.sel_local_blocks)
+    free = c.sel_block_count - c.sel_init_blocks - c.sel_local_blocks
+    others = (visible - c.sel_init_blocks - c.sel_local_blocks).clamp_min(1)
+    blind = torch.where(forced, 1.0, (free / others).clamp_max(1.0))
+    return hit, float(blind.mean())
+
+
 @torch.no_grad()
 def needle_selection(model, filler, length, depths=DEPTHS, n=8, seed=0, device="cpu"):
     """Does NSA's block selection find the needle? At the position that predicts the first answer
     digit, the share of (example, KV head) pairs whose selected blocks hold the needle's first
-    digit, per NSA layer, over n passkey examples per depth; and the share a selection blind to
-    the needle would reach (forced blocks always, the free picks spread evenly over the other
-    visible blocks)."""
+    digit, per NSA layer, over n passkey examples per depth, and a needle-blind selection's
+    share (selection_hits)."""
     model.eval()
     rng = np.random.default_rng(seed)
     xs, q, needle = [], [], []
@@ -70,19 +91,8 @@ def needle_selection(model, filler, length, depths=DEPTHS, n=8, seed=0, device="
             xs.append(np.frombuffer(text[:-1], dtype=np.uint8))
             q.append(a - 1)                                # the question's marker: predicts digit 1
             needle.append(text.index(text[a - 1:a]) + 1)   # the needle's marker comes first
-    with _kept_block_idx(model) as kept:
-        _logits(model, torch.from_numpy(np.stack(xs)).long(), device)
-    if not kept or kept[0] is None:
-        return [], float("nan")
-    c = next(m for m in model.modules() if isinstance(m, NativeSparseAttention)).config
-    rows, q, blk = torch.arange(len(q)), torch.tensor(q), torch.tensor(needle) // c.sel_block_size
-    hit = [(idx.cpu()[rows, q] == blk[:, None, None]).any(-1).float().mean().item() for idx in kept]
-    visible = q // c.sel_block_size + 1
-    forced = (blk < c.sel_init_blocks) | (blk >= visible - c.sel_local_blocks)
-    free = c.sel_block_count - c.sel_init_blocks - c.sel_local_blocks
-    others = (visible - c.sel_init_blocks - c.sel_local_blocks).clamp_min(1)
-    blind = torch.where(forced, 1.0, (free / others).clamp_max(1.0))
-    return hit, float(blind.mean())
+    x = torch.from_numpy(np.stack(xs)).long()
+    return selection_hits(model, x, torch.arange(len(q)), q, needle, device)
 
 
 def needle_rows(model, filler, lengths, depths, n=8, device="cpu"):
@@ -106,3 +116,39 @@ def mqar_accuracy(model, n_pairs=16, n_queries=8, n=16, device="cpu", length=Non
     pred = _logits(model, x, device).argmax(-1).cpu()
     m = y >= 0
     return float((pred[m] == y[m]).float().mean())
+
+
+def recall_data(filler, length, n_pairs, n_queries, spread, n, seed=0):
+    """n spread-MQAR examples (data.mqar_batch, the spread at most length / 4): x, y [n, length]
+    and the asked pairs' key positions [n, n_queries]; seeded by the length too, so that every
+    twin sees the same ones."""
+    return mqar_batch(n, n_pairs, n_queries, np.random.default_rng([seed, length]), length=length,
+                      filler=filler, spread=spread_at(spread, length), with_positions=True)
+
+
+@torch.no_grad()
+def recall_accuracy(model, filler, length, n_pairs, n_queries, spread, n=32, bins=5, device="cpu",
+                    tokens_per_batch=1 << 16):
+    """Spread MQAR recall at one length: (share of values recalled, the share per depth bin).
+    A pair's depth is its position over the span where pairs may lie (0: the start of the text,
+    1: spread tokens before the queries), in bins [0, 1/bins), ...; NaN for an empty bin.
+    Forward passes of at most tokens_per_batch tokens."""
+    model.eval()
+    x, y, at = recall_data(filler, length, n_pairs, n_queries, spread, n)
+    rows = max(1, tokens_per_batch // length)
+    pred = torch.cat([_logits(model, x[i:i + rows], device).argmax(-1).cpu() for i in range(0, n, rows)])
+    right = (pred == y)[y >= 0].view(n, n_queries).float()     # [n, Q], queries in order
+    span = length - 2 * n_queries - spread_at(spread, length)   # where pairs may lie: [0, span)
+    depth_bin = (at * bins // span).clamp_max(bins - 1)
+    per_bin = [float(right[depth_bin == b].mean()) if (depth_bin == b).any() else float("nan") for b in range(bins)]
+    return float(right.mean()), per_bin
+
+
+@torch.no_grad()
+def recall_selection(model, filler, length, n_pairs, n_queries, spread, n=8, device="cpu"):
+    """NSA at spread MQAR: per layer, the share of (query, KV head) whose selected blocks at the
+    query key hold the asked pair, and a blind selection's share (selection_hits)."""
+    model.eval()
+    x, y, at = recall_data(filler, length, n_pairs, n_queries, spread, n)
+    q = (y >= 0).nonzero()                       # [n * Q, 2]: (row, position predicting a value)
+    return selection_hits(model, x, q[:, 0], q[:, 1], at.flatten() + 1, device)

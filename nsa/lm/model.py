@@ -30,6 +30,7 @@ class ModelConfig:
     nsa: NSAConfig = field(default_factory=NSAConfig)
     rope_theta: float = 10000.0
     token_shift: bool = True     # attention input += a learned per-channel share of the previous one
+    mlp_hidden: int = 0          # SwiGLU inner width (0: 8/3 hidden rounded up to a multiple of 64)
 
     def __post_init__(self):
         if self.attention not in ATTENTIONS:
@@ -41,13 +42,15 @@ class ModelConfig:
 
 
 # tiny: trains on a 2-core CPU in minutes (NSA sizes scaled down so that T=512 is sparse);
-# small: ~100M parameters for one GPU, paper NSA sizes.
+# small: ~100M parameters for one GPU, paper NSA sizes; recall: 5M parameters, paper NSA sizes,
+# for the spread-recall experiment (nsa compare --preset recall).
 PRESETS = {
     "tiny": ModelConfig(n_layer=2, hidden=128, n_head=4, n_kv_head=2, head_dim=32,
                         nsa=NSAConfig(cmp_block_size=16, cmp_stride=8, sel_block_size=32,
                                       sel_block_count=4, window_size=64)),
     "small": ModelConfig(n_layer=14, hidden=768, n_head=16, n_kv_head=1, head_dim=64,
                          nsa=NSAConfig()),
+    "recall": ModelConfig(n_layer=4, hidden=256, n_head=8, n_kv_head=2, head_dim=64, nsa=NSAConfig()),
 }
 
 
@@ -58,10 +61,28 @@ def autocast(device):
     return torch.autocast("cpu", enabled=False)
 
 
+def mlp_width(cfg: ModelConfig) -> int:
+    return cfg.mlp_hidden or 64 * ((8 * cfg.hidden // 3 + 63) // 64)
+
+
+def num_params(cfg: ModelConfig) -> int:
+    """Parameters of LanguageModel(cfg), without building it."""
+    with torch.device("meta"):
+        return LanguageModel(cfg).num_params()
+
+
+def matched(cfg: ModelConfig, params: int) -> ModelConfig:
+    """cfg with the SwiGLU width (a multiple of 8) that brings its parameter count nearest to
+    params: how `nsa compare` gives the full and window-only twins NSA's size (NSA's branch
+    projections, compressors and gates are extra parameters the other attentions lack)."""
+    per_unit = 3 * cfg.hidden * cfg.n_layer          # gate_up (2 hidden) + down (hidden) per unit of width
+    inner = mlp_width(cfg) + (params - num_params(cfg)) / per_unit
+    return cfg.replace(mlp_hidden=max(8, 8 * round(inner / 8)))
+
+
 class SwiGLU(nn.Module):
-    def __init__(self, dim):
+    def __init__(self, dim, inner):
         super().__init__()
-        inner = 64 * ((8 * dim // 3 + 63) // 64)
         self.gate_up = nn.Linear(dim, 2 * inner, bias=False)
         self.down = nn.Linear(inner, dim, bias=False)
 
@@ -102,7 +123,7 @@ class Block(nn.Module):
         self.norm1, self.norm2 = RMSNorm(cfg.hidden), RMSNorm(cfg.hidden)
         self.attn = _ATTN[cfg.attention](cfg.hidden, cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.head_dim,
                                          config=cfg.nsa, rope_theta=cfg.rope_theta)
-        self.mlp = SwiGLU(cfg.hidden)
+        self.mlp = SwiGLU(cfg.hidden, mlp_width(cfg))
         self.shift = nn.Parameter(torch.full((cfg.hidden,), 0.5)) if cfg.token_shift else None
 
     def forward(self, x, cache=None):

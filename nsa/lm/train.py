@@ -19,6 +19,7 @@ import math
 import pickle
 import sys
 import time
+import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -31,10 +32,11 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_optimizer_state_dict)
 from torch.nn.parallel import DistributedDataParallel
 
-from .data import Batches, load_corpus, mqar_batch, mqar_min_length, passkey_batch, passkey_min_length
+from .data import (Batches, load_corpus, mqar_batch, mqar_min_length, passkey_batch, passkey_min_length,
+                   spread_at)
 from ..config import NSAConfig
 from ..reference import compute_dtype
-from .eval import needle_selection
+from .eval import needle_selection, recall_selection
 from .busy import busy
 from .model import LanguageModel, ModelConfig, autocast
 
@@ -62,6 +64,9 @@ class TrainConfig:
                                    # rows into examples of the passkey length (and curriculum)
     mqar_pairs: int = 16           # key-value pairs per MQAR example (then a gap of text, then
     mqar_queries: int = 8          # this many queries)
+    mqar_spread: int = 0           # > 0: the pairs lie at random places of the text instead, each
+                                   # at least this many tokens (at most length / 4: data.spread_at)
+                                   # before the queries (data.mqar_batch)
     eval_every: int = 100
     save_every: int = 0            # also checkpoint every this many steps (0: only when fit ends)
     time_limit: float = 0          # seconds (0: none): fit stops between steps, leaving twice the
@@ -135,7 +140,10 @@ class Trainer:
             self.net = DistributedDataParallel(self.model)
         self.compile_mode = compile_mode(cfg.compile, self.device, self.world)
         if self.compile_mode != "off":
-            self.net = torch.compile(self.model, mode=self.compile_mode)
+            # static shapes: a length curriculum compiles each example length once (dynamic shapes
+            # failed in inductor, torch 2.11); train/eval switches recompile too: room for them all
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            self.net = torch.compile(self.model, mode=self.compile_mode, dynamic=False)
         self.gpu_busy = None   # the GPU-busy share of the last profiled step (GPU runs)
         if self.rank:
             self.log = None
@@ -160,10 +168,11 @@ class Trainer:
         if cfg.passkey_rows and need > shortest:
             raise ValueError(f"passkey examples with {cfg.passkey_needles} needle(s) need {need} tokens: more "
                              f"than the (shortest) example length {shortest}")
-        need = mqar_min_length(cfg.mqar_pairs, cfg.mqar_queries)
+        need = mqar_min_length(cfg.mqar_pairs, cfg.mqar_queries) + spread_at(cfg.mqar_spread, shortest)
         if cfg.mqar_rows and need > shortest:
-            raise ValueError(f"MQAR examples of {cfg.mqar_pairs} pairs and {cfg.mqar_queries} queries need "
-                             f"{need} tokens: more than the example length")
+            spread = f" spread {spread_at(cfg.mqar_spread, shortest)} tokens before them" if cfg.mqar_spread else ""
+            raise ValueError(f"MQAR examples of {cfg.mqar_pairs} pairs and {cfg.mqar_queries} queries{spread} "
+                             f"need {need} tokens: more than the (shortest) example length {shortest}")
         if not 1 <= cfg.mqar_pairs <= 128 or cfg.mqar_queries < 1:
             raise ValueError("mqar_pairs must be in [1, 128] (distinct byte keys) and mqar_queries >= 1")
         self.batches = Batches(self.train_data, text_rows, cfg.seq_len, seed=cfg.seed)
@@ -229,7 +238,7 @@ class Trainer:
                                            needles=c.passkey_needles)
         if c.mqar_rows:
             out["mqar"] = mqar_batch(c.mqar_rows * (c.seq_len // n), c.mqar_pairs, c.mqar_queries,
-                                     self.mq_rng, length=n, filler=self.train_data)
+                                     self.mq_rng, length=n, filler=self.train_data, spread=spread_at(c.mqar_spread, n))
         return out
 
     def train_step(self):
@@ -239,7 +248,8 @@ class Trainer:
         x, y = self.batches.next()
         self.model.train()
         pk_len = self.passkey_len_at(self.step)
-        lm, task = self.losses(x, y, self.tasks())
+        tasks = self.tasks()
+        lm, task = self.losses(x, y, tasks)
         loss = lm + sum(t[0] for t in task.values())
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -254,12 +264,12 @@ class Trainer:
             vals /= self.world
         vals = vals.tolist()
         rec = dict(step=self.step, loss=vals[0], passkey_loss=None, grad_norm=float(gnorm),
-                   lr=self.opt.param_groups[0]["lr"])
+                   lr=self.opt.param_groups[0]["lr"], data=batch_checksum(x, y, tasks))
         names = {"passkey": ("passkey_loss", "passkey_digit_acc"), "mqar": ("mqar_loss", "mqar_acc")}
         for i, name in enumerate(task):
             rec.update(zip(names[name], vals[1 + 2 * i:3 + 2 * i]))
-        if "passkey" in task:
-            rec["passkey_len"] = pk_len   # the example length of this step (curricula)
+        if task:
+            rec["passkey_len"] = pk_len   # the retrieval examples' length at this step (curricula)
         return rec
 
     # ------------------------------------------------------------------ evaluation
@@ -276,14 +286,22 @@ class Trainer:
         return tot / n
 
     def needle_selection(self, samples=4):
-        """NSA with passkey rows: per layer, the share of passkey questions (at the current
-        example length) whose selected blocks hold the needle, and a needle-blind selection's
-        share (eval.needle_selection); {} otherwise."""
-        if self.model_cfg.attention != "nsa" or not self.cfg.passkey_rows:
-            return {}
-        hit, blind = needle_selection(self.model, self.val_data, self.passkey_len_at(self.step), n=samples,
-                                      device=self.device)
-        return dict(needle_selected=hit, needle_blind=blind)
+        """NSA: per layer, the share of passkey questions (with passkey rows) and of spread MQAR
+        queries (with mqar_spread) at the current example length whose selected blocks hold the
+        needle or the asked pair, and a blind selection's share (eval.needle_selection,
+        eval.recall_selection); {} otherwise."""
+        c, out = self.cfg, {}
+        if self.model_cfg.attention != "nsa":
+            return out
+        n = self.passkey_len_at(self.step)
+        if c.passkey_rows:
+            hit, blind = needle_selection(self.model, self.val_data, n, n=samples, device=self.device)
+            out.update(needle_selected=hit, needle_blind=blind)
+        if c.mqar_rows and c.mqar_spread:
+            hit, blind = recall_selection(self.model, self.val_data, n, c.mqar_pairs, c.mqar_queries, c.mqar_spread,
+                                          n=samples, device=self.device)
+            out.update(recall_selected=hit, recall_blind=blind)
+        return out
 
     # ------------------------------------------------------------------ loop
     def fit(self):
@@ -295,9 +313,9 @@ class Trainer:
         tokens = c.batch_size * c.seq_len
         t0 = self.clock()
         self._started, self._first = t0, None   # for the progress line's elapsed time and ETA
-        self.stopped_early, longest = False, 0.0
+        self.stopped_early, times = False, []
         while self.step < c.steps:
-            if self._out_of_time(self.clock() - t0, longest):
+            if self._out_of_time(self.clock() - t0, times):
                 self.stopped_early = True
                 break
             t_step = self.clock()
@@ -318,7 +336,7 @@ class Trainer:
             self._progress(rec)
             if c.save_every and self.step % c.save_every == 0 and self.step < c.steps:
                 self.save()
-            longest = max(longest, self.clock() - t_step)
+            times.append(self.clock() - t_step)
         if metrics:
             metrics.close()
         if self.log is not None:
@@ -333,12 +351,14 @@ class Trainer:
         nxt = self.step + 1
         return self.device.type == "cuda" and (nxt == 5 or nxt % self.cfg.eval_every == 0)
 
-    def _out_of_time(self, elapsed, longest):
-        """Whether the next step (with room for a checkpoint: twice the longest step so far)
-        would end past time_limit; rank 0 decides for all ranks, so that they stop together."""
+    def _out_of_time(self, elapsed, times):
+        """Whether the next step (with room for a checkpoint: twice the longest of the last 10
+        steps, leaving out the run's first, which compiles) would end past time_limit; rank 0
+        decides for all ranks, so that they stop together."""
         if not self.cfg.time_limit:
             return False
-        stop = elapsed + 2 * longest > self.cfg.time_limit
+        recent = times[1:][-10:] or times
+        stop = elapsed + 2 * max(recent, default=0.0) > self.cfg.time_limit
         if self.world > 1:
             flag = torch.tensor(float(stop), device=self.device)
             dist.broadcast(flag, 0)
@@ -355,6 +375,8 @@ class Trainer:
             extra += f" needle selected {max(r['needle_selected']):.2f} best layer (blind {r['needle_blind']:.2f})"
         pk = f" passkey {r['passkey_loss']:.3f} ({r['passkey_digit_acc']:.0%} digits)" if r["passkey_loss"] is not None else ""
         pk += f" mqar {r['mqar_loss']:.3f} ({r['mqar_acc']:.0%})" if "mqar_loss" in r else ""
+        if r.get("recall_selected"):
+            pk += f" pair selected {max(r['recall_selected']):.2f} (blind {r['recall_blind']:.2f})"
         now = self.clock()
         elapsed = now - self._started
         (t1, step1), left = self._first, self.cfg.steps - self.step
@@ -414,6 +436,15 @@ class Trainer:
         torch.set_rng_state(s["torch_rng"])
         self.history = s["history"]
         return self
+
+
+def batch_checksum(x, y, tasks) -> int:
+    """CRC-32 of a step's data (the text rows and every task's examples): runs that see the same
+    data have the same checksums step by step."""
+    crc = 0
+    for t in (x, y, *(t for pair in tasks.values() for t in pair)):
+        crc = zlib.crc32(t.numpy().tobytes(), crc)
+    return crc
 
 
 def _clock(seconds: float) -> str:
