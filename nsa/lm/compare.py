@@ -17,7 +17,7 @@ from .model import ATTENTIONS, PRESETS, matched, num_params
 from .train import TrainConfig, Trainer, read_checkpoint
 
 PARAM_TOLERANCE = 0.02   # the twins' parameter counts differ from NSA's by at most this share
-RECALL_BINS = 5          # depth bins of the recall table: the asked pair's position / length
+RECALL_BINS = 5          # depth bins of the recall table (eval.recall_accuracy)
 
 
 def twin_configs(preset: str, attentions=ATTENTIONS) -> dict:
@@ -248,9 +248,9 @@ def verdict_table(summary):
     cols.append(("MQAR", lambda s: f"{s['mqar']:.2f}", 5))
     if "mqar_at_trained" in first:
         cols.append(("MQAR@T", lambda s: f"{s['mqar_at_trained']:.2f}", 6))
-    lengths = list(first.get("recall", {}))
-    for i, n in enumerate(lengths):
-        cols.append((f"recall@{['T', '2T', '4T'][i] if i < 3 else n}", lambda s, n=n: f"{s['recall'][n]['acc']:.2f}", 9))
+    lengths = list(first.get("recall", {}))   # recall_lengths: T, 2T, 4T
+    for label, n in zip(("T", "2T", "4T"), lengths):
+        cols.append((f"recall@{label}", lambda s, n=n: f"{s['recall'][n]['acc']:.2f}", 9))
     cols.append(("tok/s", lambda s: f"{s['tokens_per_s']:.0f}", 7))
     rows = [f"{'attention':>9} | " + " | ".join(f"{name:>{w}}" for name, _, w in cols)]
     rows.append("-" * len(rows[0]))

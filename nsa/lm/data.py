@@ -225,7 +225,7 @@ def mqar_batch(batch_size, n_pairs, n_queries, rng, vocab=256, length=None, fill
             gap = np.where((gap >= vocab // 2) | (gap == 0), 32, gap)
         if spread:   # pair i at an even offset (2-token cells), all before hay - spread
             place = 2 * rng.choice((hay - spread) // 2, n_pairs, replace=False)
-            hay_seq = gap.copy()
+            hay_seq = gap                  # a fresh array: the pairs overwrite filler cells
             hay_seq[place] = keys
             hay_seq[place + 1] = vals
         else:
