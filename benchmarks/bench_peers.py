@@ -34,7 +34,7 @@ import torch
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 import nsa  # noqa: E402
-from shapes import environment, median_ms, save  # noqa: E402
+from shapes import environment, median_ms, save, stored  # noqa: E402
 
 BF16 = torch.bfloat16
 MDY, XL, FSA = ("Scalable-Flash-Native-Sparse-Attention", "native-sparse-attention-triton",
@@ -178,9 +178,12 @@ def main():
     ap.add_argument("--lengths", type=int, nargs="+", default=[16384, 65536])
     ap.add_argument("--peers", default=".peers", help="folder holding the peers' checkouts")
     ap.add_argument("--only", nargs="*", default=list(PEERS), help="peers to run")
+    ap.add_argument("--settings", nargs="*", default=[s[0] for s in SETTINGS],
+                    help="settings to run; the stored rows of the others are kept")
     args = ap.parse_args()
     rows = []
-    for name, HQ, H, dk, dv, l, d in SETTINGS:
+    kept = [r for r in stored("peers").get("rows", []) if r["setting"] not in args.settings]
+    for name, HQ, H, dk, dv, l, d in (s for s in SETTINGS if s[0] in args.settings):
         for T in args.lengths:
             for window in (False, True):
                 shape = dict(setting=name, T=T, window=window)
@@ -195,7 +198,7 @@ def main():
                     rows.append(r)
                     print(r, flush=True)
                 torch.cuda.empty_cache()
-                save("peers", dict(env=environment(), rows=rows, sel=dict(block=SEL_L, n=N_SEL, window=WIN)))   # so far
+                save("peers", dict(env=environment(), rows=kept + rows, sel=dict(block=SEL_L, n=N_SEL, window=WIN)))
     print("\n| setting | T | window | impl | fwd ms | fwd+bwd ms | their time / ours (fwd, fwd+bwd) |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:

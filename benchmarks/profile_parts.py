@@ -27,7 +27,9 @@ SWEEPS = {
     "banded_fwd": [(128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (128, 32, 8, 3), (64, 32, 4, 3), (256, 64, 8, 3)],
     "banded_fwd_win": [(64, 32, 4, 3), (64, 32, 4, 2), (64, 64, 4, 3), (128, 64, 8, 3), (32, 32, 2, 3)],
     "banded_dq": [(128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3), (64, 64, 4, 2)],
-    "banded_dkv": [(64, 32, 4, 3), (64, 32, 4, 2), (64, 32, 8, 3), (128, 32, 4, 2), (32, 32, 4, 3), (64, 16, 4, 3)],
+    "banded_dkv": [(64, 32, 4, 3), (64, 64, 8, 3), (64, 64, 8, 2), (32, 64, 8, 3), (32, 64, 8, 2), (128, 64, 8, 2),
+                   (64, 64, 4, 3), (64, 32, 8, 3)],
+    "banded_splits": [(4,), (8,), (16,), (32,)],   # the compressed dK/dV's query ranges
     "banded_unmasked": [(0,), (1,)],   # every banded tile masked vs unmasked inner tiles (both branches)
     "select": [(128, 4, 2, 2), (128, 8, 2, 2), (64, 4, 2, 1), (128, 4, 2, 1), (256, 8, 2, 2), (64, 4, 2, 2)],
     "select_spread": [(1,), (2,)],     # tensor-core product vs stencil
@@ -89,7 +91,7 @@ def parts(T, HQ, H, dk, dv, cfg):
 
 # the ops each override affects
 AFFECTS = {"banded_fwd": ["cmp_fwd", "win_fwd"], "banded_fwd_win": ["win_fwd"], "banded_dq": ["cmp_bwd", "win_bwd"],
-           "banded_dkv": ["cmp_bwd", "win_bwd"], "banded_unmasked": ["cmp_fwd", "cmp_bwd", "win_fwd", "win_bwd"],
+           "banded_dkv": ["cmp_bwd", "win_bwd"], "banded_splits": ["cmp_bwd"], "banded_unmasked": ["cmp_fwd", "cmp_bwd", "win_fwd", "win_bwd"],
            "select": ["select"], "select_spread": ["select", "cmp_select"], "cmp_select": ["api_fwd"],
            "cmp_select_launch": ["cmp_select"], "selected_fwd": ["slc_fwd"], "selected_dq": ["slc_bwd"],
            "selected_kc": ["slc_fwd", "api_fwd"], "selected_kc_bwd": ["slc_bwd", "api_fwd_bwd"],

@@ -87,6 +87,12 @@ def results_dirs():
     return dirs
 
 
+def stored(name):
+    """The stored <results>/<name>.json of this GPU ({} when there is none)."""
+    path = os.path.join(results_dirs()[0], f"{name}.json")
+    return json.load(open(path)) if os.path.exists(path) else {}
+
+
 def save(name, payload):
     """<results>/<name>.json in every results_dirs()."""
     for d in results_dirs():

@@ -235,10 +235,13 @@ def nsa_banded_bwd_dkv_kernel(
     t_hi = Tq
     if WIN > 0:
         t_hi = tl.minimum(Tq, s_last * STRIDE + OFFSET + WIN)
-    if NSPLIT > 1:   # few keys, many queries (compression): split the queries, sum partials later
-        part = tl.cdiv(tl.cdiv(t_hi - t_lo, BT), NSPLIT) * BT
-        t_lo = t_lo + split * part
-        t_hi = tl.minimum(t_hi, t_lo + part)
+    if NSPLIT > 1:
+        # Few keys, many queries (compression): the sequence's queries are cut into NSPLIT ranges,
+        # the same ranges for every key tile, so the key tiles of one range walk the same query
+        # tiles side by side and read them through L2; the partials are summed later.
+        part = tl.cdiv(tl.cdiv(Tq, BT), NSPLIT) * BT
+        t_lo = tl.maximum(t_lo, split * part)
+        t_hi = tl.maximum(tl.minimum(t_hi, (split + 1) * part), t_lo)
         krow = krow + split.to(tl.int64) * tl.load(cu_k + n_seq) * H
     dk_a, dk_b = zeros2(BN, KA, KB)
     dv_acc = tl.zeros([BN, BV], tl.float32)
@@ -310,7 +313,7 @@ def banded_bwd_launch(q, k, v, o, lse, do, dlse, cu_q, cu_k, scale, stride, offs
         q, k, v, do if delta_in else o, do, lse, delta if delta_in else dlse, delta, dq, cu_q, cu_k, tq, n_seq,
         *args, DELTA_IN=delta_in, DQ_ADD=dq_add, **meta)
     meta = _banded_meta("dkv", q, v, stride, offset, win)
-    nsplit = tuning.banded_query_splits(N, triton.cdiv(Nk, meta["BN"]) * H, win, q.device)
+    nsplit = tuning.banded_query_splits(win)
     if nsplit == 1:
         dk, dv = (empty(*x.shape, dtype=x.dtype, device=x.device) for x in (k, v))
     else:

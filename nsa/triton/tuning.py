@@ -55,12 +55,16 @@ def banded_smem(kind: str, rows: int, bn: int, stages: int, dk: int, dv: int, es
 def banded(kind: str, dk: int, dv: int, gp: int, win: int = 0, esize: int = 2):
     """(rows, BN keys, num_warps, num_stages) of a banded kernel (kind fwd / dq / dkv; win > 0:
     the window branch), fitted to shared memory (_fit). Each default was the fastest of its sweep
-    (fwd 128/64/8/3; dq 128/64/8/3; dkv 64/32/4/3; wide heads 8 warps for the backward; the
-    window forward of small groups 64/32/4/3). Re-measure: PP --sweep banded_fwd banded_fwd_win
-    banded_dq banded_dkv (with --dk 256 --dv 256 for the wide heads)."""
+    (fwd 128/64/8/3; dq 128/64/8/3; dkv 64/64/8/3 from G = 4 up, else 64/32/4/3; wide heads 8
+    warps for the backward; the window forward of small groups 64/32/4/3). dK/dV's key tile is
+    the MMA's M side and Triton issues Hopper's wgmma only from M = 64: 32-key tiles ran on
+    mma.sync (H200, 64k compression backward, paper 65.0 -> 56.9 ms, G=4 13.3 -> 11.9; G=1 6.7
+    -> 6.8, so it keeps 32). Re-measure: PP --sweep banded_fwd banded_fwd_win banded_dq
+    banded_dkv (with --dk 256 --dv 256 for the wide heads)."""
     if interpreting():
         return max(1, 16 // gp) * gp, 16, 4, 1
-    default = {"fwd": (128, 64, 8, 3), "dq": (128, 64, 8, 3), "dkv": (64, 32, 4, 3)}[kind]
+    default = {"fwd": (128, 64, 8, 3), "dq": (128, 64, 8, 3),
+               "dkv": (64, 64, 8, 3) if gp >= 4 else (64, 32, 4, 3)}[kind]
     if _wide(dk, dv) and kind != "fwd":
         default = {"dq": (128, 32, 8, 3), "dkv": (64, 32, 8, 3)}[kind]
     if kind == "fwd" and win > 0 and gp <= 4:
@@ -108,17 +112,21 @@ def splits_to_fill(programs: int, device) -> int:
     return -(-2 * _sm_count(device.index or 0) // max(1, programs))
 
 
-def banded_query_splits(n_queries: int, key_tiles: int, win: int, device) -> int:
-    """Programs sharing one compressed key tile's query range in dK/dV: with 16x fewer keys than
-    queries, one program per tile left the GPU mostly idle (64k backward 147 -> 85 ms with 8
-    splits); at least cdiv(N, 8192), enough for two programs per SM, at most 16. The window's
-    ranges are short: no split. Re-measure: PP --ops cmp_bwd."""
+def banded_query_splits(win: int) -> int:
+    """Query ranges of a sequence that the compressed dK/dV splits over, one program per (key
+    tile, range), the partials summed after: with 16x fewer keys than queries, one program per
+    key tile left the GPU mostly idle (64k backward 147 -> 85 ms with 8 splits). The ranges are
+    the same for every key tile (the key tiles of one range read its query tiles side by side),
+    so a key tile works in the ranges past its keys only; 16 (H200, paper shape, compressed
+    backward ms at 8k / 16k / 32k / 64k: 4 ranges 1.76 / 4.90 / 16.2 / 57.5, 8 1.73 / 4.33 /
+    14.9 / 56.4, 16 1.47 / 4.34 / 14.5 / 54.6, 32 1.36 / 4.21 / 14.2 / 54.4, 32 doubling the fp32
+    partials for ~1%; each key tile's own range cut in 8, as before: 1.51 / 4.77 / 16.2 / 56.9). The window's ranges are short: no split. Re-measure: PP --sweep
+    banded_splits (at several --T)."""
     if win > 0:
         return 1
     if interpreting():
         return 2
-    fill = splits_to_fill(key_tiles, device)
-    return max(1, min(16, max(-(-n_queries // 8192), fill)))
+    return _pick("banded_splits", (16,))[0]
 
 
 def key_tiles(dk: int):
