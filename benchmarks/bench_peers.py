@@ -20,7 +20,11 @@ FlexAttention window stand-in (compiled, 512 keys back); this project with w = 1
 sees itself: the nearest to no window its semantics has) and with its own w = 512 kernel. The
 three branches share one K/V set in every row (the peers' layout; this project takes three).
 
-  python benchmarks/bench_peers.py [--lengths 16384 65536] [--peers .peers]
+  python benchmarks/bench_peers.py [--lengths 16384 65536] [--peers .peers] [--only mdy666]
+      [--settings "paper 192/128"]
+
+Rows a run leaves out (other settings, lengths or peers) stay in the stored JSON as they were,
+each row with the date it was measured (`measured`); ratios are taken between rows of one run.
 """
 from __future__ import annotations
 
@@ -173,29 +177,44 @@ def peer(name, root, T, HQ, H, dk, dv, l, d, window):
         return dict(skipped=f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}")
 
 
+def kept_rows(old, args):
+    """The stored rows this run does not replace, each with the date of its own run: peer rows
+    of settings, lengths or peers not run now, and this project's rows of those runs (a ratio
+    is taken between rows of one run)."""
+    shape = lambda r: (r["setting"], r["T"], r["window"])
+    rows = [dict(r, measured=r.get("measured", old["env"]["date"])) for r in old.get("rows", [])]
+    run = {(s[0], T) for s in SETTINGS if s[0] in args.settings for T in args.lengths}
+    peers = [r for r in rows if not r["impl"].startswith("nsa")
+             and not (shape(r)[:2] in run and r["impl"] in args.only)]
+    ours = [r for r in rows if r["impl"].startswith("nsa")
+            and any(shape(p) == shape(r) and p["measured"] == r["measured"] for p in peers)]
+    return ours + peers
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--lengths", type=int, nargs="+", default=[16384, 65536])
     ap.add_argument("--peers", default=".peers", help="folder holding the peers' checkouts")
     ap.add_argument("--only", nargs="*", default=list(PEERS), help="peers to run")
     ap.add_argument("--settings", nargs="*", default=[s[0] for s in SETTINGS],
-                    help="settings to run; the stored rows of the others are kept")
+                    help="settings to run (default: all)")
     args = ap.parse_args()
     rows = []
-    kept = [r for r in stored("peers").get("rows", []) if r["setting"] not in args.settings]
+    kept = kept_rows(stored("peers"), args)
+    date = environment()["date"]
     for name, HQ, H, dk, dv, l, d in (s for s in SETTINGS if s[0] in args.settings):
         for T in args.lengths:
             for window in (False, True):
                 shape = dict(setting=name, T=T, window=window)
                 r = dict(shape, impl="nsa (this project)", includes="no pooling (compressed keys are an input); "
                          + ("w=512" if window else "w=1"), **ours(T, HQ, H, dk, dv, l, d, WIN if window else 1))
-                rows.append(r)
+                rows.append(dict(r, measured=date))
                 print(r, flush=True)
                 for p in args.only:
                     r = dict(shape, impl=p, includes="mean pooling inside; " + ("flex window stand-in" if window
                                                                                   else "no window"),
                              **peer(p, args.peers, T, HQ, H, dk, dv, l, d, window))
-                    rows.append(r)
+                    rows.append(dict(r, measured=date))
                     print(r, flush=True)
                 torch.cuda.empty_cache()
                 save("peers", dict(env=environment(), rows=kept + rows, sel=dict(block=SEL_L, n=N_SEL, window=WIN)))

@@ -313,7 +313,7 @@ def banded_bwd_launch(q, k, v, o, lse, do, dlse, cu_q, cu_k, scale, stride, offs
         q, k, v, do if delta_in else o, do, lse, delta if delta_in else dlse, delta, dq, cu_q, cu_k, tq, n_seq,
         *args, DELTA_IN=delta_in, DQ_ADD=dq_add, **meta)
     meta = _banded_meta("dkv", q, v, stride, offset, win)
-    nsplit = tuning.banded_query_splits(win)
+    nsplit = tuning.banded_query_splits(triton.cdiv(Nk, meta["BN"]) * H, win, q.device)
     if nsplit == 1:
         dk, dv = (empty(*x.shape, dtype=x.dtype, device=x.device) for x in (k, v))
     else:

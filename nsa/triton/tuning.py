@@ -112,21 +112,24 @@ def splits_to_fill(programs: int, device) -> int:
     return -(-2 * _sm_count(device.index or 0) // max(1, programs))
 
 
-def banded_query_splits(win: int) -> int:
+def banded_query_splits(key_tiles: int, win: int, device) -> int:
     """Query ranges of a sequence that the compressed dK/dV splits over, one program per (key
-    tile, range), the partials summed after: with 16x fewer keys than queries, one program per
-    key tile left the GPU mostly idle (64k backward 147 -> 85 ms with 8 splits). The ranges are
-    the same for every key tile (the key tiles of one range read its query tiles side by side),
-    so a key tile works in the ranges past its keys only; 16 (H200, paper shape, compressed
-    backward ms at 8k / 16k / 32k / 64k: 4 ranges 1.76 / 4.90 / 16.2 / 57.5, 8 1.73 / 4.33 /
-    14.9 / 56.4, 16 1.47 / 4.34 / 14.5 / 54.6, 32 1.36 / 4.21 / 14.2 / 54.4, 32 doubling the fp32
-    partials for ~1%; each key tile's own range cut in 8, as before: 1.51 / 4.77 / 16.2 / 56.9). The window's ranges are short: no split. Re-measure: PP --sweep
+    tile, range), the fp32 partials summed after: with 16x fewer keys than queries, one program
+    per key tile left the GPU mostly idle (H100, 64k backward 147 -> 85 ms with 8 splits). The
+    ranges are the same for every key tile (the key tiles of one range read its query tiles side
+    by side), so a key tile works only in the ranges past its keys, about half of them: 16, or
+    twice what gives two programs per SM when the key tiles are few (a small model at 8k), at most
+    64. H200, paper shape, compressed backward ms at 8k / 16k / 32k / 64k: 4 ranges 1.76 / 4.90 /
+    16.2 / 57.5, 8 1.73 / 4.33 / 14.9 / 56.4, 16 1.47 / 4.34 / 14.5 / 54.6, 32 1.36 / 4.21 /
+    14.2 / 54.4 (twice the partials for ~1%); each key tile's own range cut in 8: 1.51 / 4.77 /
+    16.2 / 56.9; the `small` model's heads (16/1, 64/64) at 8k / 16k, 64 / 34 ranges: 0.61 /
+    0.77 against 0.62 / 0.83. The window's ranges are short: no split. Re-measure: PP --sweep
     banded_splits (at several --T)."""
     if win > 0:
         return 1
     if interpreting():
         return 2
-    return _pick("banded_splits", (16,))[0]
+    return _pick("banded_splits", (min(64, max(16, 2 * splits_to_fill(key_tiles, device))),))[0]
 
 
 def key_tiles(dk: int):
