@@ -15,9 +15,13 @@ Pages are taken as a sequence grows (reserve, called by the layer before each ap
 handed back by free(). Decoding reads through the tables (nsa_decode's paged layout); a chunk
 after a prefix reads the rows' pages into contiguous buffers first (nsa_extend).
 
+The allocator and the tables are a PageTable. A model's layers share one (`share=` another
+layer's cache), as an engine's block table serves every layer: a page number names the same
+positions of the same sequence in every layer's pools, sequences are allocated and freed once,
+and the first layer to append a step takes its pages (the others find them taken).
+
 The layer's interface is NSACache's (nsa/cache.py): NativeSparseAttention(x, cache=paged,
-rows=[...]) appends to sequences `rows` (slots from allocate()). Each layer has its own
-PagedNSACache; sequences must be allocated and freed in all of a model's layers alike.
+rows=[...]) appends to sequences `rows` (slots from allocate()).
 """
 from __future__ import annotations
 
@@ -28,78 +32,60 @@ from .config import NSAConfig, check_int
 from .reference import from_pages
 
 
-class PagedNSACache(CacheRows):
+class PageTable:
+    """The pages of up to max_seqs sequences: free lists of main and recent pages, the host's
+    tables and their device copies, which slots are in use, and the caches (layers) whose pools
+    the page numbers index."""
+
     def __init__(self, num_pages: int, page_size: int, max_seqs: int, max_pages_per_seq: int,
-                 num_kv_heads: int, head_dim_qk: int, head_dim_v: int, config: NSAConfig = NSAConfig(),
-                 num_window_pages: int | None = None, dtype=torch.float32, device="cpu", poison: bool = False):
-        for name, v in (("num_pages", num_pages), ("page_size", page_size), ("max_seqs", max_seqs),
-                        ("max_pages_per_seq", max_pages_per_seq)):
-            check_int(name, v, 1)
-        if page_size % config.sel_block_size or page_size % config.cmp_stride:
-            raise ValueError(f"page_size ({page_size}) must be a multiple of sel_block_size "
-                             f"({config.sel_block_size}) and of cmp_stride ({config.cmp_stride})")
-        self.config, self.page_size, self.batch_size = config, page_size, max_seqs
-        self.num_kv_heads, self.head_dim_qk, self.head_dim_v = num_kv_heads, head_dim_qk, head_dim_v
-        self.capacity = max_pages_per_seq * page_size
-        self.win_span = min(config.window_size, self.capacity)      # what tail("win") returns
-        self.raw_span = min(config.cmp_block_size, self.capacity)   # what tail("raw") returns
-        keep = max(self.win_span, self.raw_span)
-        per_seq = 2 * (-(-keep // page_size) + 1)   # an append holds the pages of the last `keep` before and after it
-        num_window_pages = num_window_pages or max_seqs * per_seq
-        self.poison = poison
-        fill = float("nan") if poison else 0.0
-        H, dk, dv = num_kv_heads, head_dim_qk, head_dim_v
-        z = lambda n, rows, d: torch.full((n + 1, rows, H, d), fill, dtype=dtype, device=device)   # +1: a scratch page
-        self.k_slc, self.v_slc = z(num_pages, page_size, dk), z(num_pages, page_size, dv)
-        self.k_cmp, self.v_cmp = (z(num_pages, page_size // config.cmp_stride, d) for d in (dk, dv))
-        self.k_win, self.v_win = z(num_window_pages, page_size, dk), z(num_window_pages, page_size, dv)
-        self.k_raw, self.v_raw = z(num_window_pages, page_size, dk), z(num_window_pages, page_size, dv)
-        self.scratch, self.win_scratch = num_pages, num_window_pages
+                 num_window_pages: int, device):
+        self.num_pages, self.page_size, self.max_seqs = num_pages, page_size, max_seqs
+        self.max_pages_per_seq, self.num_window_pages = max_pages_per_seq, num_window_pages
         self._free = list(range(num_pages - 1, -1, -1))            # pop() hands out the lowest first
         self._win_free = list(range(num_window_pages - 1, -1, -1))
         self._host = torch.full((2, max_seqs, max_pages_per_seq), -1, dtype=torch.int32)
-        self._table, self._win_table = self._host[0], self._host[1]      # the host's copy, edited
+        self.main, self.recent = self._host[0], self._host[1]      # the host's copy, edited
         self._tables = torch.full((2, max_seqs, max_pages_per_seq), -1, dtype=torch.int32, device=device)
         self.block_table, self.window_table = self._tables[0], self._tables[1]
         self._dirty = False
         self.active = [False] * max_seqs
-        self._rows(max_seqs, device)
+        self.caches = []
 
     @property
     def free_pages(self) -> tuple[int, int]:
         """(main, recent) pages not held by any sequence."""
         return len(self._free), len(self._win_free)
 
-    # ------------------------------------------------------------------ sequences
     def allocate(self) -> int:
-        """A free sequence slot (a batch row of the layer's `rows`), empty."""
         try:
             slot = self.active.index(False)
         except ValueError:
-            raise ValueError(f"all {self.batch_size} sequence slots are in use (max_seqs); free one first") from None
+            raise ValueError(f"all {self.max_seqs} sequence slots are in use (max_seqs); free one first") from None
         self.active[slot] = True
         return slot
 
     def free(self, slot: int) -> None:
-        """Hand back the sequence's pages and its slot."""
-        if not (0 <= slot < self.batch_size and self.active[slot]):
+        if not (0 <= slot < self.max_seqs and self.active[slot]):
             raise ValueError(f"sequence slot {slot} is not allocated")
-        main, recent = self._table[slot], self._win_table[slot]
+        main, recent = self.main[slot], self.recent[slot]
         self._release(main[main >= 0].tolist(), recent[recent >= 0].tolist())
         main.fill_(-1)
         recent.fill_(-1)
-        self.active[slot], self.lengths[slot] = False, 0
-        self.seqlens[slot] = 0
-        if self.last_input is not None:
-            self.last_input[slot] = 0
+        self.active[slot] = False
+        for c in self.caches:
+            c.lengths[slot] = 0
+            c.seqlens[slot] = 0
+            if c.last_input is not None:
+                c.last_input[slot] = 0
         self._sync()
 
     def _release(self, main, recent):
-        if self.poison:   # what a freed page held must never reach an output
-            for pool in (self.k_slc, self.v_slc, self.k_cmp, self.v_cmp):
-                pool[main] = float("nan")
-            for pool in (self.k_win, self.v_win, self.k_raw, self.v_raw):
-                pool[recent] = float("nan")
+        for c in self.caches:
+            if c.poison:   # what a freed page held must never reach an output
+                for pool in (c.k_slc, c.v_slc, c.k_cmp, c.v_cmp):
+                    pool[main] = float("nan")
+                for pool in (c.k_win, c.v_win, c.k_raw, c.v_raw):
+                    pool[recent] = float("nan")
         self._free += main
         self._win_free += recent
         self._dirty = True
@@ -110,19 +96,14 @@ class PagedNSACache(CacheRows):
                              f"(free finished sequences, or build the cache with more pages)")
         return pool.pop()
 
-    def reserve(self, rows, n):
-        """Pages for n more tokens in each of rows (taken now), recent pages the rows have moved
-        past handed back; the tables copied to the device."""
-        ps, keep = self.page_size, max(self.win_span, self.raw_span)
+    def reserve(self, rows, lengths, n, keep):
+        """Pages for n more tokens after lengths[r] in each of rows, recent pages before the last
+        `keep` positions handed back. Taking what a row already holds is a no-op, so every layer
+        of a step may ask."""
+        ps = self.page_size
         for r in rows:
-            if not (0 <= r < self.batch_size and self.active[r]):
-                raise ValueError(f"sequence slot {r} is not allocated (allocate() it; a freed slot must be "
-                                 f"allocated again)")
-            L, E = self.lengths[r], self.lengths[r] + n
-            if E > self.capacity:
-                raise ValueError(f"cache capacity {self.capacity} exceeded for sequence {r}: length {L} + {n} "
-                                 f"new tokens (max_pages_per_seq x page_size)")
-            main, win = self._table[r], self._win_table[r]
+            L, E = lengths[r], lengths[r] + n
+            main, win = self.main[r], self.recent[r]
             first = max(0, L - keep) // ps                     # recent pages still read from here on
             old = win[:first]
             if bool((old >= 0).any()):
@@ -148,6 +129,102 @@ class PagedNSACache(CacheRows):
         else:
             self._tables.copy_(self._host)
         self._dirty = False
+
+
+class PagedNSACache(CacheRows):
+    """One layer's pools of pages. share: another layer's PagedNSACache whose PageTable this one
+    uses (the same page and sequence counts and config); allocate() and free() on either then act
+    on both."""
+
+    def __init__(self, num_pages: int, page_size: int, max_seqs: int, max_pages_per_seq: int,
+                 num_kv_heads: int, head_dim_qk: int, head_dim_v: int, config: NSAConfig = NSAConfig(),
+                 num_window_pages: int | None = None, dtype=torch.float32, device="cpu", poison: bool = False,
+                 share: "PagedNSACache | None" = None):
+        for name, v in (("num_pages", num_pages), ("page_size", page_size), ("max_seqs", max_seqs),
+                        ("max_pages_per_seq", max_pages_per_seq)):
+            check_int(name, v, 1)
+        if page_size % config.sel_block_size or page_size % config.cmp_stride:
+            raise ValueError(f"page_size ({page_size}) must be a multiple of sel_block_size "
+                             f"({config.sel_block_size}) and of cmp_stride ({config.cmp_stride})")
+        self.config, self.page_size, self.batch_size = config, page_size, max_seqs
+        self.num_kv_heads, self.head_dim_qk, self.head_dim_v = num_kv_heads, head_dim_qk, head_dim_v
+        self.capacity = max_pages_per_seq * page_size
+        self.win_span = min(config.window_size, self.capacity)      # what tail("win") returns
+        self.raw_span = min(config.cmp_block_size, self.capacity)   # what tail("raw") returns
+        keep = max(self.win_span, self.raw_span)
+        per_seq = 2 * (-(-keep // page_size) + 1)   # an append holds the pages of the last `keep` before and after it
+        num_window_pages = num_window_pages or max_seqs * per_seq
+        if share is not None:
+            self._check_share(share, num_pages, page_size, max_seqs, max_pages_per_seq, num_window_pages, config)
+            self.table = share.table
+        else:
+            self.table = PageTable(num_pages, page_size, max_seqs, max_pages_per_seq, num_window_pages, device)
+        self.poison = poison
+        fill = float("nan") if poison else 0.0
+        H, dk, dv = num_kv_heads, head_dim_qk, head_dim_v
+        z = lambda n, rows, d: torch.full((n + 1, rows, H, d), fill, dtype=dtype, device=device)   # +1: a scratch page
+        self.k_slc, self.v_slc = z(num_pages, page_size, dk), z(num_pages, page_size, dv)
+        self.k_cmp, self.v_cmp = (z(num_pages, page_size // config.cmp_stride, d) for d in (dk, dv))
+        self.k_win, self.v_win = z(num_window_pages, page_size, dk), z(num_window_pages, page_size, dv)
+        self.k_raw, self.v_raw = z(num_window_pages, page_size, dk), z(num_window_pages, page_size, dv)
+        self.scratch, self.win_scratch = num_pages, num_window_pages
+        self._rows(max_seqs, device)
+        self.table.caches.append(self)
+
+    @staticmethod
+    def _check_share(share, *sizes):
+        if not isinstance(share, PagedNSACache):
+            raise TypeError(f"share must be a PagedNSACache, got {type(share).__name__}")
+        t = share.table
+        names = ("num_pages", "page_size", "max_seqs", "max_pages_per_seq", "num_window_pages")
+        for name, mine, theirs in zip(names, sizes, (t.num_pages, t.page_size, t.max_seqs, t.max_pages_per_seq,
+                                                     t.num_window_pages)):
+            if mine != theirs:
+                raise ValueError(f"share: {name} {mine} differs from the shared cache's {theirs}")
+        if sizes[-1] != share.config:
+            raise ValueError(f"share: config {sizes[-1]} differs from the shared cache's {share.config}")
+        if any(t.active):   # this layer's pools would lack what the other layers hold of them
+            raise ValueError(f"share: the shared cache already holds sequences (slots "
+                             f"{[i for i, a in enumerate(t.active) if a]}); build every layer's cache first")
+
+    @property
+    def block_table(self):
+        return self.table.block_table
+
+    @property
+    def window_table(self):
+        return self.table.window_table
+
+    @property
+    def active(self):
+        return self.table.active
+
+    @property
+    def free_pages(self) -> tuple[int, int]:
+        """(main, recent) pages not held by any sequence."""
+        return self.table.free_pages
+
+    # ------------------------------------------------------------------ sequences
+    def allocate(self) -> int:
+        """A free sequence slot (a batch row of the layer's `rows`), empty, in every layer that
+        shares this cache's pages."""
+        return self.table.allocate()
+
+    def free(self, slot: int) -> None:
+        """Hand back the sequence's pages and its slot (in every layer sharing them)."""
+        self.table.free(slot)
+
+    def reserve(self, rows, n):
+        """Pages for n more tokens in each of rows (taken now, unless another layer took them),
+        recent pages the rows have moved past handed back; the tables copied to the device."""
+        for r in rows:
+            if not (0 <= r < self.batch_size and self.active[r]):
+                raise ValueError(f"sequence slot {r} is not allocated (allocate() it; a freed slot must be "
+                                 f"allocated again)")
+            if self.lengths[r] + n > self.capacity:
+                raise ValueError(f"cache capacity {self.capacity} exceeded for sequence {r}: length "
+                                 f"{self.lengths[r]} + {n} new tokens (max_pages_per_seq x page_size)")
+        self.table.reserve(rows, self.lengths, n, max(self.win_span, self.raw_span))
 
     # ------------------------------------------------------------------ the layer's interface
     def check(self, x, rows, hidden):

@@ -93,7 +93,7 @@ def test_recent_pages_are_handed_back():
         s = paged.allocate()
         for t in range(150):
             m(x[:, t:t + 1], cache=paged, rows=[s])
-    held = int((paged._win_table[s] >= 0).sum())
+    held = int((paged.table.recent[s] >= 0).sum())
     keep = max(CFG.window_size, CFG.cmp_block_size)
     assert held <= -(-keep // PAGE) + 2 and paged.free_pages == (0, paged.k_win.shape[0] - 1 - held)
 
@@ -178,3 +178,45 @@ def test_paged_errors():
     p2.allocate()
     with pytest.raises(ValueError, match="all 1 sequence slots are in use"):
         p2.allocate()
+
+
+def test_layers_share_one_page_table():
+    """Two layers (the second reads the first's output) on one PageTable: each sequence equals
+    the two layers through contiguous caches of their own; its pages are taken once for both
+    layers; allocate() and free() through either layer's cache act on both."""
+    m1, m2 = _layer(seed=6), _layer(seed=7)
+    c1 = _paged(m1, num_pages=12, max_seqs=2, max_pages=5)
+    c2 = _paged(m2, num_pages=12, max_seqs=2, max_pages=5, share=c1)
+    x = torch.randn(3, 60, 32, dtype=torch.float64)
+
+    def run(caches, slot, s, chunks):
+        outs, t = [], 0
+        for n in chunks:
+            h = m1(x[s:s + 1, t:t + n], cache=caches[0], rows=[slot])
+            outs.append(m2(h, cache=caches[1], rows=[slot]))
+            t += n
+        return torch.cat(outs, 1)
+
+    def check(slot, s, chunks):
+        got = run((c1, c2), slot, s, chunks)
+        want = run((m1.new_cache(1, 80), m2.new_cache(1, 80)), 0, s, chunks)
+        assert not torch.isnan(got).any()
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+
+    with torch.no_grad():
+        a = c1.allocate()
+        assert c2.active[a] and c1.block_table is c2.block_table
+        check(a, 0, [20, 1, 1, 9])
+        assert c1.free_pages == c2.free_pages and c1.free_pages[0] == 12 - 2   # 31 positions: two pages, once
+        b = c2.allocate()
+        check(b, 1, [37, 1])
+        c2.free(a)
+        assert not c1.active[a] and c1.lengths[a] == c2.lengths[a] == 0
+        a = c1.allocate()
+        check(a, 2, [5, 1, 17])
+    with pytest.raises(ValueError, match="share: page_size 32 differs from the shared cache's 16"):
+        nsa.PagedNSACache(12, 32, 2, 5, 2, 8, 6, CFG, share=c1)
+    with pytest.raises(ValueError, match=r"share: the shared cache already holds sequences \(slots \[0, 1\]\)"):
+        _paged(m2, num_pages=12, max_seqs=2, max_pages=5, share=c1)
+    with pytest.raises(TypeError, match="share must be a PagedNSACache, got NSACache"):
+        _paged(m2, share=m2.new_cache(1, 80))
