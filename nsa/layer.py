@@ -254,7 +254,7 @@ class NativeSparseAttention(_AttentionBase):
         B, S, _ = x.shape
         rows_t = cache.row_ids if all_rows else torch.tensor(rows, dtype=torch.long, device=x.device)
         impl = backend_module(self.backend, x)
-        if S == 1 and isinstance(cache, NSACache) and hasattr(impl, "decode_append"):
+        if S == 1 and hasattr(impl, "decode_append"):
             o, idx = self._decode_fused(impl, cache, rows_t, all_rows, self._project_fused(x))
         else:
             pos = cache.seqlens[rows_t].long()[:, None] + torch.arange(S, device=x.device)   # [B, S]
@@ -297,8 +297,8 @@ class NativeSparseAttention(_AttentionBase):
                           config=self.config, return_block_idx=True, backend=self.backend)
 
     def _decode_fused(self, impl, cache, rows_t, all_rows, new):
-        """_append for one token a row of a contiguous cache, its bookkeeping in two kernels
-        (nsa/triton/append.py); phi stays this module's."""
+        """_append for one token a row, its bookkeeping in two kernels (nsa/triton/append.py,
+        contiguous or paged cache); phi stays this module's."""
         q, k_c, v_c, k_s, v_s, k_w, v_w, gates = (z[:, 0] for z in new)
         freqs = self._freqs(q.device)
         q, blk_k, blk_v = impl.decode_append(cache, rows_t, q, k_s, v_s, k_w, v_w, k_c, v_c, freqs,

@@ -220,3 +220,38 @@ def test_layers_share_one_page_table():
         _paged(m2, num_pages=12, max_seqs=2, max_pages=5, share=c1)
     with pytest.raises(TypeError, match="share must be a PagedNSACache, got NSACache"):
         _paged(m2, share=m2.new_cache(1, 80))
+
+
+def test_fused_decode_append_fills_pages_as_pytorch_does():
+    """One token a step through the Triton bookkeeping (nsa/triton/append.py) on a paged cache
+    writes every page as the PyTorch path does (rotary, the selection K/V, the window and raw
+    pages, the candidate block across page edges, the compressed token's page), all rows or
+    some, with a sequence freed and its pages handed to another; untouched pages stay NaN."""
+    torch.manual_seed(8)
+    m = nsa.NativeSparseAttention(32, 4, 2, 16, 8, config=CFG, backend="torch")
+    for c in (m.compress_k, m.compress_v):   # no part hides behind a zero initialisation
+        torch.nn.init.normal_(c.pos_emb, std=0.3)
+        torch.nn.init.normal_(c.mlp[2].weight, std=0.1)
+    kern = nsa.NativeSparseAttention(32, 4, 2, 16, 8, config=CFG, backend="triton")
+    kern.load_state_dict(m.state_dict())
+    x = torch.randn(4, 60, 32)
+    caches = []
+    with torch.no_grad():
+        for layer in (m, kern):
+            cache = _paged(layer, num_pages=14, max_seqs=3, max_pages=4)
+            rows = [cache.allocate() for _ in range(3)]
+            layer(x[:3, :5], cache=cache)
+            for t in range(5, 30):
+                layer(x[:3, t:t + 1], cache=cache)
+            cache.free(rows[1])
+            s = cache.allocate()
+            layer(x[3:, :7], cache=cache, rows=[s])
+            for t in range(30, 50):
+                layer(x[[2, 0], t:t + 1], cache=cache, rows=[2, 0])
+            caches.append(cache)
+    want, got = caches
+    assert got.lengths == want.lengths == [50, 7, 50] and torch.equal(got.block_table, want.block_table)
+    for name in ("k_slc", "v_slc", "k_win", "v_win", "k_raw", "v_raw", "k_cmp", "v_cmp"):
+        w, g = getattr(want, name)[:-1], getattr(got, name)[:-1]   # the scratch page takes masked writes
+        assert torch.equal(torch.isnan(g), torch.isnan(w)), name
+        torch.testing.assert_close(g.nan_to_num(), w.nan_to_num(), rtol=0, atol=2e-6)
