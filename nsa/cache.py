@@ -180,7 +180,11 @@ class NSACache(CacheRows):
         bufs = (self.k_cmp, self.v_cmp, self.k_slc, self.v_slc, self.k_win, self.v_win)
         return (bufs if all_rows else tuple(b[rows_t] for b in bufs)), {}
 
-    def extend_inputs(self, rows_t, all_rows):
-        """nsa_extend's (k_cmp, v_cmp, k_slc, v_slc) for rows rows_t."""
+    def extend_inputs(self, rows_t, all_rows, upto):
+        """nsa_extend's (k_cmp, v_cmp, k_slc, v_slc) for rows rows_t, whose tokens (the new ones
+        included) end by position `upto`: all rows read in place, a subset gathered up to there."""
         bufs = (self.k_cmp, self.v_cmp, self.k_slc, self.v_slc)
-        return bufs if all_rows else tuple(b[rows_t] for b in bufs)
+        if all_rows:
+            return bufs
+        nc = self.config.num_compressed(upto)
+        return tuple(b[:, :n][rows_t] for b, n in zip(bufs, (nc, nc, upto, upto)))

@@ -262,7 +262,7 @@ class NativeSparseAttention(_AttentionBase):
             if S > 1 and not any(cache.lengths[r] for r in rows):
                 o, idx = self._prefill(cache, rows_t, pos, new)
             else:
-                o, idx = self._append(cache, rows_t, all_rows, pos, new)
+                o, idx = self._append(cache, rows_t, all_rows, pos, new, max(cache.lengths[r] for r in rows) + S)
         cache.advance(rows, rows_t, S)
         out = self.o_proj(o.reshape(B, S, -1))
         return (out, idx) if return_block_idx else out
@@ -278,8 +278,9 @@ class NativeSparseAttention(_AttentionBase):
         return nsa_attention(q, k_cmp, v_cmp, k_s, v_s, k_w, v_w, gates, config=c,
                              return_block_idx=True, backend=self.backend)
 
-    def _append(self, cache, rows_t, all_rows, pos, new):
-        """S >= 1 tokens per row after what the rows hold (possibly nothing)."""
+    def _append(self, cache, rows_t, all_rows, pos, new, upto):
+        """S >= 1 tokens per row after what the rows hold (possibly nothing); `upto`: the most
+        tokens a row holds after them."""
         q, k_c, v_c, k_s, v_s, k_w, v_w, gates = new
         S, P = q.shape[1], pos[:, 0]
         # the rings' last tokens, oldest first, before the new ones overwrite them
@@ -293,7 +294,7 @@ class NativeSparseAttention(_AttentionBase):
             o, idx = nsa_decode(q[:, 0], *bufs, gates[:, 0], P + 1, config=self.config,
                                 return_block_idx=True, backend=self.backend, **tables)
             return o[:, None], idx[:, None]
-        return nsa_extend(q, *cache.extend_inputs(rows_t, all_rows), win_k, win_v, gates, P + S,
+        return nsa_extend(q, *cache.extend_inputs(rows_t, all_rows, upto), win_k, win_v, gates, P + S,
                           config=self.config, return_block_idx=True, backend=self.backend)
 
     def _decode_fused(self, impl, cache, rows_t, all_rows, new):

@@ -13,7 +13,8 @@ paged caches of vLLM and FlashInfer:
   2 (max(w, l) / page + 1) of them, whatever its length.
 Pages are taken as a sequence grows (reserve, called by the layer before each append) and all
 handed back by free(). Decoding reads through the tables (nsa_decode's paged layout); a chunk
-after a prefix reads the rows' pages into contiguous buffers first (nsa_extend).
+after a prefix reads the rows' pages, as far as its longest row reaches, into contiguous
+buffers first (nsa_extend).
 
 The allocator and the tables are a PageTable. A model's layers share one (`share=` another
 layer's cache), as an engine's block table serves every layer: a page number names the same
@@ -273,11 +274,13 @@ class PagedNSACache(CacheRows):
         return ((self.k_cmp, self.v_cmp, self.k_slc, self.v_slc, self.k_win, self.v_win),
                 dict(block_table=tables[0], window_table=tables[1]))
 
-    def extend_inputs(self, rows_t, all_rows):
-        """The rows' pages read into contiguous [b, capacity] buffers (positions past a row's
-        length read whatever page 0 holds: nsa_extend reads none of them)."""
+    def extend_inputs(self, rows_t, all_rows, upto):
+        """The rows' pages up to position `upto` (past every row's tokens, the new ones included)
+        read into contiguous buffers [b, upto rounded up to pages] (positions past a row's length
+        read whatever page 0 holds: nsa_extend reads none of them)."""
         table = self.block_table[rows_t]
-        pos = torch.arange(self.capacity, device=self.device).expand(rows_t.numel(), -1)
-        cpos = torch.arange(self.capacity // self.config.cmp_stride, device=self.device).expand(rows_t.numel(), -1)
+        n = -(-upto // self.page_size) * self.page_size
+        pos = torch.arange(n, device=self.device).expand(rows_t.numel(), -1)
+        cpos = torch.arange(n // self.config.cmp_stride, device=self.device).expand(rows_t.numel(), -1)
         return (from_pages(self.k_cmp, table, cpos), from_pages(self.v_cmp, table, cpos),
                 from_pages(self.k_slc, table, pos), from_pages(self.v_slc, table, pos))
