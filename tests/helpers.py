@@ -54,3 +54,18 @@ def rel_err(a, b):
     assert not torch.isnan(a).any(), "NaN in result (unwritten output?)"
     floor = 1e-2 * max(1, b.numel()) ** 0.5
     return float((a - b).norm() / max(float(b.norm()), floor))
+
+
+def torch_and_triton_layers(seed):
+    """Two equal small layers (cfg CFG), on the PyTorch reference and on the Triton backend, with
+    the compression's position embedding and last MLP layer perturbed, so that no part of a
+    cached step hides behind a zero initialisation."""
+    import nsa
+    torch.manual_seed(seed)
+    m = nsa.NativeSparseAttention(32, 4, 2, 16, 8, config=CFG, backend="torch")
+    for c in (m.compress_k, m.compress_v):
+        torch.nn.init.normal_(c.pos_emb, std=0.3)
+        torch.nn.init.normal_(c.mlp[2].weight, std=0.1)
+    kern = nsa.NativeSparseAttention(32, 4, 2, 16, 8, config=CFG, backend="triton")
+    kern.load_state_dict(m.state_dict())
+    return m, kern

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import nsa
-from helpers import CFG
+from helpers import CFG, torch_and_triton_layers
 
 
 def _layer(seed=0):
@@ -115,13 +115,7 @@ def test_fused_decode_append_fills_the_cache_as_pytorch_does():
     """One token a step through the Triton bookkeeping (nsa/triton/append.py: rotary, ring slots,
     the candidate block, the compressed token's conditional store) leaves every cache buffer as
     the PyTorch path does, across block completions and ring wrap-arounds, all rows or some."""
-    torch.manual_seed(6)
-    m = nsa.NativeSparseAttention(32, 4, 2, 16, 8, config=CFG, backend="torch")
-    for c in (m.compress_k, m.compress_v):   # no part hides behind a zero initialisation
-        torch.nn.init.normal_(c.pos_emb, std=0.3)
-        torch.nn.init.normal_(c.mlp[2].weight, std=0.1)
-    kern = nsa.NativeSparseAttention(32, 4, 2, 16, 8, config=CFG, backend="triton")
-    kern.load_state_dict(m.state_dict())
+    m, kern = torch_and_triton_layers(seed=6)
     x = torch.randn(3, 50, 32)
     with torch.no_grad():
         caches = [layer.new_cache(3, 50) for layer in (m, kern)]

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import nsa
-from helpers import CFG, TOL, make_inputs, rel_err
+from helpers import CFG, TOL, make_inputs, rel_err, torch_and_triton_layers
 from test_decode import as_cache
 
 PAGE = 16   # a multiple of CFG's l' = 16 and d = 4
@@ -227,13 +227,7 @@ def test_fused_decode_append_fills_pages_as_pytorch_does():
     writes every page as the PyTorch path does (rotary, the selection K/V, the window and raw
     pages, the candidate block across page edges, the compressed token's page), all rows or
     some, with a sequence freed and its pages handed to another; untouched pages stay NaN."""
-    torch.manual_seed(8)
-    m = nsa.NativeSparseAttention(32, 4, 2, 16, 8, config=CFG, backend="torch")
-    for c in (m.compress_k, m.compress_v):   # no part hides behind a zero initialisation
-        torch.nn.init.normal_(c.pos_emb, std=0.3)
-        torch.nn.init.normal_(c.mlp[2].weight, std=0.1)
-    kern = nsa.NativeSparseAttention(32, 4, 2, 16, 8, config=CFG, backend="triton")
-    kern.load_state_dict(m.state_dict())
+    m, kern = torch_and_triton_layers(seed=8)
     x = torch.randn(4, 60, 32)
     caches = []
     with torch.no_grad():
