@@ -2,6 +2,7 @@
 alone (paper shape by default, bf16), then sweeps NSA_TUNE overrides (nsa/triton/tuning.py).
 
   python benchmarks/profile_parts.py --T 65536 [--HQ 64 --H 4 --dk 192 --dv 128] [--sweep [NAME ...]]
+      [--kernels]   (also each kernel's GPU time in one forward+backward, in launch order)
 
 Writes benchmarks/results/<gpu>/profile_T<T>_HQ<HQ>_H<H>.json.
 """
@@ -99,6 +100,20 @@ AFFECTS = {"banded_fwd": ["cmp_fwd", "win_fwd"], "banded_fwd_win": ["win_fwd"], 
            "selected_kc_mib": ["slc_fwd", "slc_bwd"], "selected_kc_heads": ["slc_bwd"], "selected_dkv": ["slc_bwd"]}
 
 
+def kernel_times(fn):
+    """(kernel name, ms) of every GPU kernel one call of fn launches, in launch order (torch
+    profiler; a warmed-up call, so that no compilation is in it)."""
+    from torch.profiler import ProfilerActivity, profile
+    for _ in range(2):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [(e.name, e.device_time_total / 1e3) for e in prof.events()
+            if e.device_type.name == "CUDA" and e.device_time_total > 0]
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--T", type=int, default=65536)
@@ -109,6 +124,7 @@ def main():
     p.add_argument("--sweep", nargs="*", default=None, help="kernels to sweep (none given: all)")
     p.add_argument("--budget", type=float, default=480, help="seconds before sweeps stop")
     p.add_argument("--ops", nargs="+", default=None, help="time only these ops (default: all)")
+    p.add_argument("--kernels", action="store_true", help="each kernel's time in one forward+backward")
     a = p.parse_args()
     start = time.time()
     fns = parts(a.T, a.HQ, a.H, a.dk, a.dv, PAPER)
@@ -123,6 +139,14 @@ def main():
     for kind, names in (("fwd", ("cmp_fwd", "select", "slc_fwd", "win_fwd")), ("bwd", ("cmp_bwd", "slc_bwd", "win_bwd"))):
         if all(n in base for n in names):
             print(f"sum of {kind} kernels {sum(base[n] for n in names):.2f} ms", flush=True)
+    kernels = []
+    if a.kernels:
+        kernels = kernel_times(fns["api_fwd_bwd"])
+        print("kernels of one forward+backward, in launch order (ms; under 0.1 ms left out):")
+        for name, t in kernels:
+            if t >= 0.1:
+                print(f"  {t:8.2f}  {name[:100]}", flush=True)
+        print(f"  {sum(t for _, t in kernels):8.2f}  in all", flush=True)
     sweeps = {}
     if a.sweep is not None:
         for kern in (a.sweep or SWEEPS):
@@ -141,7 +165,7 @@ def main():
                 print(f"  {kern:>13} {str(cfg):>20}: " + "  ".join(
                     f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in res.items()), flush=True)
             os.environ.pop("NSA_TUNE", None)
-    save(f"profile_T{a.T}_HQ{a.HQ}_H{a.H}", dict(env=environment(), shape=vars(a), base=base, sweeps=sweeps))
+    save(f"profile_T{a.T}_HQ{a.HQ}_H{a.H}", dict(env=environment(), shape=vars(a), base=base, kernels=kernels, sweeps=sweeps))
 
 
 if __name__ == "__main__":

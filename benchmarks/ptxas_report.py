@@ -1,8 +1,11 @@
-"""Registers, spills and shared memory of every Triton kernel an NSA forward+backward launches,
-on a machine without a GPU: each launch is compiled (not run) through Triton's own JIT binder,
-so with the same specialisation as on the GPU, for a faked sm_90 target, and ptxas -v reads the
-result. Spills show where a launch shape holds too much per thread (the G=1 selection kernel
-spilled ~2.9 KB a thread at 128 positions: 9.4 ms at 64k on an H100, 3.0 after its fix).
+"""Registers, spills, shared memory and matrix instructions of every Triton kernel an NSA
+forward+backward launches, on a machine without a GPU: each launch is compiled (not run) through
+Triton's own JIT binder, so with the same specialisation as on the GPU, for a faked sm_90 target,
+and ptxas -v reads the result. Spills show where a launch shape holds too much per thread (the G=1
+selection kernel spilled ~2.9 KB a thread at 128 positions: 9.4 ms at 64k on an H100, 3.0 after
+its fix). `mma` counts Hopper's wgmma and the older mma.sync in the PTX: Triton issues wgmma only
+where a dot's M side is at least 64 rows (the compressed dK/dV with 32-key tiles ran on mma.sync:
+64k backward 65.0 -> 56.9 ms on wgmma with 64-key tiles, H200).
 Register counts come from this machine's triton, which may differ from the GPU image's.
 
   python benchmarks/ptxas_report.py G1 G4 paper [--T 4096] [--dtype float32] [--decode]
@@ -118,9 +121,11 @@ def main():
         for fname, k, kw in seen.values():
             regs, st, ld = ptxas(k)
             shown = " ".join(f"{x}={kw[x]}" for x in SHOWN if x in kw)
+            ptx = k.asm["ptx"]
+            mma = f"mma={ptx.count('wgmma.mma_async')}wg/{ptx.count('mma.sync')}sync"
             flag = ("  <- spills" if st > 64 else "") + ("  <- shared memory over the limit" if k.metadata.shared > tuning.SMEM_LIMIT else "")
             print(f"  {fname:32s} warps={kw.get('num_warps', 4)} regs={regs:3d} spill st/ld={st}/{ld} "
-                  f"smem={k.metadata.shared} {shown}{flag}", flush=True)
+                  f"smem={k.metadata.shared} {mma} {shown}{flag}", flush=True)
 
 
 if __name__ == "__main__":
