@@ -26,6 +26,8 @@ rows=[...]) appends to sequences `rows` (slots from allocate()).
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from .cache import CacheRows
@@ -50,7 +52,8 @@ class PageTable:
         self.block_table, self.window_table = self._tables[0], self._tables[1]
         self._dirty = False
         self.active = [False] * max_seqs
-        self.caches = []
+        self.dropped = [0] * max_seqs   # recent pages before this index were handed back
+        self.caches = weakref.WeakSet()
 
     @property
     def free_pages(self) -> tuple[int, int]:
@@ -72,7 +75,7 @@ class PageTable:
         self._release(main[main >= 0].tolist(), recent[recent >= 0].tolist())
         main.fill_(-1)
         recent.fill_(-1)
-        self.active[slot] = False
+        self.active[slot], self.dropped[slot] = False, 0
         for c in self.caches:
             c.lengths[slot] = 0
             c.seqlens[slot] = 0
@@ -106,6 +109,11 @@ class PageTable:
             L, E = lengths[r], lengths[r] + n
             main, win = self.main[r], self.recent[r]
             first = max(0, L - keep) // ps                     # recent pages still read from here on
+            if first < self.dropped[r]:
+                raise ValueError(f"sequence {r} is at length {L} in this layer, but a layer sharing its pages "
+                                 f"has moved past it and handed back its recent pages before position "
+                                 f"{self.dropped[r] * ps}: append the same tokens to every layer in turn")
+            self.dropped[r] = max(self.dropped[r], first)
             old = win[:first]
             if bool((old >= 0).any()):
                 self._release([], old[old >= 0].tolist())
@@ -156,7 +164,8 @@ class PagedNSACache(CacheRows):
         per_seq = 2 * (-(-keep // page_size) + 1)   # an append holds the pages of the last `keep` before and after it
         num_window_pages = num_window_pages or max_seqs * per_seq
         if share is not None:
-            self._check_share(share, num_pages, page_size, max_seqs, max_pages_per_seq, num_window_pages, config)
+            self._check_share(share, torch.empty(0, device=device).device, num_pages, page_size, max_seqs,
+                              max_pages_per_seq, num_window_pages, config)
             self.table = share.table
         else:
             self.table = PageTable(num_pages, page_size, max_seqs, max_pages_per_seq, num_window_pages, device)
@@ -170,10 +179,10 @@ class PagedNSACache(CacheRows):
         self.k_raw, self.v_raw = z(num_window_pages, page_size, dk), z(num_window_pages, page_size, dv)
         self.scratch, self.win_scratch = num_pages, num_window_pages
         self._rows(max_seqs, device)
-        self.table.caches.append(self)
+        self.table.caches.add(self)
 
     @staticmethod
-    def _check_share(share, *sizes):
+    def _check_share(share, device, *sizes):
         if not isinstance(share, PagedNSACache):
             raise TypeError(f"share must be a PagedNSACache, got {type(share).__name__}")
         t = share.table
@@ -182,6 +191,8 @@ class PagedNSACache(CacheRows):
                                                      t.num_window_pages)):
             if mine != theirs:
                 raise ValueError(f"share: {name} {mine} differs from the shared cache's {theirs}")
+        if share.device != torch.device(device):
+            raise ValueError(f"share: device {device} differs from the shared cache's {share.device}")
         if sizes[-1] != share.config:
             raise ValueError(f"share: config {sizes[-1]} differs from the shared cache's {share.config}")
         if any(t.active):   # this layer's pools would lack what the other layers hold of them

@@ -249,3 +249,20 @@ def test_fused_decode_append_fills_pages_as_pytorch_does():
         w, g = getattr(want, name)[:-1], getattr(got, name)[:-1]   # the scratch page takes masked writes
         assert torch.equal(torch.isnan(g), torch.isnan(w)), name
         torch.testing.assert_close(g.nan_to_num(), w.nan_to_num(), rtol=0, atol=2e-6)
+
+
+def test_shared_pages_need_layers_in_step():
+    """A layer that lags behind another on the same pages by more than the window would read
+    recent pages handed back: an error, not NaN or another sequence's keys."""
+    m1, m2 = _layer(seed=9), _layer(seed=10)
+    c1 = _paged(m1, num_pages=12, max_seqs=1, max_pages=5)
+    c2 = _paged(m2, num_pages=12, max_seqs=1, max_pages=5, share=c1)
+    x = torch.randn(1, 60, 32, dtype=torch.float64)
+    with torch.no_grad():
+        s = c1.allocate()
+        m1(x[:, :40], cache=c1, rows=[s])
+        m2(x[:, :20], cache=c2, rows=[s])            # behind, but its recent pages are still held
+        with pytest.raises(ValueError, match="sequence 0 is at length 20 in this layer, but a layer sharing"):
+            for t in range(40, 60):
+                m1(x[:, t:t + 1], cache=c1, rows=[s])
+                m2(x[:, t - 20:t - 19], cache=c2, rows=[s])
