@@ -127,9 +127,8 @@ def banded_query_splits(key_tiles: int, win: int, device) -> int:
     banded_splits (at several --T)."""
     if win > 0:
         return 1
-    if interpreting():
-        return 2
-    return _pick("banded_splits", (min(64, max(16, 2 * splits_to_fill(key_tiles, device))),))[0]
+    default = 2 if interpreting() else min(64, max(16, 2 * splits_to_fill(key_tiles, device)))
+    return _pick("banded_splits", (default,))[0]
 
 
 def key_tiles(dk: int):
