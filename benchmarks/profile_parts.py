@@ -21,6 +21,7 @@ import nsa  # noqa: E402
 from nsa.triton.banded import banded_bwd, banded_fwd  # noqa: E402
 from nsa.triton.select import cmp_select_fwd, select_blocks  # noqa: E402
 from nsa.triton.selected import selected_bwd, selected_fwd  # noqa: E402
+from nsa.lm.busy import gpu_events  # noqa: E402
 from shapes import PAPER, environment, median_ms, nsa_inputs, save  # noqa: E402
 
 # One sweep per NSA_TUNE name (nsa/triton/tuning.py): the shapes worth timing against its default.
@@ -110,8 +111,7 @@ def kernel_times(fn):
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
-    return [(e.name, e.device_time_total / 1e3) for e in prof.events()
-            if e.device_type.name == "CUDA" and e.device_time_total > 0]
+    return [(name, s * 1e3) for name, s in gpu_events(prof) if s > 0]
 
 
 def main():

@@ -90,7 +90,10 @@ def results_dirs():
 def stored(name):
     """The stored <results>/<name>.json of this GPU ({} when there is none)."""
     path = os.path.join(results_dirs()[0], f"{name}.json")
-    return json.load(open(path)) if os.path.exists(path) else {}
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
 
 
 def save(name, payload):

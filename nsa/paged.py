@@ -160,12 +160,13 @@ class PagedNSACache(CacheRows):
         self.capacity = max_pages_per_seq * page_size
         self.win_span = min(config.window_size, self.capacity)      # what tail("win") returns
         self.raw_span = min(config.cmp_block_size, self.capacity)   # what tail("raw") returns
-        keep = max(self.win_span, self.raw_span)
-        per_seq = 2 * (-(-keep // page_size) + 1)   # an append holds the pages of the last `keep` before and after it
+        self.keep = max(self.win_span, self.raw_span)   # the last positions an append reads again
+        per_seq = 2 * (-(-self.keep // page_size) + 1)   # an append holds the pages of the last `keep` before and after it
         num_window_pages = num_window_pages or max_seqs * per_seq
         if share is not None:
-            self._check_share(share, torch.empty(0, device=device).device, num_pages, page_size, max_seqs,
-                              max_pages_per_seq, num_window_pages, config)
+            self._check_share(share, torch.empty(0, device=device).device, config, dict(
+                num_pages=num_pages, page_size=page_size, max_seqs=max_seqs, max_pages_per_seq=max_pages_per_seq,
+                num_window_pages=num_window_pages))
             self.table = share.table
         else:
             self.table = PageTable(num_pages, page_size, max_seqs, max_pages_per_seq, num_window_pages, device)
@@ -182,19 +183,17 @@ class PagedNSACache(CacheRows):
         self.table.caches.add(self)
 
     @staticmethod
-    def _check_share(share, device, *sizes):
+    def _check_share(share, device, config, sizes):
         if not isinstance(share, PagedNSACache):
             raise TypeError(f"share must be a PagedNSACache, got {type(share).__name__}")
         t = share.table
-        names = ("num_pages", "page_size", "max_seqs", "max_pages_per_seq", "num_window_pages")
-        for name, mine, theirs in zip(names, sizes, (t.num_pages, t.page_size, t.max_seqs, t.max_pages_per_seq,
-                                                     t.num_window_pages)):
-            if mine != theirs:
-                raise ValueError(f"share: {name} {mine} differs from the shared cache's {theirs}")
-        if share.device != torch.device(device):
+        for name, mine in sizes.items():   # PageTable keeps each size under the same name
+            if mine != getattr(t, name):
+                raise ValueError(f"share: {name} {mine} differs from the shared cache's {getattr(t, name)}")
+        if share.device != device:
             raise ValueError(f"share: device {device} differs from the shared cache's {share.device}")
-        if sizes[-1] != share.config:
-            raise ValueError(f"share: config {sizes[-1]} differs from the shared cache's {share.config}")
+        if config != share.config:
+            raise ValueError(f"share: config {config} differs from the shared cache's {share.config}")
         if any(t.active):   # this layer's pools would lack what the other layers hold of them
             raise ValueError(f"share: the shared cache already holds sequences (slots "
                              f"{[i for i, a in enumerate(t.active) if a]}); build every layer's cache first")
@@ -236,7 +235,7 @@ class PagedNSACache(CacheRows):
             if self.lengths[r] + n > self.capacity:
                 raise ValueError(f"cache capacity {self.capacity} exceeded for sequence {r}: length "
                                  f"{self.lengths[r]} + {n} new tokens (max_pages_per_seq x page_size)")
-        self.table.reserve(rows, self.lengths, n, max(self.win_span, self.raw_span))
+        self.table.reserve(rows, self.lengths, n, self.keep)
 
     # ------------------------------------------------------------------ the layer's interface
     def check(self, x, rows, hidden):
@@ -260,7 +259,7 @@ class PagedNSACache(CacheRows):
     def write(self, rows_t, pos, k_slc, v_slc, k_win, v_win, k_raw, v_raw):
         pg, off = self._pages(self.block_table, rows_t, pos, self.scratch)
         self.k_slc[pg, off], self.v_slc[pg, off] = k_slc, v_slc
-        n = min(pos.shape[1], max(self.win_span, self.raw_span))   # only these are read again
+        n = min(pos.shape[1], self.keep)   # only these are read again
         pg, off = self._pages(self.window_table, rows_t, pos[:, -n:], self.win_scratch)
         self.k_win[pg, off], self.v_win[pg, off] = k_win[:, -n:], v_win[:, -n:]
         self.k_raw[pg, off], self.v_raw[pg, off] = k_raw[:, -n:], v_raw[:, -n:]

@@ -7,11 +7,17 @@ import time
 import torch
 
 
-def gpu_seconds(prof) -> float:
-    """Seconds of GPU work a torch.profiler run recorded (kernels, copies, fills)."""
+def gpu_events(prof) -> list:
+    """(name, seconds) of each piece of GPU work a torch.profiler run recorded (kernels, copies,
+    fills), in launch order."""
     cuda = torch.autograd.DeviceType.CUDA
-    return sum(getattr(e, "device_time", 0.0) for e in prof.events()
-               if getattr(e, "device_type", None) == cuda) / 1e6
+    return [(e.name, getattr(e, "device_time", 0.0) / 1e6) for e in prof.events()
+            if getattr(e, "device_type", None) == cuda]
+
+
+def gpu_seconds(prof) -> float:
+    """Seconds of GPU work a torch.profiler run recorded."""
+    return sum(t for _, t in gpu_events(prof))
 
 
 def busy(fn, repeat: int = 1):
