@@ -2,7 +2,8 @@
 
 1. checks (bf16): nsa_extend against the float64 reference (paper heads 64/4 192/128, and G = 1),
    selections compared; a `small` model's decode step replayed from a CUDA graph
-   (nsa.graph.DecodeGraph) against the same steps run eagerly, bit for bit; nsa.hf generate with
+   (nsa.graph.DecodeGraph) against the same steps run eagerly, bit for bit, and on paged caches
+   sharing one page table against contiguous ones; nsa.hf generate with
    the graph against without, token for token and logits bit for bit.
 2. chunk: S new queries after a P-token prefix (nsa_extend, reading the cache in place) against
    those queries inside one training forward of P + S tokens: the marginal cost
@@ -82,6 +83,38 @@ def check_graph(B=3, prompt=3000, steps=40):
                 max_abs_diff=max(float((a.float() - b.float()).abs().max()) for a, b in zip(eager, got)),
                 lengths_equal=caches[0][0].lengths == caches[1][0].lengths,
                 seqlens_equal=bool(torch.equal(caches[0][-1].seqlens, caches[1][-1].seqlens)))
+
+
+@torch.no_grad()
+def check_paged_graph(B=3, prompt=3000, steps=40, page=64):
+    """The same tokens through contiguous caches stepped eagerly and through paged caches whose
+    layers share one page table, stepped by DecodeGraph replays (the paged bookkeeping of
+    nsa/triton/append.py inside the graph); one sequence is freed and allocated again first, so
+    its pages are not the lowest."""
+    model = small_lm()
+    x = torch.randint(0, 256, (B, prompt + steps), device="cuda")
+    flat = [b.attn.new_cache(B, prompt + steps) for b in model.blocks]
+    per_seq = -(-(prompt + steps) // page)
+    paged, a = [], model.blocks[0].attn
+    for b in model.blocks:
+        paged.append(nsa.PagedNSACache(B * per_seq + 4, page, B, per_seq, a.num_kv_heads, a.head_dim_qk,
+                                       a.head_dim_v, a.config, dtype=BF16, device="cuda", poison=True,
+                                       share=paged[0] if paged else None))
+    slots = [paged[0].allocate() for _ in range(B)]
+    paged[0].free(slots[0])
+    assert paged[0].allocate() == slots[0]
+    for cs in (flat, paged):
+        model(x[:, :prompt], caches=cs)
+    eager = [model(x[:, t:t + 1], caches=flat)[:, -1].clone() for t in range(prompt, prompt + steps)]
+    step = lambda tok: model(tok, caches=paged)[:, -1]
+    got = [step(x[:, prompt:prompt + 1]).clone()]
+    graph = DecodeGraph(step, paged, x[:, prompt + 1:prompt + 2])
+    got += [graph(x[:, t:t + 1]).clone() for t in range(prompt + 1, prompt + steps)]
+    return dict(batch=B, prompt=prompt, steps=steps, page=page, bitwise_equal=all(torch.equal(a, b) for a, b in zip(eager, got)),
+                max_abs_diff=max(float((a.float() - b.float()).abs().max()) for a, b in zip(eager, got)),
+                argmax_equal=all(torch.equal(a.argmax(-1), b.argmax(-1)) for a, b in zip(eager, got)),
+                nan=any(bool(torch.isnan(b).any()) for b in got),
+                seqlens_equal=bool(torch.equal(flat[-1].seqlens, paged[-1].seqlens)))
 
 
 @torch.no_grad()
@@ -273,8 +306,9 @@ def main():
     if not args.skip_check:
         out["check_extend"] = [check_extend(64, 4, 192, 128), check_extend(8, 8, 128, 128)]
         out["check_graph"] = check_graph()
+        out["check_paged_graph"] = check_paged_graph()
         out["check_hf_graph"] = check_hf_graph()
-        for k in ("check_extend", "check_graph", "check_hf_graph"):
+        for k in ("check_extend", "check_graph", "check_paged_graph", "check_hf_graph"):
             print(k, out[k], flush=True)
     out["chunk"] = time_chunk(args.prefix, args.chunk)
     print("chunk", out["chunk"], flush=True)

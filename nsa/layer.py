@@ -111,6 +111,17 @@ class BlockCompressor(nn.Module):
         blocks = blocks + self.pos_emb[:, None, :].to(x.dtype)                  # [B, Tc, l, H, D]
         return self.phi(blocks.transpose(2, 3))                                # [B, Tc, H, l, D]
 
+    def regular(self, x, stride):
+        """forward for the blocks starting at 0, stride, 2 stride, ... of every row of x
+        [B, T, H, D], read as a strided view: no index tensors, and a gradient of one pass
+        instead of a scatter-add -> [B, Tc, H, D]."""
+        B, T, H, D = x.shape
+        if T < self.block_size:   # no block: an empty result, still a function of x and the weights
+            blocks = x[:, :0, :, None, :].expand(B, 0, H, self.block_size, D)
+        else:
+            blocks = x.unfold(1, self.block_size, stride).transpose(-1, -2)      # [B, Tc, H, l, D]
+        return self.phi(blocks + self.pos_emb.to(x.dtype))
+
     def phi(self, blocks):
         """blocks [..., l, D], the position embedding added -> [..., D]."""
         return blocks.mean(-2) + self.mlp(blocks.flatten(-2))
@@ -189,28 +200,38 @@ class NativeSparseAttention(_AttentionBase):
     def _project(self, x, pos):
         """Per-token projections at positions pos [B, T]: q, the compression branch's raw k/v,
         the rotated selection/window keys with their values, and the gates."""
-        B, T, _ = x.shape
-        q = rotary(self.q_proj(x).view(B, T, self.num_heads, self.head_dim_qk), pos, self.rope_theta)
-        k_c, v_c = self._kv(self.cmp_proj, x)
-        k_s, v_s = self._kv(self.slc_proj, x)
-        k_w, v_w = self._kv(self.win_proj, x)
-        gates = torch.sigmoid(self.gate_proj(x)).view(B, T, self.num_heads, 3).to(q.dtype)
-        return (q, k_c, v_c, rotary(k_s, pos, self.rope_theta), v_s, rotary(k_w, pos, self.rope_theta),
-                v_w, gates)
+        q, k_c, v_c, k_s, v_s, k_w, v_w, gates = self._project_fused(x)
+        q, k_s, k_w = self._rotate(pos, q, k_s, k_w)
+        return q, k_c, v_c, k_s, v_s, k_w, v_w, gates.to(q.dtype)
 
     def _compress(self, k_c, v_c, rows, starts):
         """Compressed tokens of the blocks whose first key is row rows[i] of k_c/v_c [B, *, H, d]
-        (rows [Tc], or [B, Tc] per batch row) and sits at position starts[:, i] ([B|1, Tc]); a
-        compressed key is rotated at its block's last position, the first query that can see it."""
+        (rows [Tc], or [B, Tc] per batch row; None: the blocks at 0, d, 2d, ... of every row) and
+        sits at position starts[:, i] ([B|1, Tc]); a compressed key is rotated at its block's
+        last position, the first query that can see it."""
         cpos = (starts + self.config.cmp_block_size - 1).expand(k_c.shape[0], -1)
-        return rotary(self.compress_k(k_c, rows), cpos, self.rope_theta), self.compress_v(v_c, rows)
+        if rows is None:
+            d = self.config.cmp_stride
+            k, v = self.compress_k.regular(k_c, d), self.compress_v.regular(v_c, d)
+        else:
+            k, v = self.compress_k(k_c, rows), self.compress_v(v_c, rows)
+        return self._rotate(cpos, k)[0], v
+
+    def _rotate(self, pos, *xs):
+        """rotary(x, pos, theta) of each x (one B, T, dtype), through the backend's kernel where
+        it has one (eager: one launch a pass for all of them instead of ~12 small ops each;
+        compiled code fuses the PyTorch form itself)."""
+        impl = backend_module(self.backend, xs[0])
+        if hasattr(impl, "rotary") and not torch.compiler.is_compiling():
+            return impl.rotary(xs, pos, self._freqs(xs[0].device))
+        return tuple(rotary(x, pos, self.rope_theta) for x in xs)
 
     def branch_inputs(self, x, cu_seqlens=None):
         """Everything nsa_attention takes, from x: (q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates)."""
         B, T, _ = x.shape
         q, k_c, v_c, k_s, v_s, k_w, v_w, gates = self._project(x, positions(B, T, cu_seqlens, x.device))
         rows, starts = block_starts(B, T, cu_seqlens, self.config, x.device)
-        k_cmp, v_cmp = self._compress(k_c, v_c, rows, starts[None])
+        k_cmp, v_cmp = self._compress(k_c, v_c, None if cu_seqlens is None else rows, starts[None])
         return q, k_cmp.to(q.dtype), v_cmp.to(q.dtype), k_s, v_s, k_w, v_w, gates
 
     def decode_capturable(self, x) -> bool:
@@ -272,7 +293,7 @@ class NativeSparseAttention(_AttentionBase):
         c, S = self.config, q.shape[1]
         cache.write(rows_t, pos, k_s, v_s, k_w, v_w, k_c, v_c)
         starts = torch.arange(c.num_compressed(S), device=q.device) * c.cmp_stride
-        k_cmp, v_cmp = (z.to(q.dtype) for z in self._compress(k_c, v_c, starts, starts[None]))
+        k_cmp, v_cmp = (z.to(q.dtype) for z in self._compress(k_c, v_c, None, starts[None]))
         ci = torch.arange(starts.numel(), device=q.device).expand(rows_t.numel(), -1)
         cache.write_compressed(rows_t, ci, k_cmp, v_cmp)
         return nsa_attention(q, k_cmp, v_cmp, k_s, v_s, k_w, v_w, gates, config=c,
@@ -313,21 +334,33 @@ class NativeSparseAttention(_AttentionBase):
         return o[:, None], idx[:, None]
 
     def _project_fused(self, x):
-        """_project's outputs, nothing rotated (the fused decode step rotates in its kernel), as
-        one matrix product (inference: q, the three branches' k/v and the gates share x), the
-        weights concatenated once and kept until a parameter changes."""
+        """_project's outputs, nothing rotated, as one matrix product: q, the three branches' k/v
+        and the gates share x (one launch forward and two backward instead of five and ten). The
+        concatenated weights are made each call where they need a gradient, else kept until a
+        parameter changes."""
         mods = (self.q_proj, self.cmp_proj, self.slc_proj, self.win_proj, self.gate_proj)
-        key = tuple((p.data_ptr(), p._version) for m in mods for p in m.parameters())
-        if getattr(self, "_fused_key", None) != key:
+        biased = self.q_proj.bias is not None   # qkv_bias: all of them; else only the gate's
+
+        def cat():
             w = torch.cat([m.weight for m in mods])
-            b = None
-            if any(m.bias is not None for m in mods):
-                b = torch.cat([m.bias if m.bias is not None else w.new_zeros(m.out_features) for m in mods])
-            self._fused_key, self._fused_w = key, (w, b)
+            return w, (torch.cat([m.bias for m in mods]) if biased else None)
+
+        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and self.q_proj.weight.requires_grad):
+            w, b = cat()
+        else:
+            key = tuple((p.data_ptr(), p._version) for m in mods for p in m.parameters())
+            if getattr(self, "_fused_key", None) != key:
+                w, b = cat()
+                if x.is_cuda and torch.cuda.is_current_stream_capturing():   # not run until replayed: not kept
+                    key = None
+                self._fused_key, self._fused_w = key, (w, b)
+            w, b = self._fused_w
         B, T, _ = x.shape
         H, dk, dv, HQ = self.num_kv_heads, self.head_dim_qk, self.head_dim_v, self.num_heads
         kv = H * (dk + dv)
-        q, c, sl, wi, g = F.linear(x, *self._fused_w).split([HQ * dk, kv, kv, kv, HQ * 3], -1)
+        q, c, sl, wi, g = F.linear(x, w, b).split([HQ * dk, kv, kv, kv, HQ * 3], -1)
+        if not biased:
+            g = g + self.gate_proj.bias.to(g.dtype)
         split = lambda y: y.view(B, T, H, dk + dv).split([dk, dv], -1)
         (k_c, v_c), (k_s, v_s), (k_w, v_w) = split(c), split(sl), split(wi)
         gates = torch.sigmoid(g).view(B, T, HQ, 3)
@@ -337,7 +370,9 @@ class NativeSparseAttention(_AttentionBase):
         """rotary's frequencies for head_dim_qk in float32, kept per device."""
         f = getattr(self, "_freq_cache", None)
         if f is None or f.device != device:
-            f = self._freq_cache = rope_freqs(self.head_dim_qk, self.rope_theta, device, torch.float32)
+            f = rope_freqs(self.head_dim_qk, self.rope_theta, device, torch.float32)
+            if not (f.is_cuda and torch.cuda.is_current_stream_capturing()):   # not run until replayed
+                self._freq_cache = f
         return f
 
     def _append_compressed(self, cache, rows_t, P, S, raw_k, raw_v):

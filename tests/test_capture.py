@@ -49,3 +49,22 @@ def test_the_guard_sees_a_host_read(no_host_reads):
     cu = torch.tensor([0, 100, 200], dtype=torch.int32)
     layer(torch.randn(1, 200, 64), cu_seqlens=cu)
     assert any("tolist" in c for c in no_host_reads)
+
+
+def test_tables_from_offsets_are_kept_remade_and_never_kept_from_a_capture(monkeypatch):
+    """Launchers keep what they derive from offsets alone (tile tables, a batch's offsets) for
+    later calls; an in-place change of the offsets makes it again; during a CUDA-graph capture
+    nothing is kept (a kernel recorded there has not run: its output is unset outside the graph)."""
+    from nsa.triton import utils
+    cu = torch.tensor([0, 5, 12], dtype=torch.int32)
+    tiles = utils.tile_cu(cu, 4)
+    assert tiles.tolist() == [0, 2, 4] and utils.tile_cu(cu, 4) is tiles
+    cu[2] = 20
+    assert utils.tile_cu(cu, 4).tolist() == [0, 2, 6]
+    batch = utils.varlen(None, 3, 7, "cpu")[0]
+    assert batch.tolist() == [0, 7, 14, 21] and utils.varlen(None, 3, 7, "cpu")[0] is batch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    fresh = torch.tensor([0, 9], dtype=torch.int32)
+    assert utils.tile_cu(fresh, 4) is not utils.tile_cu(fresh, 4)
+    assert utils.varlen(None, 2, 5, "cpu")[0] is not utils.varlen(None, 2, 5, "cpu")[0]

@@ -77,3 +77,55 @@ def test_few_training_steps_lower_the_loss():
         opt.step()
         losses.append(loss.item())
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.1, losses
+
+
+@pytest.mark.parametrize("T", [5, 8, 30, 37])
+def test_regular_blocks_equal_gathered_blocks(T):
+    """BlockCompressor.regular (a strided view) gives forward's output and gradients for the
+    blocks at 0, d, 2d, ... (T = 5: no block, still a function of the weights)."""
+    torch.manual_seed(0)
+    c = nsa.layer.BlockCompressor(8, 6).double()
+    torch.nn.init.normal_(c.pos_emb)
+    torch.nn.init.normal_(c.mlp[2].weight)
+    x = torch.randn(2, T, 3, 6, dtype=torch.float64, requires_grad=True)
+    rows = torch.arange(nsa.NSAConfig(cmp_block_size=8, cmp_stride=4).num_compressed(T)) * 4
+    got, want = c.regular(x, 4), c(x, rows)
+    assert got.shape == want.shape == (2, rows.numel(), 3, 6)
+    w = torch.randn_like(want)
+    grads = lambda y: torch.autograd.grad((y * w).sum(), [x, *c.parameters()], allow_unused=True)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    for a, b in zip(grads(got), grads(want)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_triton_layer_step_equals_float64(packed):
+    """The eager training step through the Triton backend (one fused projection, rotary
+    kernels, the strided compressor or the packed gather, FusedNSA) in float32 against the same
+    layer on the PyTorch reference in float64: the output and every gradient, x's and each
+    parameter's."""
+    torch.manual_seed(0)
+    cfg = nsa.NSAConfig(cmp_block_size=8, cmp_stride=4, sel_block_size=16, sel_block_count=3, window_size=16)
+    ref = nsa.NativeSparseAttention(32, 4, 2, 16, 8, config=cfg, backend="torch", qkv_bias=packed).double()
+    for c in (ref.compress_k, ref.compress_v):   # nothing hidden behind a zero initialisation
+        torch.nn.init.normal_(c.pos_emb, std=0.3)
+        torch.nn.init.normal_(c.mlp[2].weight, std=0.1)
+    for n, p in ref.named_parameters():
+        if n.endswith("bias"):
+            torch.nn.init.normal_(p, std=0.1)
+    kern = nsa.NativeSparseAttention(32, 4, 2, 16, 8, config=cfg, backend="triton", qkv_bias=packed)
+    kern.load_state_dict({k: v.float() for k, v in ref.state_dict().items()})
+    x = torch.randn(1 if packed else 2, 45, 32, dtype=torch.float64)
+    cu = torch.tensor([0, 20, 45], dtype=torch.int32) if packed else None
+    w = torch.randn(x.shape[0], 45, 32, dtype=torch.float64)
+    outs = []
+    for m, dt in ((ref, torch.float64), (kern, torch.float32)):
+        xi = x.detach().to(dt).requires_grad_()
+        y = m(xi, cu_seqlens=cu)
+        (y * w.to(dt)).sum().backward()
+        outs.append([y, xi.grad] + [p.grad for p in m.parameters()])
+    names = ["out", "x.grad"] + [n + ".grad" for n, _ in ref.named_parameters()]
+    for name, a, b in zip(names, *outs):
+        assert a is not None and b is not None, name
+        err = ((b.double() - a).norm() / a.norm().clamp_min(1e-30)).item()
+        assert err < 2e-5, f"{name}: relative error {err:.2e}"

@@ -428,6 +428,15 @@ def test_inverse_index(N, chunk, wide, monkeypatch):
     for b in bucket.unique()[:50]:   # each list in row order
         lst = q_list[list_cu[b]:list_cu[b + 1]]
         assert (lst[1:] >= lst[:-1]).all()
+    counts = (list_cu[1:] - list_cu[:-1]).view(C, NB1)[:, :-1]
+    for keep in (False, True):   # segments of 8 entries per bucket, at least one in chunk 0 with keep_empty
+        jj = index.inverse_index(idx.to(DEV), cu, L, seg=8, chunk=chunk, keep_empty=True) if keep else ii
+        nseg = (counts + 7) // 8
+        if keep:
+            nseg[0] = nseg[0].clamp(min=1)
+        zero = torch.zeros(C, 1, dtype=torch.long)
+        assert torch.equal(jj.seg_cu.cpu().long(), torch.cat([zero, nseg.cumsum(1)], 1))
+        assert torch.equal(jj.part_cu.cpu().long(), torch.cat([zero, torch.where(nseg > 1, nseg, 0).cumsum(1)], 1))
 
 
 def test_banded_launch_shapes_fit_shared_memory(monkeypatch):
@@ -450,3 +459,30 @@ def test_banded_launch_shapes_fit_shared_memory(monkeypatch):
                             rows, bn, warps, stages = tuning.banded(kind, dk, dv, gp, win, esize)
                             assert tuning.banded_smem(kind, rows, bn, stages, dk, dv, esize) <= tuning.SMEM_LIMIT
                             assert stages >= 1 and warps in (4, 8)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_rotary_kernel_equals_reference(dtype):
+    """nsa.triton.rope on strided views (a projection's q and k slices, heads of different
+    counts, rotated in one launch), positions restarting as packed sequences do, against
+    nsa.layer.rotary in float64: forward, and the backward (the kernel at the opposite angle)
+    against autograd's, for each tensor."""
+    from nsa.layer import rope_freqs, rotary
+    from nsa.triton.rope import rotary as rotary_kernel
+    g = torch.Generator().manual_seed(0)
+    y = torch.randn(2, 37, 4 * 16 + 3 * 26, generator=g, dtype=torch.float64)   # [B, T, q | k,v heads]
+    pos = torch.cat([torch.arange(20), torch.arange(17)]).expand(2, -1) + torch.tensor([[0], [5]])
+    views = lambda t: (t[..., :64].view(2, 37, 4, 16), t[..., 64:].view(2, 37, 3, 26)[..., :16])
+    xs64 = [v.requires_grad_() for v in views(y.clone())]
+    want = [rotary(x, pos, 500.0) for x in xs64]
+    dws = [torch.randn(w.shape, generator=g, dtype=torch.float64) for w in want]
+    want_dx = torch.autograd.grad(sum((w * d).sum() for w, d in zip(want, dws)), xs64)
+    yd = y.to(dtype).requires_grad_()
+    xs = views(yd)
+    for n in (1, 2):   # one tensor, and two in one launch
+        got = rotary_kernel(xs[:n], pos, rope_freqs(16, 500.0, "cpu", torch.float32))
+        assert all(o.is_contiguous() and o.dtype == dtype for o in got)
+        got_dx = torch.autograd.grad(sum((o * d.to(dtype)).sum() for o, d in zip(got, dws)), xs[:n])
+        tol = 1e-6 if dtype == torch.float32 else 2e-3
+        for a, b in zip((*got, *got_dx), (*want[:n], *want_dx[:n])):
+            assert ((a.double() - b).norm() / b.norm()).item() < tol

@@ -13,9 +13,10 @@ from .banded import banded_fwd
 from .decode import decode, decode_launch
 from .fused import FusedNSA, nsa_after
 from .gate import gate_fwd
+from .rope import rotary
 from .select import select_blocks as select_op
 from .selected import selected_fwd
-from .utils import varlen
+from .utils import derived, varlen
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 CAPTURABLE = True   # a decode step reads no host value: it can be captured in a CUDA graph (nsa.graph)
@@ -33,10 +34,10 @@ def _setup(q, cu_seqlens, *, cmp=None, tc=None):
     if cmp is None:
         return cu, None
     if cu_seqlens is None:   # a batch: every sequence has tc compressed tokens
-        cu_k = torch.arange(B + 1, dtype=torch.int32, device=q.device) * tc
+        make = lambda: torch.arange(B + 1, dtype=torch.int32, device=q.device) * tc
     else:
-        cu_k = compressed_cu_seqlens(cu, *cmp)
-    return cu, cu_k
+        make = lambda: compressed_cu_seqlens(cu, *cmp)
+    return cu, derived(cu, ("compressed", *cmp), make)
 
 
 def _scale(scale, q):
@@ -132,4 +133,4 @@ def nsa_extend(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, lengths, *, c
 
 __all__ = ["compressed_attention", "sliding_window_attention", "select_blocks", "selected_attention",
            "nsa_attention", "combine", "nsa_decode", "nsa_extend", "decode_append", "decode_store_compressed",
-           "CAPTURABLE"]
+           "rotary", "CAPTURABLE"]

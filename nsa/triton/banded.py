@@ -277,8 +277,7 @@ def _banded_meta(kind, q, v, stride, offset, win):
                 UNMASKED=tuning.banded_unmasked(win))
 
 
-@custom_op("nsa::banded_fwd", mutates_args=())
-def banded_fwd(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, scale: float,
+def banded_fwd_launch(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, scale: float,
                stride: int, offset: int, win: int, spans: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """spans given: queries after held keys (utils.seq_tile's CHUNK; cu_k is then not read)."""
     meta = _banded_meta("fwd", q, v, stride, offset, win)
@@ -290,6 +289,9 @@ def banded_fwd(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, scal
     nsa_banded_fwd_kernel[grid](q, k, v, o, lse, cu_q, cu_k, tiles, n_seq, scale * LOG2E,
                                 cu_q if spans is None else spans, CHUNK=spans is not None, **meta)
     return o, lse
+
+
+banded_fwd = custom_op("nsa::banded_fwd", mutates_args=())(banded_fwd_launch)
 
 
 @banded_fwd.register_fake

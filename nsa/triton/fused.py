@@ -1,14 +1,16 @@
 """nsa_attention on packed rows in eager mode: the three branches and the gate in one autograd
-node (FusedNSA), with a backward that holds as little memory as it can at once."""
+node (FusedNSA), with a backward that holds as little memory as it can at once. It calls the
+launchers themselves, not their torch.library custom ops (whose dispatch only torch.compile
+needs)."""
 from __future__ import annotations
 
 import torch
 
 from . import tuning
-from .banded import banded_bwd_launch, banded_fwd
-from .gate import gate_launch, nsa_gate_delta_kernel, gate_fwd
-from .select import cmp_select_fwd, select_blocks
-from .selected import selected_bwd_launch, selected_fwd
+from .banded import banded_bwd_launch, banded_fwd_launch as banded_fwd
+from .gate import gate_fwd_launch as gate_fwd, gate_launch, nsa_gate_delta_kernel
+from .select import cmp_select_fwd, select_blocks_launch as select_blocks
+from .selected import selected_bwd_launch, selected_fwd_launch as selected_fwd
 from .utils import empty, pow2
 
 

@@ -89,14 +89,16 @@ def gate_launch(n_rows, dv):
     return BV, BR, (triton.cdiv(n_rows, BR),)
 
 
-@custom_op("nsa::gate_fwd", mutates_args=())
-def gate_fwd(o_cmp: Tensor, o_slc: Tensor, o_win: Tensor, gates: Tensor) -> Tensor:
+def gate_fwd_launch(o_cmp: Tensor, o_slc: Tensor, o_win: Tensor, gates: Tensor) -> Tensor:
     n_rows, dv = o_cmp.numel() // o_cmp.shape[-1], o_cmp.shape[-1]
     o = empty(*o_cmp.shape, dtype=o_cmp.dtype, device=o_cmp.device)
     BV, BR, grid = gate_launch(n_rows, dv)
     if n_rows:
         nsa_gate_fwd_kernel[grid](o_cmp, o_slc, o_win, gates, o, n_rows, DV=dv, BV=BV, BR=BR)
     return o
+
+
+gate_fwd = custom_op("nsa::gate_fwd", mutates_args=())(gate_fwd_launch)
 
 
 @gate_fwd.register_fake

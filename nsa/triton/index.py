@@ -10,11 +10,12 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .utils import empty, tile_cu
+from .utils import derived, empty, tile_cu
 
 
 # Built by inverse_index (below): one kernel writes every (row, head, slot) entry's sort key, torch
-# sorts them (stable), a second kernel writes the lists and the entries' list positions.
+# sorts them (stable), a second kernel writes the lists and the entries' list positions, a
+# binary search finds where each list starts and a third kernel counts each bucket's segments.
 
 @triton.jit
 def nsa_index_keys_kernel(
@@ -50,6 +51,34 @@ def nsa_index_lists_kernel(
     if WITH_POS:
         kept = tl.load(keys + p, mask=ok, other=0) % NB1 != NB1 - 1
         tl.store(pos_of + e, tl.where(kept, p, -1).to(tl.int32), mask=ok)
+
+
+@triton.jit
+def nsa_index_segments_kernel(list_cu, seg_cu, part_cu, NB1, seg, KEEP_EMPTY: tl.constexpr, BB: tl.constexpr):
+    """Grid (chunks,). From where each list starts (list_cu [C * NB1 + 1]), per chunk c and
+    bucket b < NB1 - 1: segments nseg = ceil(count / seg) (at least 1 in chunk 0 with
+    KEEP_EMPTY); seg_cu[c] = [0, cumsum(nseg)], part_cu[c] = [0, cumsum(nseg if nseg > 1 else 0)]
+    ([C, NB1] int32; the left-out bucket NB1 - 1 gets none)."""
+    c = tl.program_id(0)
+    base = c.to(tl.int64) * NB1
+    tl.store(seg_cu + base, 0)
+    tl.store(part_cu + base, 0)
+    carry_s = tl.full([], 0, tl.int32)
+    carry_p = tl.full([], 0, tl.int32)
+    for b0 in range(0, NB1 - 1, BB):
+        b = b0 + tl.arange(0, BB)
+        ok = b < NB1 - 1
+        lo = tl.load(list_cu + base + b, mask=ok, other=0)
+        hi = tl.load(list_cu + base + b + 1, mask=ok, other=0)
+        ns = (hi - lo + seg - 1) // seg
+        if KEEP_EMPTY:
+            ns = tl.where(c == 0, tl.maximum(ns, 1), ns)
+        ns = tl.where(ok, ns, 0)
+        pp = tl.where(ns > 1, ns, 0)
+        tl.store(seg_cu + base + b + 1, carry_s + tl.cumsum(ns, 0), mask=ok)
+        tl.store(part_cu + base + b + 1, carry_p + tl.cumsum(pp, 0), mask=ok)
+        carry_s += tl.sum(ns, 0)
+        carry_p += tl.sum(pp, 0)
 
 
 class InverseIndex(NamedTuple):
@@ -101,12 +130,15 @@ def inverse_index(idx, cu_q, sel_block_size, seg, chunk=None, keep_empty=True, w
     nbu = N // sel_block_size + n_seq
     NB1 = H * nbu + 1                                                        # + the left-out bucket
     E = N * H * n
-    seq = torch.searchsorted(cu_q[1:], torch.arange(N, dtype=cu_q.dtype, device=idx.device), right=True)
+    def row_starts():   # each row's sequence: its first row and its first block
+        seq = torch.searchsorted(cu_q[1:], torch.arange(N, dtype=cu_q.dtype, device=idx.device), right=True)
+        return cu_q[seq].contiguous(), blk_cu[seq].contiguous()
+    q_first, blk_first = derived(cu_q, ("row_starts", sel_block_size, N), row_starts)
     key = torch.empty(E, dtype=sort_key_dtype(C * NB1), device=idx.device)
     BE = 1024
     grid = (triton.cdiv(E, BE),)
     if E:
-        nsa_index_keys_kernel[grid](idx, cu_q[seq].contiguous(), blk_cu[seq].contiguous(), key, E, nbu, chunk,
+        nsa_index_keys_kernel[grid](idx, q_first, blk_first, key, E, nbu, chunk,
                                     NB1, H=H, N_SEL=n, SEL_L=sel_block_size, BE=BE)
     keys, order = torch.sort(key, stable=True)
     q_list = empty(E, dtype=torch.int32, device=idx.device)
@@ -116,12 +148,10 @@ def inverse_index(idx, cu_q, sel_block_size, seg, chunk=None, keep_empty=True, w
                                      HN=H * n, WITH_POS=with_pos, BE=BE)
     pos_of = pos_of.view(N, H, n) if with_pos else None
     # each (chunk, bucket) list starts at the first sorted key >= it (no scatter of counts)
-    list_cu = torch.searchsorted(keys, torch.arange(C * NB1 + 1, dtype=keys.dtype, device=idx.device)).to(torch.int32)
-    counts = (list_cu[1:] - list_cu[:-1]).long()
-    nseg = (counts.view(C, NB1)[:, :-1] + seg - 1) // seg
-    if keep_empty:
-        nseg[0] = nseg[0].clamp(min=1)
-    zero = nseg.new_zeros(C, 1)
-    seg_cu = torch.cat([zero, nseg.cumsum(1)], 1).to(torch.int32)
-    part_cu = torch.cat([zero, torch.where(nseg > 1, nseg, 0).cumsum(1)], 1).to(torch.int32)
+    buckets = derived(cu_q, ("buckets", C * NB1, keys.dtype),
+                      lambda: torch.arange(C * NB1 + 1, dtype=keys.dtype, device=idx.device))
+    list_cu = torch.searchsorted(keys, buckets, out_int32=True)
+    seg_cu = empty(C, NB1, dtype=torch.int32, device=idx.device)
+    part_cu = empty(C, NB1, dtype=torch.int32, device=idx.device)
+    nsa_index_segments_kernel[(C,)](list_cu, seg_cu, part_cu, NB1, seg, KEEP_EMPTY=keep_empty, BB=1024)
     return InverseIndex(q_list, pos_of, list_cu, seg_cu, part_cu, blk_cu, H * nbu, nbu, seg)

@@ -295,8 +295,7 @@ def _select_meta(q, cmp_block_size, cmp_stride, sel_block_size, sel_block_count,
                 SPLIT=tl.float32 if tuning.interpreting() else tl.bfloat16)
 
 
-@custom_op("nsa::select_blocks", mutates_args=())
-def select_blocks(q: Tensor, k: Tensor, lse: Tensor, cu_q: Tensor, cu_k: Tensor, scale: float,
+def select_blocks_launch(q: Tensor, k: Tensor, lse: Tensor, cu_q: Tensor, cu_k: Tensor, scale: float,
                   cmp_block_size: int, cmp_stride: int, sel_block_size: int, sel_block_count: int,
                   sel_init_blocks: int, sel_local_blocks: int, spans: Optional[Tensor] = None) -> Tensor:
     """spans given: queries after held keys (utils.seq_tile's CHUNK; cu_k is then not read)."""
@@ -335,6 +334,9 @@ def cmp_select_fwd(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, 
         **_select_meta(q, cmp_block_size, cmp_stride, sel_block_size, sel_block_count, sel_init_blocks,
                        sel_local_blocks, rows, spread), num_warps=warps, num_stages=stages)
     return o, lse, out
+
+
+select_blocks = custom_op("nsa::select_blocks", mutates_args=())(select_blocks_launch)
 
 
 @select_blocks.register_fake

@@ -390,8 +390,7 @@ def _selected_meta(kind, q, v, idx, sel_block_size):
     return dict(meta, num_warps=warps, num_stages=stages)
 
 
-@custom_op("nsa::selected_fwd", mutates_args=())
-def selected_fwd(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, cu_q: Tensor, scale: float,
+def selected_fwd_launch(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, cu_q: Tensor, scale: float,
                  sel_block_size: int, spans: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """spans given: queries after held keys (utils.seq_tile's CHUNK), always group-centric
     (the inverse index of the key-centric path maps keys to the queries' own rows)."""
@@ -431,6 +430,9 @@ def _selected_fwd_key_centric(q, k, v, idx, o, lse, cu_q, scale, sel_block_size,
         nsa_selected_merge_kernel[(triton.cdiv(R, BT), H)](
             ii.pos_of, o_part, lse_part, o, lse, row0, R, HQ=HQ, H=H, G=G, GP=GP, DV=DV,
             BV=meta["BV"], BT=BT, N_SEL=n, num_warps=m_warps, num_stages=m_stages)
+
+
+selected_fwd = custom_op("nsa::selected_fwd", mutates_args=())(selected_fwd_launch)
 
 
 @selected_fwd.register_fake

@@ -6,6 +6,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from torch.utils.weak import WeakIdKeyDictionary
 
 LOG2E = 1.4426950408889634
 
@@ -22,19 +23,56 @@ def pow2(n: int, minimum: int = 1) -> int:
     return max(minimum, triton.next_power_of_2(max(1, n)))
 
 
+def _memo_ok():
+    """Whether values derived from shapes may be kept between calls: not while a CUDA graph is
+    being captured (a kernel recorded there has not run: what it writes would be read unset
+    outside the graph), nor while torch.compile traces."""
+    return not (torch.compiler.is_compiling() or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()))
+
+
+_REGULAR: dict = {}                 # (batch, seqlen, device) -> the packed offsets of a batch
+_DERIVED = WeakIdKeyDictionary()    # cu tensor -> (its version, {key: value derived from it})
+
+
+def derived(cu, key, make):
+    """make(), kept with the offsets tensor cu for later calls with the same key: what the
+    launchers derive from offsets alone (tile tables, each row's sequence). The layers of one
+    step share one cu, so each value is made once a step, or once for all steps of a batch
+    shape (varlen). An in-place change of cu makes them again."""
+    if not _memo_ok():
+        return make()
+    ver, got = _DERIVED.get(cu, (None, None))
+    if ver != cu._version:
+        got = {}
+        _DERIVED[cu] = (cu._version, got)
+    if key not in got:
+        got[key] = make()
+    return got[key]
+
+
 def varlen(cu_seqlens, batch, seqlen, device):
-    """(cu [N+1] int32, N, total): the packed view of a batch, built on the device (no sync)."""
+    """(cu [N+1] int32, N, total): the packed view of a batch, built on the device (no sync) and
+    kept per batch shape."""
     if cu_seqlens is not None:
         return cu_seqlens, cu_seqlens.numel() - 1, seqlen
-    cu = torch.arange(0, (batch + 1) * seqlen, seqlen, dtype=torch.int32, device=device)
+    key = (batch, seqlen, torch.device(device))
+    cu = _REGULAR.get(key)
+    if cu is None:
+        cu = torch.arange(0, (batch + 1) * seqlen, seqlen, dtype=torch.int32, device=device)
+        if _memo_ok():
+            if len(_REGULAR) >= 64:      # a bound for programs of many shapes
+                _REGULAR.clear()
+            _REGULAR[key] = cu
     return cu, batch, batch * seqlen
 
 
 def tile_cu(cu, tile):
     """Prefix sums of per-sequence tile counts: tile i of the grid belongs to the sequence s
     with out[s] <= i < out[s+1]. The grid is launched with an upper bound (no host sync)."""
-    lens = (cu[1:] - cu[:-1]).long()
-    return torch.cat([lens.new_zeros(1), ((lens + tile - 1) // tile).cumsum(0)]).to(torch.int32)
+    def make():
+        lens = (cu[1:] - cu[:-1]).long()
+        return torch.cat([lens.new_zeros(1), ((lens + tile - 1) // tile).cumsum(0)]).to(torch.int32)
+    return derived(cu, ("tiles", tile), make)
 
 
 def tile_grid_bound(total, nseq, tile):
