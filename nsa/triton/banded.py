@@ -23,7 +23,7 @@ from torch import Tensor
 from torch.library import custom_op
 
 from . import tuning
-from .launch import grad_or_zeros, head_dims, key_dims, precision
+from .launch import grad_or_zeros, head_dims, key_dims, precision, shape_memo
 
 from .utils import (LOG2E, band_keys, band_visible, dot2, dot_keys, load_keys_t, load_rows, load_rows2, seq_tile,
                     softmax_finish, softmax_step, store_rows, store_rows2, store_rows2_add, tile_cu, tile_grid_bound, tile_rows, zeros2, empty)
@@ -268,6 +268,7 @@ def nsa_banded_bwd_dkv_kernel(
 
 
 # ----------------------------------------------------------------------------- launchers, custom ops
+@shape_memo
 def _banded_meta(kind, q, v, stride, offset, win):
     N, HQ, H, G, GP, DK, DV, BK, BV = head_dims(q, v)
     meta = key_dims(dict(HQ=HQ, H=H, G=G, GP=GP, DK=DK, DV=DV, BK=BK, BV=BV, STRIDE=stride, OFFSET=offset,

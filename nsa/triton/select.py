@@ -39,7 +39,7 @@ from torch import Tensor
 from torch.library import custom_op
 
 from . import tuning
-from .launch import head_dims, precision
+from .launch import head_dims, precision, shape_memo
 
 from .utils import (LOG2E, band_keys, empty, pow2, tile_cu, tile_grid_bound, band_visible, dot_keys, load_rows, load_rows2, seq_tile, softmax_accumulate, softmax_finish,
                     softmax_probs, store_rows, tile_rows)
@@ -281,6 +281,7 @@ def _ntop(n, slots_per_block):
     return max(pow2(n, 16), pow2(-(-16 // slots_per_block)))
 
 
+@shape_memo
 def _select_meta(q, cmp_block_size, cmp_stride, sel_block_size, sel_block_count, sel_init_blocks,
                  sel_local_blocks, BT, spread):
     """The constexprs the selection kernels share (select.py)."""

@@ -21,7 +21,7 @@ from torch.library import custom_op
 
 from . import tuning
 from .index import inverse_index
-from .launch import grad_or_zeros, head_dims, key_dims, precision
+from .launch import grad_or_zeros, head_dims, key_dims, precision, shape_memo
 
 from .utils import (LOG2E, empty, pow2, dot2, dot_keys, find_segment, load_keys_t, load_rows2, load_rows, running_max, softmax_finish,
                     softmax_step, store_rows, store_rows2, store_rows2_add, tile_rows, zeros2)
@@ -382,6 +382,7 @@ def nsa_row_dot_kernel(x, y, out, n_rows, D: tl.constexpr, BD: tl.constexpr, BR:
 
 
 # ----------------------------------------------------------------------------- launchers, custom ops
+@shape_memo
 def _selected_meta(kind, q, v, idx, sel_block_size):
     N, HQ, H, G, GP, DK, DV, BK, BV = head_dims(q, v)
     meta = key_dims(dict(HQ=HQ, H=H, G=G, BM=max(16, GP), DK=DK, DV=DV, BK=BK, BV=BV, BS=pow2(sel_block_size, 16),
