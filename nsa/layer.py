@@ -345,12 +345,14 @@ class NativeSparseAttention(_AttentionBase):
             w = torch.cat([m.weight for m in mods])
             return w, (torch.cat([m.bias for m in mods]) if biased else None)
 
-        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and self.q_proj.weight.requires_grad):
+        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and
+                                             any(p.requires_grad for m in mods for p in m.parameters())):
             w, b = cat()
         else:
             key = tuple((p.data_ptr(), p._version) for m in mods for p in m.parameters())
             if getattr(self, "_fused_key", None) != key:
-                w, b = cat()
+                with torch.no_grad():
+                    w, b = cat()
                 if x.is_cuda and torch.cuda.is_current_stream_capturing():   # not run until replayed: not kept
                     key = None
                 self._fused_key, self._fused_w = key, (w, b)

@@ -129,3 +129,22 @@ def test_triton_layer_step_equals_float64(packed):
         assert a is not None and b is not None, name
         err = ((b.double() - a).norm() / a.norm().clamp_min(1e-30)).item()
         assert err < 2e-5, f"{name}: relative error {err:.2e}"
+
+
+def test_frozen_projection_leaves_the_others_training():
+    """The projections are one product over concatenated weights: freezing one of them (a
+    fine-tune of some) keeps every other projection's gradient, and equals the unfrozen layer's."""
+    torch.manual_seed(0)
+    m = nsa.NativeSparseAttention(32, 4, 2, 8, 8, config=CFG).double()
+    x = torch.randn(1, 40, 32, dtype=torch.float64)
+    m(x).square().sum().backward()
+    want = {n: p.grad.clone() for n, p in m.named_parameters()}
+    m.zero_grad(set_to_none=True)
+    m.q_proj.weight.requires_grad_(False)
+    for _ in range(2):   # a second step too: nothing of the first is kept
+        m.zero_grad(set_to_none=True)
+        m(x).square().sum().backward()
+        assert m.q_proj.weight.grad is None
+        for n, p in m.named_parameters():
+            if n != "q_proj.weight":
+                torch.testing.assert_close(p.grad, want[n], rtol=1e-12, atol=1e-12)
