@@ -200,7 +200,7 @@ class NativeSparseAttention(_AttentionBase):
     def _project(self, x, pos):
         """Per-token projections at positions pos [B, T]: q, the compression branch's raw k/v,
         the rotated selection/window keys with their values, and the gates."""
-        q, k_c, v_c, k_s, v_s, k_w, v_w, gates = self._project_fused(x)
+        q, k_c, v_c, k_s, v_s, k_w, v_w, gates = self._project_fused(x, keep=False)
         q, k_s, k_w = self._rotate(pos, q, k_s, k_w)
         return q, k_c, v_c, k_s, v_s, k_w, v_w, gates.to(q.dtype)
 
@@ -333,11 +333,12 @@ class NativeSparseAttention(_AttentionBase):
                             return_block_idx=True, backend=self.backend, **tables)
         return o[:, None], idx[:, None]
 
-    def _project_fused(self, x):
+    def _project_fused(self, x, keep=True):
         """_project's outputs, nothing rotated, as one matrix product: q, the three branches' k/v
-        and the gates share x (one launch forward and two backward instead of five and ten). The
-        concatenated weights are made each call where they need a gradient, else kept until a
-        parameter changes."""
+        and the gates share x (one product forward and two backward instead of five and ten).
+        keep (the fused decode step): the concatenated weights are kept until a parameter changes
+        through autograd's version counter (not through .data), where none needs a gradient;
+        otherwise they are concatenated at each call."""
         mods = (self.q_proj, self.cmp_proj, self.slc_proj, self.win_proj, self.gate_proj)
         biased = self.q_proj.bias is not None   # qkv_bias: all of them; else only the gate's
 
@@ -345,8 +346,8 @@ class NativeSparseAttention(_AttentionBase):
             w = torch.cat([m.weight for m in mods])
             return w, (torch.cat([m.bias for m in mods]) if biased else None)
 
-        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and
-                                             any(p.requires_grad for m in mods for p in m.parameters())):
+        if (not keep or torch.compiler.is_compiling() or torch.is_inference_mode_enabled()
+                or (torch.is_grad_enabled() and any(p.requires_grad for m in mods for p in m.parameters()))):
             w, b = cat()
         else:
             key = tuple((p.data_ptr(), p._version) for m in mods for p in m.parameters())
@@ -373,7 +374,9 @@ class NativeSparseAttention(_AttentionBase):
         f = getattr(self, "_freq_cache", None)
         if f is None or f.device != device:
             f = rope_freqs(self.head_dim_qk, self.rope_theta, device, torch.float32)
-            if not (f.is_cuda and torch.cuda.is_current_stream_capturing()):   # not run until replayed
+            # not kept from a capture (not run until replayed) nor from inference_mode (a later
+            # training step's rotary saves it for its backward)
+            if not (torch.is_inference_mode_enabled() or (f.is_cuda and torch.cuda.is_current_stream_capturing())):
                 self._freq_cache = f
         return f
 

@@ -68,3 +68,17 @@ def test_tables_from_offsets_are_kept_remade_and_never_kept_from_a_capture(monke
     fresh = torch.tensor([0, 9], dtype=torch.int32)
     assert utils.tile_cu(fresh, 4) is not utils.tile_cu(fresh, 4)
     assert utils.varlen(None, 2, 5, "cpu")[0] is not utils.varlen(None, 2, 5, "cpu")[0]
+
+
+def test_a_forward_under_inference_mode_leaves_training_working():
+    """Nothing made under torch.inference_mode is kept (offsets, tile tables, rotary
+    frequencies): inference tensors cannot be saved for a later step's backward."""
+    torch.manual_seed(0)
+    layer = nsa.NativeSparseAttention(64, 4, 2, 16, 16, config=CFG, backend="triton")
+    x = torch.randn(1, 70, 64)
+    with torch.inference_mode():
+        want = layer(x)
+    xg = x.clone().requires_grad_()
+    got = layer(xg)
+    got.sum().backward()
+    assert torch.equal(got.detach(), want) and torch.isfinite(xg.grad).all()

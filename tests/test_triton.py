@@ -466,12 +466,13 @@ def test_rotary_kernel_equals_reference(dtype):
     """nsa.triton.rope on strided views (a projection's q and k slices, heads of different
     counts, rotated in one launch), positions restarting as packed sequences do, against
     nsa.layer.rotary in float64: forward, and the backward (the kernel at the opposite angle)
-    against autograd's, for each tensor."""
+    against autograd's, for each tensor, within twice the error of PyTorch's rotary in the same
+    dtype (positions up to 131k: the fp32 angle's rounding)."""
     from nsa.layer import rope_freqs, rotary
     from nsa.triton.rope import rotary as rotary_kernel
     g = torch.Generator().manual_seed(0)
     y = torch.randn(2, 37, 4 * 16 + 3 * 26, generator=g, dtype=torch.float64)   # [B, T, q | k,v heads]
-    pos = torch.cat([torch.arange(20), torch.arange(17)]).expand(2, -1) + torch.tensor([[0], [5]])
+    pos = torch.cat([torch.arange(20), torch.arange(17)]).expand(2, -1) + torch.tensor([[0], [131000]])
     views = lambda t: (t[..., :64].view(2, 37, 4, 16), t[..., 64:].view(2, 37, 3, 26)[..., :16])
     xs64 = [v.requires_grad_() for v in views(y.clone())]
     want = [rotary(x, pos, 500.0) for x in xs64]
@@ -479,10 +480,14 @@ def test_rotary_kernel_equals_reference(dtype):
     want_dx = torch.autograd.grad(sum((w * d).sum() for w, d in zip(want, dws)), xs64)
     yd = y.to(dtype).requires_grad_()
     xs = views(yd)
+    # PyTorch's rotary in this dtype: the error the kernel is judged against (the GPU check's rule;
+    # at position 131000 an fp32 angle alone is off by ~1e-2 rad)
+    same = [rotary(x, pos, 500.0) for x in xs]
+    same_dx = torch.autograd.grad(sum((w * d.to(dtype)).sum() for w, d in zip(same, dws)), xs)
     for n in (1, 2):   # one tensor, and two in one launch
         got = rotary_kernel(xs[:n], pos, rope_freqs(16, 500.0, "cpu", torch.float32))
         assert all(o.is_contiguous() and o.dtype == dtype for o in got)
         got_dx = torch.autograd.grad(sum((o * d.to(dtype)).sum() for o, d in zip(got, dws)), xs[:n])
-        tol = 1e-6 if dtype == torch.float32 else 2e-3
-        for a, b in zip((*got, *got_dx), (*want[:n], *want_dx[:n])):
-            assert ((a.double() - b).norm() / b.norm()).item() < tol
+        for a, b, eager in zip((*got, *got_dx), (*want[:n], *want_dx[:n]), (*same[:n], *same_dx[:n])):
+            err = lambda y: ((y.double() - b).norm() / b.norm()).item()
+            assert err(a) <= 2 * err(eager) + 1e-6, (err(a), err(eager))

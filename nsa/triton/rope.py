@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -79,6 +80,7 @@ class Rotary(torch.autograd.Function):
         return tuple(rotary_launch(xs, pos, inv_freq))
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, *gs):
         pos, inv_freq = ctx.saved_tensors
         return None, None, *rotary_launch(gs, pos, inv_freq, -1)

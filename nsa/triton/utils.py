@@ -26,8 +26,10 @@ def pow2(n: int, minimum: int = 1) -> int:
 def _memo_ok():
     """Whether values derived from shapes may be kept between calls: not while a CUDA graph is
     being captured (a kernel recorded there has not run: what it writes would be read unset
-    outside the graph), nor while torch.compile traces."""
-    return not (torch.compiler.is_compiling() or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()))
+    outside the graph), nor while torch.compile traces, nor under inference_mode (its tensors
+    cannot be saved for a later backward)."""
+    return not (torch.compiler.is_compiling() or torch.is_inference_mode_enabled()
+                or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()))
 
 
 _REGULAR: dict = {}                 # (batch, seqlen, device) -> the packed offsets of a batch
@@ -38,8 +40,10 @@ def derived(cu, key, make):
     """make(), kept with the offsets tensor cu for later calls with the same key: what the
     launchers derive from offsets alone (tile tables, each row's sequence). The layers of one
     step share one cu, so each value is made once a step, or once for all steps of a batch
-    shape (varlen). An in-place change of cu makes them again."""
-    if not _memo_ok():
+    shape (varlen). An in-place change of cu makes them again; a CUDA graph captured with cu
+    reads the values of then (capture after the offsets are final). Values are made on the
+    current stream, for use on it."""
+    if not _memo_ok() or cu.is_inference():
         return make()
     ver, got = _DERIVED.get(cu, (None, None))
     if ver != cu._version:
@@ -59,9 +63,7 @@ def varlen(cu_seqlens, batch, seqlen, device):
     cu = _REGULAR.get(key)
     if cu is None:
         cu = torch.arange(0, (batch + 1) * seqlen, seqlen, dtype=torch.int32, device=device)
-        if _memo_ok():
-            if len(_REGULAR) >= 64:      # a bound for programs of many shapes
-                _REGULAR.clear()
+        if _memo_ok() and len(_REGULAR) < 256:   # never evicted: a captured graph may read one
             _REGULAR[key] = cu
     return cu, batch, batch * seqlen
 
