@@ -395,6 +395,18 @@ def test_compare_recall_pipeline(tmp_path, capsys):
     assert "nsa: done earlier" in capsys.readouterr().err
     assert main(_recall_args(run, str(corpus), "--lr", "1e-3")) == 2   # other settings, same folder
     assert "holds a nsa twin of other settings" in capsys.readouterr().err
+    # twins trained by separate calls (--twins, as processes side by side would), then a call that
+    # only gathers them: the same results and summary as the one call
+    split = tmp_path / "split"
+    assert main(_recall_args(split, str(corpus), "--twins", "window")) == 0
+    assert "no summary yet" in capsys.readouterr().out and not (split / "summary.json").exists()
+    assert main(_recall_args(split, str(corpus), "--twins", "nsa")) == 0
+    assert not (split / "summary.json").exists() and "window: done earlier" in capsys.readouterr().err
+    assert main(_recall_args(split, str(corpus))) == 0   # trains the one left, then the summary
+    assert capsys.readouterr().err.count("done earlier") == 2
+    s2 = json.loads((split / "summary.json").read_text())
+    timeless = lambda d: {k: {n: v for n, v in t.items() if n != "tokens_per_s"} for k, t in d.items()}
+    assert s2["identical_data"] and timeless(s2["summary"]) == timeless(s["summary"])
 
 
 def test_compare_resumes_exactly(tmp_path):

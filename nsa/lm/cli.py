@@ -220,11 +220,13 @@ def compare_cmd(a) -> int:
     from nsa.lm.data import load_corpus
     try:
         summary = compare(a.preset, _train_cfg(a, a.out), out_dir=a.out, corpus=load_corpus(a.corpus),
-                          time_limit=a.time_limit)
+                          time_limit=a.time_limit, train=a.twins)
     except (ValueError, FileNotFoundError) as e:
         return _fail(e)
     if summary is None:
-        print(f"time limit: stopped in time, the work so far is in {a.out}/ (run the same command again to continue)")
+        print(f"no summary yet: the work so far is in {a.out}/ (the same command again continues a twin stopped "
+              f"by the time limit" + ("; once every twin is done, the command without --twins writes the summary)"
+                                      if a.twins is not None else ")"))
         return 0
     print(verdict_table(summary))
     print(f"plots and summary.json in {a.out}/")
@@ -286,6 +288,9 @@ def main(argv=None) -> int:
                        formatter_class=fmt)
     _train_args(c)
     c.add_argument("--out", default="runs/compare", help="folder of the plots, summary.json and each twin's run")
+    c.add_argument("--twins", nargs="+", default=None, choices=["nsa", "full", "window"],
+                   help="train only these twins (e.g. one per process, side by side on one GPU); a call "
+                        "without --twins writes the summary once all are done")
     c.set_defaults(func=compare_cmd)
     x = sub.add_parser("export", help="turn a checkpoint of nsa train into a transformers save_pretrained folder",
                        formatter_class=fmt)

@@ -169,18 +169,25 @@ def _settings(cfg: TrainConfig) -> dict:
 
 def compare(preset="tiny", train_cfg: TrainConfig | None = None, out_dir="runs/compare",
             attentions=ATTENTIONS, grid_n=8, log="stderr", corpus=None, time_limit: float = 0,
-            clock=time.monotonic):
+            clock=time.monotonic, train=None):
     """Train one twin per attention kind (twin_configs: one size; one seed: identical data and
     steps, step checksums in each history), evaluate (evaluate_twin), plot, and return the summary.
     A twin whose result.json holds this run's settings is not trained again; one with a
     checkpoint continues from it. time_limit (seconds of clock, 0: none) bounds the whole call:
-    training stops in time to checkpoint and compare returns None (call it again to continue)."""
+    training stops in time to checkpoint and compare returns None (call it again to continue).
+    train: the twins this call may train (default: all); the others must be done already (their
+    result.json in out_dir, from another process or an earlier call), else compare returns None
+    once it has trained its own: several processes can train the twins side by side, and a last
+    call without `train` writes the plots and the summary."""
     log = sys.stderr if log == "stderr" else log
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     base = train_cfg or TrainConfig()
     t0 = clock()
-    summary, histories = {}, {}
+    unknown = set(train or ()) - set(attentions)
+    if unknown:
+        raise ValueError(f"twins to train must be among {list(attentions)}, got {sorted(unknown)}")
+    summary, histories, missing = {}, {}, []
     for kind, mcfg in twin_configs(preset, attentions).items():
         d = out / kind
         done, ckpt = d / "result.json", d / "checkpoint.pt"
@@ -191,6 +198,9 @@ def compare(preset="tiny", train_cfg: TrainConfig | None = None, out_dir="runs/c
             summary[kind], histories[kind] = r["summary"], r["history"]
             if log is not None:
                 log.write(f"== {kind}: done earlier ({done}) ==\n")
+            continue
+        if train is not None and kind not in train:
+            missing.append(kind)
             continue
         left = time_limit - (clock() - t0) if time_limit else 0
         if time_limit and left <= 0:
@@ -214,6 +224,10 @@ def compare(preset="tiny", train_cfg: TrainConfig | None = None, out_dir="runs/c
         summary[kind], histories[kind] = evaluate_twin(tr, grid_n), tr.history
         done.write_text(json.dumps(dict(train=_settings(base), model=asdict(mcfg), summary=summary[kind],
                                         history=tr.history)))
+    if missing:
+        if log is not None:
+            log.write(f"not trained here: {', '.join(missing)} (the summary waits for their result.json in {out})\n")
+        return None
     plot_curves(histories, out / "loss_curves.png")
     notes = []
     grids = {k: s["passkey_grid"] for k, s in summary.items() if "passkey_grid" in s}
