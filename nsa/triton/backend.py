@@ -16,7 +16,7 @@ from .gate import gate_fwd
 from .rope import rotary
 from .select import select_blocks as select_op
 from .selected import selected_fwd
-from .utils import derived, varlen
+from .utils import derived, keeping, varlen
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 CAPTURABLE = True   # a decode step reads no host value: it can be captured in a CUDA graph (nsa.graph)
@@ -83,8 +83,9 @@ def nsa_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, config,
     torch.compile nsa.api composes the custom ops, which it traces."""
     c = config
     B, T, HQ, _ = q.shape
-    cu, cu_k = _setup(q, cu_seqlens, cmp=(c.cmp_block_size, c.cmp_stride), tc=k_cmp.shape[1])
-    o, idx = FusedNSA.apply(*(_packed(x) for x in (q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates)),
+    with keeping():   # the offsets and their tables, kept for the next step (utils.derived)
+        cu, cu_k = _setup(q, cu_seqlens, cmp=(c.cmp_block_size, c.cmp_stride), tc=k_cmp.shape[1])
+        o, idx = FusedNSA.apply(*(_packed(x) for x in (q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates)),
                                 cu, cu_k, _scale(scale, q), c)
     return o.view(B, T, HQ, -1), idx.view(B, T, k_cmp.shape[2], c.sel_block_count)
 

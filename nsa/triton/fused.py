@@ -11,7 +11,7 @@ from .banded import banded_bwd_launch, banded_fwd_launch as banded_fwd
 from .gate import gate_fwd_launch as gate_fwd, gate_launch, nsa_gate_delta_kernel
 from .select import cmp_select_fwd, select_blocks_launch as select_blocks
 from .selected import selected_bwd_launch, selected_fwd_launch as selected_fwd
-from .utils import empty, pow2
+from .utils import empty, keeping, pow2
 
 
 class FusedNSA(torch.autograd.Function):
@@ -61,6 +61,7 @@ class FusedNSA(torch.autograd.Function):
         return o, idx
 
     @staticmethod
+    @keeping()   # tables of the offsets, as in the forward (backend.nsa_attention)
     def backward(ctx, do, _didx):
         q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, idx, lse_cmp, lse_slc, lse_win, cu, cu_k = ctx.saved_tensors
         scale, c = ctx.consts

@@ -1,7 +1,9 @@
 """Shared pieces of the Triton backend: buffer allocation, varlen bookkeeping, jit helpers."""
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 
 import torch
 import triton
@@ -23,13 +25,32 @@ def pow2(n: int, minimum: int = 1) -> int:
     return max(minimum, triton.next_power_of_2(max(1, n)))
 
 
+_KEEP = threading.local()
+
+
+@contextlib.contextmanager
+def keeping():
+    """Within this block (the eager layer step: backend.nsa_attention and FusedNSA's backward)
+    derived and varlen keep what they make for later calls. Outside it nothing is kept, the
+    custom ops above all: torch.compile's CUDA graphs (mode reduce-overhead) run them in a
+    warm-up whose allocations belong to the graphs' memory pool, where a kept table is memory
+    that the pool does not know is in use and hands out again."""
+    was = getattr(_KEEP, "on", False)
+    _KEEP.on = True
+    try:
+        yield
+    finally:
+        _KEEP.on = was
+
+
 def _memo_ok():
-    """Whether values derived from shapes may be kept between calls: not while a CUDA graph is
-    being captured (a kernel recorded there has not run: what it writes would be read unset
-    outside the graph), nor while torch.compile traces, nor under inference_mode (its tensors
-    cannot be saved for a later backward)."""
-    return not (torch.compiler.is_compiling() or torch.is_inference_mode_enabled()
-                or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()))
+    """Whether values derived from shapes may be kept between calls: only inside keeping(), and
+    not while a CUDA graph is being captured (a kernel recorded there has not run: what it writes
+    would be read unset outside the graph), nor while torch.compile traces, nor under
+    inference_mode (its tensors cannot be saved for a later backward)."""
+    return getattr(_KEEP, "on", False) and not (
+        torch.compiler.is_compiling() or torch.is_inference_mode_enabled()
+        or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()))
 
 
 _REGULAR: dict = {}                 # (batch, seqlen, device) -> the packed offsets of a batch
