@@ -280,6 +280,34 @@ def test_compile_modes(tmp_path):
     assert tr.net is not tr.model and "torch.compile mode default" in tr.describe()
 
 
+def test_backend_choice_runs_the_chosen_kernels(tmp_path, capsys, monkeypatch):
+    """backend="triton" trains window (and NSA) layers through the Triton kernels (the interpreter
+    here), "auto" on a CPU through the PyTorch reference: same weights and data, losses within fp32
+    noise; full attention keeps SDPA, and `nsa train` refuses a backend for it."""
+    from nsa.lm.cli import main
+    win = TINY.replace(attention="window")
+    kw = dict(steps=2, batch_size=2, passkey_rows=0, mqar_rows=0, eval_every=100)
+    ref = Trainer(win, _cfg(tmp_path / "ref", **kw), corpus=_corpus(), log=None)
+    tri = Trainer(win, _cfg(tmp_path / "tri", backend="triton", **kw), corpus=_corpus(), log=None)
+    assert all(b.attn.backend == "triton" for b in tri.model.blocks) and "triton backend" in tri.describe()
+    assert all(b.attn.backend == "auto" for b in ref.model.blocks) and "backend" not in ref.describe()
+    import nsa.triton.backend as triton_backend
+    calls, op = [], triton_backend.banded_fwd
+    monkeypatch.setattr(triton_backend, "banded_fwd", lambda *a: calls.append(1) or op(*a))
+    h_tri = tri.fit()
+    monkeypatch.undo()
+    h_ref = ref.fit()
+    assert calls, "the triton backend did not reach the window kernel"
+    for a, b in zip(h_tri, h_ref):
+        assert abs(a["loss"] - b["loss"]) < 1e-4, (a["loss"], b["loss"])
+    with pytest.raises(ValueError, match="backend must be one of"):
+        Trainer(win, _cfg(tmp_path, backend="cuda"), corpus=_corpus(), log=None)
+    full = Trainer(TINY.replace(attention="full"), _cfg(tmp_path / "full", backend="torch", **kw), corpus=_corpus(), log=None)
+    assert "backend" not in full.describe()
+    assert main(["train", "--attention", "full", "--backend", "torch", "--out", str(tmp_path / "cli")]) == 2
+    assert "full attention runs SDPA" in capsys.readouterr().err
+
+
 def test_progress_line_shows_the_gpu_busy_share(tmp_path):
     log = io.StringIO()
     tr = Trainer(TINY, _cfg(tmp_path), corpus=_corpus(), log=log)

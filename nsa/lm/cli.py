@@ -82,6 +82,10 @@ def _train_args(p):
     p.add_argument("--mqar-spread", type=int, default=None,
                    help="> 0: MQAR pairs lie at random places of the text, each at least this many tokens "
                         "before the queries (0: the pairs first, then the text)")
+    p.add_argument("--backend", default="auto", choices=["auto", "triton", "torch"],
+                   help="the kernels of NSA and window attention: auto (Triton on a GPU, the PyTorch reference "
+                        "on a CPU), triton, torch (the reference anywhere: an A/B of the kernels in training); "
+                        "full attention runs SDPA")
     p.add_argument("--compile", default="auto", choices=["auto", "off", "default", "reduce-overhead"],
                    help="torch.compile the model's forward; auto: reduce-overhead (CUDA graphs) on one GPU, "
                         "off on a CPU or under torchrun")
@@ -110,7 +114,7 @@ def _train_cfg(a, out_dir, base=None):
     return TrainConfig(**d, warmup=max(1, d["steps"] // 10), eval_every=min(a.eval_every, d["steps"]),
                        seed=a.seed, device=a.device, out_dir=out_dir, save_every=a.save_every,
                        parallel=getattr(a, "parallel", "ddp"), time_limit=getattr(a, "time_limit", 0),
-                       compile=a.compile)
+                       compile=a.compile, backend=a.backend)
 
 
 def _init_distributed():
@@ -163,6 +167,9 @@ def train(a) -> int:
     ckpt = Path(a.out) / "checkpoint.pt"
     if a.resume and not ckpt.is_file():
         return _fail(f"--resume: no checkpoint at {ckpt} (drop --resume to start a new run there)")
+    if a.attention == "full" and a.backend != "auto":
+        return _fail(f"--backend {a.backend}: full attention runs SDPA (--backend chooses the kernels of nsa "
+                     f"and window attention)")
     try:
         s = _resume_base(a, ckpt) if a.resume else None
         cfg = _resume_cfg(a, s["train_cfg"], s["step"]) if a.resume else _train_cfg(a, a.out)

@@ -163,7 +163,8 @@ def plot_curves(histories, path):
 
 
 def _settings(cfg: TrainConfig) -> dict:
-    """What must be equal for a twin's earlier work to count in this run."""
+    """What must be equal for a twin's earlier work to count in this run (a setting that an
+    earlier version did not record counts as its default)."""
     return {k: v for k, v in asdict(cfg).items() if k not in ("out_dir", "time_limit", "device")}
 
 
@@ -193,7 +194,7 @@ def compare(preset="tiny", train_cfg: TrainConfig | None = None, out_dir="runs/c
         done, ckpt = d / "result.json", d / "checkpoint.pt"
         if done.is_file():
             r = json.loads(done.read_text())
-            if r["train"] != _settings(base) or r["model"] != json.loads(json.dumps(asdict(mcfg))):
+            if _settings(TrainConfig(**r["train"])) != _settings(base) or r["model"] != json.loads(json.dumps(asdict(mcfg))):
                 raise ValueError(f"{d} holds a {kind} twin of other settings: give another --out, or delete {d}")
             summary[kind], histories[kind] = r["summary"], r["history"]
             if log is not None:

@@ -34,6 +34,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .data import (Batches, load_corpus, mqar_batch, mqar_min_length, passkey_batch, passkey_min_length,
                    spread_at)
+from ..api import backend_module
 from ..config import NSAConfig
 from ..reference import compute_dtype
 from .eval import needle_selection, recall_selection
@@ -78,6 +79,10 @@ class TrainConfig:
     compile: str = "auto"          # the model's forward: "auto" (reduce-overhead on one GPU: compiled
                                    # and replayed from CUDA graphs; eager on a CPU or with several
                                    # processes), "off", "default", "reduce-overhead"
+    backend: str = "auto"          # the kernels of nsa and window attention: "auto" (Triton on a GPU,
+                                   # the PyTorch reference on a CPU), "triton", "torch" (the reference
+                                   # on any device: an A/B of the kernels in training); full
+                                   # attention runs SDPA whatever this says
     out_dir: str = "runs/run"
 
 
@@ -126,8 +131,12 @@ class Trainer:
             raise ValueError(f"compile must be one of {COMPILE_MODES}, got {cfg.compile!r}")
         if cfg.compile not in ("auto", "off") and self.world > 1:
             raise ValueError(f"compile={cfg.compile!r} runs on one process only (use 'auto' or 'off' under torchrun)")
+        backend_module(cfg.backend, torch.empty(0, device=self.device))   # a clear error before building
         torch.manual_seed(cfg.seed)
         self.model = LanguageModel(model_cfg).to(self.device)
+        if model_cfg.attention != "full":
+            for b in self.model.blocks:
+                b.attn.backend = cfg.backend
         self.net = self.model
         if self.world > 1 and cfg.parallel == "fsdp":
             from torch.distributed.device_mesh import init_device_mesh
@@ -186,9 +195,10 @@ class Trainer:
         """One line: the model, its size and device (and that NSA runs the reference on a CPU)."""
         kind = self.model_cfg.attention
         note = (" (on a CPU NSA runs the PyTorch reference: the Triton kernels need a GPU)"
-                if kind == "nsa" and self.device.type == "cpu" else "")
+                if kind == "nsa" and self.device.type == "cpu" and self.cfg.backend != "triton" else "")
         mode = "" if self.compile_mode == "off" else f", torch.compile mode {self.compile_mode}"
-        return f"{kind} model, {self.model.num_params() / 1e6:.2f}M parameters, on {self.device}{mode}{note}"
+        backend = f", {self.cfg.backend} backend" if self.cfg.backend != "auto" and kind != "full" else ""
+        return f"{kind} model, {self.model.num_params() / 1e6:.2f}M parameters, on {self.device}{mode}{backend}{note}"
 
     # ------------------------------------------------------------------ one step
     def _mine(self, t):
