@@ -8,7 +8,7 @@ import torch
 
 from nsa.lm.data import MARKS, QUESTION, Batches, load_corpus, mqar_batch, passkey_batch, passkey_example
 from nsa.lm.compare import compare, verdict_table
-from nsa.lm.eval import needle_selection, passkey_accuracy
+from nsa.lm.eval import gate_means, needle_selection, passkey_accuracy
 from nsa.lm.model import ATTENTIONS, PRESETS, LanguageModel
 from nsa.lm.train import TrainConfig, Trainer, lr_at
 
@@ -95,7 +95,9 @@ def test_progress_and_metrics(tmp_path):
     assert len(lines) == 4 and '"val_loss"' in lines[1]
     sel = json.loads(lines[1])   # NSA with passkey rows: the needle-selection share at each eval
     assert len(sel["needle_selected"]) == TINY.n_layer and 0 < sel["needle_blind"] <= 1
-    assert "needle selected" in log.getvalue()
+    assert "needle selected" in log.getvalue() and "gates cmp/slc/win" in log.getvalue()
+    gates = sel["gates_text"]   # per layer, the compressed, selected and window gates: sigmoids
+    assert len(gates) == TINY.n_layer and all(len(g) == 3 and all(0 < v < 1 for v in g) for g in gates)
     full = Trainer(TINY.replace(attention="full"), _cfg(tmp_path / "full"), corpus=_corpus(), log=None)
     assert "needle_selected" not in full.fit()[1]
 
@@ -252,6 +254,33 @@ def test_needle_selection(monkeypatch):
     free = c.sel_block_count - c.sel_init_blocks - c.sel_local_blocks
     assert blind == pytest.approx(free / (512 // 32 - 3), abs=0.01)   # question in the last block
     assert all("forward" not in vars(m) for m in model.modules())
+
+
+def test_gate_means_are_the_layers_own_gates():
+    """gate_means: per layer the mean of each branch's gate over the masked positions, equal to
+    the gates the layer itself computes for its input (captured here from branch_inputs); []
+    for a model without NSA layers."""
+    torch.manual_seed(0)
+    model = LanguageModel(PRESETS["tiny"])
+    for b in model.blocks:   # gates away from 0.5, different per position and branch
+        torch.nn.init.normal_(b.attn.gate_proj.weight, std=0.5)
+        torch.nn.init.normal_(b.attn.gate_proj.bias, std=1.0)
+    x = torch.randint(0, 256, (2, 96))
+    mask = torch.zeros(2, 96, dtype=torch.bool)
+    mask[0, 5], mask[1, 40:60] = True, True
+    seen = []
+    for b in model.blocks:
+        real = b.attn.branch_inputs
+        b.attn.branch_inputs = lambda h, cu=None, real=real: (lambda r: seen.append(r[-1]) or r)(real(h, cu))
+    got = gate_means(model, x, mask)
+    for b in model.blocks:
+        del b.attn.branch_inputs
+    assert len(got) == 2 and len(seen) == 2
+    for g, want in zip(got, seen):
+        assert g == pytest.approx(want.float()[mask].mean((0, 1)).tolist(), abs=1e-4)
+        assert max(g) - min(g) > 0.01
+    assert gate_means(model, x) != got   # the mask matters
+    assert gate_means(LanguageModel(PRESETS["tiny"].replace(attention="full")), x) == []
 
 
 def test_compare_end_to_end(tmp_path):

@@ -77,6 +77,29 @@ def selection_hits(model, x, rows, q, key, device="cpu"):
 
 
 @torch.no_grad()
+def gate_means(model, x, mask=None, device="cpu"):
+    """NSA: per layer, the mean weight of each branch's gate [compressed, selected, window] over
+    the query heads and the positions of x [B, T] where mask [B, T] is true (default: all):
+    whether training opens or shuts a branch. [] for a model without NSA layers."""
+    model.eval()
+    layers = [m for m in model.modules() if isinstance(m, NativeSparseAttention)]
+    seen = []
+
+    def record(m, args):   # the layer's input x: its gates are sigmoid(gate_proj(x)), as in forward
+        h = args[0]
+        seen.append(torch.sigmoid(m.gate_proj(h).float()).view(*h.shape[:2], -1, 3))
+    hooks = [m.register_forward_pre_hook(record) for m in layers]
+    try:
+        if layers:
+            _logits(model, x, device)
+    finally:
+        for h in hooks:
+            h.remove()
+    keep = torch.ones(x.shape, dtype=torch.bool) if mask is None else torch.as_tensor(mask)
+    return [[round(float(v), 4) for v in g[keep.to(g.device)].mean((0, 1))] for g in seen]
+
+
+@torch.no_grad()
 def needle_selection(model, filler, length, depths=DEPTHS, n=8, seed=0, device="cpu"):
     """Does NSA's block selection find the needle? At the position that predicts the first answer
     digit, the share of (example, KV head) pairs whose selected blocks hold the needle's first

@@ -37,7 +37,7 @@ from .data import (Batches, load_corpus, mqar_batch, mqar_min_length, passkey_ba
 from ..api import backend_module
 from ..config import NSAConfig
 from ..reference import compute_dtype
-from .eval import needle_selection, recall_selection
+from .eval import gate_means, needle_selection, recall_data, recall_selection
 from .busy import busy
 from .model import LanguageModel, ModelConfig, autocast
 
@@ -299,11 +299,18 @@ class Trainer:
         """NSA: per layer, the share of passkey questions (with passkey rows) and of spread MQAR
         queries (with mqar_spread) at the current example length whose selected blocks hold the
         needle or the asked pair, and a blind selection's share (eval.needle_selection,
-        eval.recall_selection); {} otherwise."""
+        eval.recall_selection); the mean gate of each branch on a held-out text row
+        (gates_text) and at the MQAR queries (gates_recall, with MQAR rows) (eval.gate_means);
+        {} otherwise."""
         c, out = self.cfg, {}
         if self.model_cfg.attention != "nsa":
             return out
         n = self.passkey_len_at(self.step)
+        x, _ = Batches(self.val_data, 1, c.seq_len, seed=12345).next()
+        out["gates_text"] = gate_means(self.model, x, device=self.device)
+        if c.mqar_rows:
+            x, y, _ = recall_data(self.val_data, n, c.mqar_pairs, c.mqar_queries, c.mqar_spread, samples)
+            out["gates_recall"] = gate_means(self.model, x, y >= 0, device=self.device)
         if c.passkey_rows:
             hit, blind = needle_selection(self.model, self.val_data, n, n=samples, device=self.device)
             out.update(needle_selected=hit, needle_blind=blind)
@@ -387,6 +394,9 @@ class Trainer:
         pk += f" mqar {r['mqar_loss']:.3f} ({r['mqar_acc']:.0%})" if "mqar_loss" in r else ""
         if r.get("recall_selected"):
             pk += f" pair selected {max(r['recall_selected']):.2f} (blind {r['recall_blind']:.2f})"
+        if r.get("gates_text"):   # each branch's gate, the mean over layers
+            g = [sum(col) / len(col) for col in zip(*r["gates_text"])]
+            pk += " gates cmp/slc/win " + "/".join(f"{v:.2f}" for v in g)
         now = self.clock()
         elapsed = now - self._started
         (t1, step1), left = self._first, self.cfg.steps - self.step
