@@ -1,4 +1,4 @@
-"""Command line: `nsa demo`, `nsa train`, `nsa eval`, `nsa compare` (the README's main job).
+"""Command line: `nsa demo`, `nsa train`, `nsa eval`, `nsa compare` (the README's main job), `nsa export`.
 `python -m nsa ...` runs it too."""
 from __future__ import annotations
 
@@ -258,8 +258,20 @@ def export(a) -> int:
     return 0
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults in the help, except None: those options say where their default comes from."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+def _preset_epilog():
+    return "presets: " + "; ".join(f"{k}: " + ", ".join(f"{a}={v}" for a, v in d.items())
+                                   for k, d in PRESET_TRAINING.items())
+
+
 def main(argv=None) -> int:
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = _Help
     p = argparse.ArgumentParser(prog="nsa", description="Native Sparse Attention tools", formatter_class=fmt)
     sub = p.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("demo", help="run the NSA layer forward+backward once and print what a query reads",
@@ -270,7 +282,8 @@ def main(argv=None) -> int:
     d.add_argument("--kv-heads", type=int, default=2, help="key/value heads")
     d.add_argument("--head-dim", type=int, default=32, help="head dim of q, k and v")
     d.set_defaults(func=demo)
-    t = sub.add_parser("train", help="train the tiny/small LM with one attention kind", formatter_class=fmt)
+    t = sub.add_parser("train", help="train the tiny, small or recall LM with one attention kind",
+                       formatter_class=fmt, epilog=_preset_epilog())
     _train_args(t)
     t.add_argument("--attention", default="nsa", choices=["nsa", "full", "window"],
                    help="NSA, full causal attention, or NSA's sliding window alone")
@@ -285,14 +298,15 @@ def main(argv=None) -> int:
                        formatter_class=fmt)
     e.add_argument("checkpoint", help="a checkpoint.pt of nsa train or nsa compare")
     e.add_argument("--lengths", type=int, nargs="*", default=None,
-                   help="passkey context lengths (default: half, once and twice the trained length)")
+                   help="passkey context lengths (default: half, once and twice the trained length, and the "
+                        "passkey example length when training used shorter examples)")
     e.add_argument("--samples", type=int, default=8, help="passkey examples per (length, depth) cell")
     e.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda, ...")
     e.add_argument("--corpus", nargs="*", default=None,
                    help="the corpus the model was trained on (default: Python's stdlib sources)")
     e.set_defaults(func=evaluate)
     c = sub.add_parser("compare", help="train NSA, full and window-only twins on identical data; plots + verdict",
-                       formatter_class=fmt)
+                       formatter_class=fmt, epilog=_preset_epilog())
     _train_args(c)
     c.add_argument("--out", default="runs/compare", help="folder of the plots, summary.json and each twin's run")
     c.add_argument("--twins", nargs="+", default=None, choices=["nsa", "full", "window"],
