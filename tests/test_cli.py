@@ -58,6 +58,21 @@ def test_resume_decisions_are_printed(tmp_path, corpus, capsys):
     # a checkpoint of another attention kind: one line, not a state_dict traceback
     assert _train(tmp_path, corpus, "--resume", "--attention", "full") == 2
     assert "holds a 'nsa' model; --attention is 'full'" in _error_line(capsys)
+    # another preset given: its model is checked against the checkpoint's, in one line
+    assert _train(tmp_path, corpus, "--resume", "--preset", "recall") == 2
+    assert "holds another model: n_layer" in _error_line(capsys)
+
+
+def test_resume_takes_the_checkpoints_model(tmp_path, corpus, capsys):
+    """Neither --preset nor --attention on --resume: the checkpoint's model and attention, not the
+    defaults' (a recall window twin resumed by `--resume --steps N` alone)."""
+    args = ["--preset", "recall", "--attention", "window", "--mqar-rows", "0", "--passkey-schedule=",
+            "--passkey-len", "0", "--batch-size", "2"]
+    assert _train(tmp_path, corpus, *args) == 0
+    capsys.readouterr()
+    assert main(["train", "--steps", "3", "--corpus", corpus, "--out", str(tmp_path), "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert "at step 2 of 3" in out and "window model, 3.54M parameters" in out   # recall-sized, not tiny
 
 
 def test_eval_errors_and_progress(tmp_path, corpus, capsys):

@@ -49,7 +49,7 @@ def demo(args) -> int:
 def _train_args(p):
     p.add_argument("--preset", default="tiny", choices=list(PRESET_TRAINING),
                    help="model and training sizes: tiny (0.57M, CPU), small (97M, one GPU), recall (5M, one "
-                        "GPU: the spread-recall experiment of docs/training.md)")
+                        "GPU: the spread-recall experiment of docs/training.md); on --resume the checkpoint's model")
     p.add_argument("--steps", type=int, default=None,
                    help="optimizer steps (default: the preset's; on --resume the checkpoint's)")
     p.add_argument("--batch-size", type=int, default=None, help="global batch in rows (default: the preset's)")
@@ -133,13 +133,15 @@ def _fail(msg) -> int:
 
 
 def _resume_base(a, ckpt):
-    """The checkpoint of --resume: its attention must be the command line's."""
+    """The checkpoint of --resume. Its attention stands unless --attention gives another (an error);
+    its model stands unless --preset is given (then Trainer.load checks that they agree)."""
     from nsa.lm.train import read_checkpoint
     s = read_checkpoint(ckpt)
     kind = s["model_cfg"]["attention"]
-    if kind != a.attention:
+    if "attention" in a.given and kind != a.attention:
         raise ValueError(f"{ckpt} holds a '{kind}' model; --attention is '{a.attention}' (give --attention "
                          f"{kind}, or another --out for a new run)")
+    a.attention = kind
     return s
 
 
@@ -162,18 +164,20 @@ def _resume_cfg(a, old: dict, step: int):
 def train(a) -> int:
     from nsa.lm.data import load_corpus
     from nsa.lm.model import PRESETS
-    from nsa.lm.train import Trainer
+    from nsa.lm.train import Trainer, model_config_from
     _init_distributed()
     ckpt = Path(a.out) / "checkpoint.pt"
     if a.resume and not ckpt.is_file():
         return _fail(f"--resume: no checkpoint at {ckpt} (drop --resume to start a new run there)")
-    if a.attention == "full" and a.backend != "auto":
-        return _fail(f"--backend {a.backend}: full attention runs SDPA (--backend chooses the kernels of nsa "
-                     f"and window attention)")
     try:
         s = _resume_base(a, ckpt) if a.resume else None
+        if a.attention == "full" and a.backend != "auto":
+            return _fail(f"--backend {a.backend}: full attention runs SDPA (--backend chooses the kernels of nsa "
+                         f"and window attention)")
         cfg = _resume_cfg(a, s["train_cfg"], s["step"]) if a.resume else _train_cfg(a, a.out)
-        tr = Trainer(PRESETS[a.preset].replace(attention=a.attention), cfg, corpus=load_corpus(a.corpus))
+        model_cfg = (model_config_from(s["model_cfg"]) if a.resume and "preset" not in a.given
+                     else PRESETS[a.preset].replace(attention=a.attention))
+        tr = Trainer(model_cfg, cfg, corpus=load_corpus(a.corpus))
         if a.resume:
             tr.load(ckpt)
             print(f"resumed from {ckpt} at step {tr.step} of {tr.cfg.steps}")
@@ -286,7 +290,7 @@ def main(argv=None) -> int:
                        formatter_class=fmt, epilog=_preset_epilog())
     _train_args(t)
     t.add_argument("--attention", default="nsa", choices=["nsa", "full", "window"],
-                   help="NSA, full causal attention, or NSA's sliding window alone")
+                   help="NSA, full causal attention, or NSA's sliding window alone (on --resume the checkpoint's)")
     t.add_argument("--out", default="runs/train", help="folder of checkpoint.pt and metrics.jsonl")
     t.add_argument("--resume", action="store_true",
                    help="continue from OUT/checkpoint.pt (an error when there is none); settings not given "

@@ -113,12 +113,16 @@ def plot_heatmaps(grids, lengths, rows, path, title="passkey retrieval", ylabel=
     if plt is None:
         return None
     fig, axes = plt.subplots(1, len(grids), figsize=(4 * len(grids), 3.2), squeeze=False)
-    for ax, (name, g) in zip(axes[0], grids.items()):
-        im = ax.imshow(np.array(g, dtype=float).T, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto", origin="lower")
+    for i, (ax, (name, g)) in enumerate(zip(axes[0], grids.items())):
+        a = np.array(g, dtype=float).T
+        im = ax.imshow(a, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto", origin="lower")
+        for (r, c), v in np.ndenumerate(a):
+            ax.text(c, r, "-" if v != v else f"{v:.2f}", ha="center", va="center", fontsize=8)
         ax.set_xticks(range(len(lengths)), [str(L) for L in lengths])
-        ax.set_yticks(range(len(rows)), rows)
+        ax.set_yticks(range(len(rows)), rows if i == 0 else [""] * len(rows))
         ax.set_xlabel("context length (bytes)")
-        ax.set_ylabel(ylabel)
+        if i == 0:
+            ax.set_ylabel(ylabel)
         ax.set_title(f"{title}: {name}")
     bar = fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8)
     bar.set_label(what)
