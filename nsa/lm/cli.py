@@ -100,9 +100,9 @@ _FROM_PRESET = ("steps", "batch_size", "seq_len", "lr", "passkey_rows", "passkey
 # recall: one GPU, spread recall at 4k (docs/training.md, "Recall beyond the window")
 PRESET_TRAINING = {"tiny": dict(steps=150, batch_size=8, seq_len=256, lr=3e-3),
                    "small": dict(steps=2000, batch_size=8, seq_len=8192, lr=1e-3),
-                   "recall": dict(steps=2500, batch_size=16, seq_len=4096, lr=2e-3, passkey_rows=0,
+                   "recall": dict(steps=6000, batch_size=16, seq_len=4096, lr=2e-3, passkey_rows=0,
                                   mqar_rows=12, mqar_pairs=16, mqar_queries=16, mqar_spread=512,
-                                  passkey_schedule="256:1000,1024:1500")}
+                                  passkey_schedule="256:1200,2048:4500")}
 
 
 def _train_cfg(a, out_dir, base=None):
