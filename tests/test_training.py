@@ -8,7 +8,7 @@ import torch
 
 from nsa.lm.data import MARKS, QUESTION, Batches, load_corpus, mqar_batch, passkey_batch, passkey_example
 from nsa.lm.compare import compare, verdict_table
-from nsa.lm.eval import gate_means, needle_selection, passkey_accuracy
+from nsa.lm.eval import gate_means, needle_selection, passkey_accuracy, recall_ablation, shut_branch
 from nsa.lm.model import ATTENTIONS, PRESETS, LanguageModel
 from nsa.lm.train import TrainConfig, Trainer, lr_at
 
@@ -283,6 +283,42 @@ def test_gate_means_are_the_layers_own_gates():
     assert gate_means(LanguageModel(PRESETS["tiny"].replace(attention="full")), x) == []
 
 
+def test_shut_branch_is_the_layer_without_that_branch():
+    """shut_branch(layers, b): each layer computes what it computes with branch b's gate set to 0
+    (nsa_attention on its own branch inputs, the gate zeroed by hand); the other layers and, after
+    the context, the biases are as before. recall_ablation has one recall per branch for every
+    layer and for each layer alone; {} without NSA layers."""
+    from nsa.api import nsa_attention
+    torch.manual_seed(0)
+    model = LanguageModel(PRESETS["tiny"])
+    for blk in model.blocks:
+        torch.nn.init.normal_(blk.attn.gate_proj.weight, std=0.5)
+        torch.nn.init.normal_(blk.attn.gate_proj.bias, std=1.0)
+    m = model.blocks[0].attn
+    h = torch.randn(2, 96, PRESETS["tiny"].hidden)
+    before = [blk.attn.gate_proj.bias.clone() for blk in model.blocks]
+    with torch.no_grad():
+        full = m(h)
+        for b in range(3):
+            *inputs, gates = m.branch_inputs(h)
+            gates = gates.clone()
+            gates[..., b] = 0
+            want = m.o_proj(nsa_attention(*inputs, gates, config=m.config, backend=m.backend).reshape(2, 96, -1))
+            with shut_branch([m], b):
+                got = m(h)
+                other = model.blocks[1].attn(h)
+            torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+            assert (got - full).abs().max() > 1e-3          # the branch mattered
+            torch.testing.assert_close(other, model.blocks[1].attn(h), atol=0, rtol=0)
+    for blk, b0 in zip(model.blocks, before):
+        assert torch.equal(blk.attn.gate_proj.bias, b0)
+    val = np.random.default_rng(0).integers(1, 128, 4000).astype(np.uint8)
+    ab = recall_ablation(model, val, 256, 4, 4, 64, n=4)
+    assert len(ab["every_layer"]) == 3 and [len(r) for r in ab["layers"]] == [3] * PRESETS["tiny"].n_layer
+    assert all(0 <= a <= 1 for a in ab["every_layer"] + sum(ab["layers"], []))
+    assert recall_ablation(LanguageModel(PRESETS["tiny"].replace(attention="full")), val, 256, 4, 4, 64, n=4) == {}
+
+
 def test_compare_end_to_end(tmp_path):
     cfg = _cfg(tmp_path, steps=3, seq_len=256)
     s = compare("tiny", cfg, out_dir=str(tmp_path), grid_n=2, log=None)
@@ -427,7 +463,8 @@ def test_compare_recall_pipeline(tmp_path, capsys):
     corpus.write_bytes(b"\n".join(_corpus(60000)[0].tobytes().split(b" if ")))
     assert main(_recall_args(tmp_path / "run", str(corpus))) == 0
     out = capsys.readouterr().out
-    for what in ("recall@T", "recall@4T", "NSA's selected blocks hold the asked pair at 512", "recall at T: NSA"):
+    for what in ("recall@T", "recall@4T", "NSA's selected blocks hold the asked pair at 512", "recall at T: NSA",
+                 "NSA's recall at 256 (", "with one branch shut in every layer: compressed"):
         assert what in out, what
     run = tmp_path / "run"
     s = json.loads((run / "summary.json").read_text())
@@ -436,7 +473,8 @@ def test_compare_recall_pipeline(tmp_path, capsys):
     assert max(params) / min(params) - 1 <= 0.02
     for kind, v in s["summary"].items():
         assert list(v["recall"]) == ["256", "512", "1024"] and len(v["recall"]["256"]["by_depth"]) == 5
-        assert ("selected" in v["recall"]["256"]) == (kind == "nsa")
+        assert ("selected" in v["recall"]["256"]) == ("shut" in v["recall"]["256"]) == (kind == "nsa")
+        assert "shut" not in v["recall"]["512"]   # at T only
         assert (run / kind / "result.json").is_file() and (run / kind / "checkpoint.pt").is_file()
     checks = [[json.loads(line)["data"] for line in (run / k / "metrics.jsonl").read_text().splitlines()]
               for k in ATTENTIONS]

@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from .data import mqar_min_length
-from .eval import DEPTHS, mqar_accuracy, needle_grid, needle_selection, recall_accuracy, recall_selection
+from .eval import (BRANCHES, DEPTHS, mqar_accuracy, needle_grid, needle_selection, recall_ablation, recall_accuracy,
+                   recall_selection)
 from .model import ATTENTIONS, PRESETS, matched, num_params
 from .train import TrainConfig, Trainer, read_checkpoint
 
@@ -90,6 +91,9 @@ def evaluate_twin(tr: Trainer, grid_n: int = 8) -> dict:
                 hit, blind = recall_selection(m, val, n, c.mqar_pairs, c.mqar_queries, c.mqar_spread, n=grid_n,
                                               device=dev)
                 r["recall"][str(n)].update(selected=hit, blind=blind)
+                if n == recall_lengths(c)[0]:   # at T: which branches of which layers carry the recall
+                    r["recall"][str(n)]["shut"] = recall_ablation(m, val, n, c.mqar_pairs, c.mqar_queries,
+                                                                  c.mqar_spread, n=4 * grid_n, device=dev)
     elif c.mqar_rows:
         r["mqar_at_trained"] = mqar_at_trained_length(tr)[1]
     return r
@@ -297,6 +301,11 @@ def verdict_table(summary):
         if r.get("selected"):
             rows.append(f"NSA's selected blocks hold the asked pair at {n}, per layer: " +
                         " ".join(f"{h:.2f}" for h in r["selected"]) + f" (a blind selection: {r['blind']:.2f})")
+        if r.get("shut"):
+            each = lambda accs: ", ".join(f"{b} {a:.2f}" for b, a in zip(BRANCHES, accs))
+            rows.append(f"NSA's recall at {n} ({r['acc']:.2f}) with one branch shut in every layer: "
+                        f"{each(r['shut']['every_layer'])}; in one layer alone: " +
+                        "; ".join(f"layer {i}: {each(a)}" for i, a in enumerate(r["shut"]["layers"])))
     if {"nsa", "full", "window"} <= set(summary):
         n, f, w = (summary[k]["val_loss"] for k in ("nsa", "full", "window"))
         rows.append(f"NSA - full = {n - f:+.4f} nats/byte: NSA {'matches or beats' if n <= f + 0.02 else 'trails'} "

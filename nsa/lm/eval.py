@@ -175,3 +175,40 @@ def recall_selection(model, filler, length, n_pairs, n_queries, spread, n=8, dev
     x, y, at = recall_data(filler, length, n_pairs, n_queries, spread, n)
     q = (y >= 0).nonzero()                       # [n * Q, 2]: (row, position predicting a value)
     return selection_hits(model, x, q[:, 0], q[:, 1], at.flatten() + 1, device)
+
+
+BRANCHES = ("compressed", "selected", "window")   # the order of an NSA layer's gates
+
+
+@contextmanager
+def shut_branch(layers, branch):
+    """Within the context, the gate of one branch (an index into BRANCHES) is shut, weight 0, in
+    each of the NSA layers given: its bias set far below anything the gate's weights add, so the
+    sigmoid is 0 in any dtype. The biases are restored after."""
+    saved = [m.gate_proj.bias.detach().clone() for m in layers]
+    try:
+        with torch.no_grad():
+            for m in layers:
+                m.gate_proj.bias.view(-1, len(BRANCHES))[:, branch] = -1e4
+        yield
+    finally:
+        with torch.no_grad():
+            for m, b in zip(layers, saved):
+                m.gate_proj.bias.copy_(b)
+
+
+@torch.no_grad()
+def recall_ablation(model, filler, length, n_pairs, n_queries, spread, n=32, device="cpu"):
+    """NSA at spread MQAR: which branches carry the recall. dict(every_layer=[recall with the
+    compressed, the selected, the window branch shut in every layer], layers=[the same with the
+    branch shut in that layer alone, per layer]); {} for a model without NSA layers. A branch
+    whose shutting keeps the recall is not needed for it."""
+    layers = [m for m in model.modules() if isinstance(m, NativeSparseAttention)]
+    if not layers:
+        return {}
+
+    def recall_with(shut, b):
+        with shut_branch(shut, b):
+            return recall_accuracy(model, filler, length, n_pairs, n_queries, spread, n=n, bins=1, device=device)[0]
+    return dict(every_layer=[recall_with(layers, b) for b in range(len(BRANCHES))],
+                layers=[[recall_with([m], b) for b in range(len(BRANCHES))] for m in layers])
