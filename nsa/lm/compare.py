@@ -83,7 +83,8 @@ def evaluate_twin(tr: Trainer, grid_n: int = 8) -> dict:
             r["needle_selected_at_trained"] = dict(layers=hit, blind=blind)
     if c.mqar_rows and c.mqar_spread:
         r["recall"] = {}
-        for n in recall_lengths(c):
+        lengths = recall_lengths(c)
+        for n in lengths:
             acc, by_depth = recall_accuracy(m, val, n, c.mqar_pairs, c.mqar_queries, c.mqar_spread, n=8 * grid_n,
                                             bins=RECALL_BINS, device=dev)
             r["recall"][str(n)] = dict(acc=acc, by_depth=by_depth)
@@ -91,7 +92,7 @@ def evaluate_twin(tr: Trainer, grid_n: int = 8) -> dict:
                 hit, blind = recall_selection(m, val, n, c.mqar_pairs, c.mqar_queries, c.mqar_spread, n=grid_n,
                                               device=dev)
                 r["recall"][str(n)].update(selected=hit, blind=blind)
-                if n == recall_lengths(c)[0]:   # at T: which branches of which layers carry the recall
+                if n == lengths[0]:   # at T: which branches of which layers carry the recall
                     r["recall"][str(n)]["shut"] = recall_ablation(m, val, n, c.mqar_pairs, c.mqar_queries,
                                                                   c.mqar_spread, n=4 * grid_n, device=dev)
     elif c.mqar_rows:

@@ -19,6 +19,11 @@ def _logits(model, x, device):
         return model(x.to(device)).float()
 
 
+def nsa_layers(model):
+    """The NSA layers of model, in order ([] for full or window attention)."""
+    return [m for m in model.modules() if isinstance(m, NativeSparseAttention)]
+
+
 @torch.no_grad()
 def passkey_accuracy(model, filler, length, depth, n, seed=0, device="cpu"):
     """Share of examples whose every answer digit is the model's argmax (teacher forced)."""
@@ -37,7 +42,7 @@ DEPTHS = [0.1, 0.3, 0.5, 0.7, 0.9]   # needle depths of the passkey grid
 def _kept_block_idx(model):
     """Within the context, every NSA layer of model leaves its selected blocks [B, T, H, n] of the
     latest forward in the yielded list (one entry per layer)."""
-    layers = [m for m in model.modules() if isinstance(m, NativeSparseAttention)]
+    layers = nsa_layers(model)
     kept = [None] * len(layers)
 
     def keeping(i, forward):
@@ -64,7 +69,7 @@ def selection_hits(model, x, rows, q, key, device="cpu"):
         _logits(model, x, device)
     if not kept or kept[0] is None:
         return [], float("nan")
-    c = next(m for m in model.modules() if isinstance(m, NativeSparseAttention)).config
+    c = nsa_layers(model)[0].config
     rows, q = torch.as_tensor(rows), torch.as_tensor(q)
     blk = torch.as_tensor(key) // c.sel_block_size
     hit = [(idx.cpu()[rows, q] == blk[:, None, None]).any(-1).float().mean().item() for idx in kept]
@@ -82,7 +87,7 @@ def gate_means(model, x, mask=None, device="cpu"):
     the query heads and the positions of x [B, T] where mask [B, T] is true (default: all):
     whether training opens or shuts a branch. [] for a model without NSA layers."""
     model.eval()
-    layers = [m for m in model.modules() if isinstance(m, NativeSparseAttention)]
+    layers = nsa_layers(model)
     seen = []
 
     def record(m, args):   # the layer's input x: its gates are sigmoid(gate_proj(x)), as in forward
@@ -203,7 +208,7 @@ def recall_ablation(model, filler, length, n_pairs, n_queries, spread, n=32, dev
     compressed, the selected, the window branch shut in every layer], layers=[the same with the
     branch shut in that layer alone, per layer]); {} for a model without NSA layers. A branch
     whose shutting keeps the recall is not needed for it."""
-    layers = [m for m in model.modules() if isinstance(m, NativeSparseAttention)]
+    layers = nsa_layers(model)
     if not layers:
         return {}
 
