@@ -317,8 +317,12 @@ def verdict_table(summary):
             acc = {k: [summary[k]["recall"][m]["acc"] for m in lengths] for k in ("nsa", "full", "window")}
             met = acc["nsa"][0] >= 0.9 and acc["nsa"][0] >= acc["full"][0] - 0.05 and acc["window"][0] <= 0.3
             rows.append(f"recall at T: NSA {acc['nsa'][0]:.2f}, full {acc['full'][0]:.2f}, window-only "
-                        f"{acc['window'][0]:.2f}: {'met' if met else 'not met'} (NSA >= 0.9 and within 0.05 of full, "
-                        f"window-only <= 0.3)")
+                        f"{acc['window'][0]:.2f}: {'met' if met else 'not met'} (NSA >= 0.9 and at most 0.05 below "
+                        f"full, window-only <= 0.3)")
+            if acc["full"][0] < 0.9:
+                rows.append(f"full attention did not learn the recall at T ({acc['full'][0]:.2f} < 0.9): this run "
+                            f"cannot show that NSA recalls as well as a full attention that has learned it "
+                            f"(another --seed may; docs/training.md)")
             if len(lengths) > 1:
                 rows.append(f"recall at 2T: NSA {acc['nsa'][1]:.2f}, full {acc['full'][1]:.2f}: NSA "
                             f"{'>=' if acc['nsa'][1] >= acc['full'][1] else '<'} full")
