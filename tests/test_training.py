@@ -331,6 +331,23 @@ def test_compare_end_to_end(tmp_path):
     assert "hold the needle at T" in table
 
 
+def test_verdict_says_when_full_attention_did_not_learn_the_recall():
+    """The recall verdict: the targets at T, NSA against full at 2T, and a warning only when the
+    full-attention twin itself stayed below 0.9 at T (its comparison then shows nothing)."""
+    def twin(loss, *acc):
+        return dict(params=1e6, val_loss=loss, val_loss_at_2x=loss, mqar=0.0, tokens_per_s=1.0,
+                    recall={str(n): dict(acc=a) for n, a in zip((256, 512, 1024), acc)})
+    s = dict(nsa=twin(1.0, 0.95, 0.5, 0.2), full=twin(1.1, 0.23, 0.1, 0.0), window=twin(1.2, 0.1, 0.1, 0.1))
+    t = verdict_table(s)
+    assert "recall at T: NSA 0.95, full 0.23, window-only 0.10: met" in t and "recall at 2T: NSA 0.50, full 0.10: NSA >= full" in t
+    assert "full attention did not learn the recall at T (0.23 < 0.9)" in t
+    s["full"] = twin(1.1, 1.0, 0.6, 0.3)
+    t = verdict_table(s)
+    assert "full 1.00, window-only 0.10: met" in t and "NSA < full" in t and "did not learn" not in t
+    s["nsa"] = twin(1.0, 0.9, 0.5, 0.2)
+    assert "NSA 0.90, full 1.00, window-only 0.10: not met" in verdict_table(s)   # more than 0.05 below full
+
+
 def test_compile_modes(tmp_path):
     from nsa.lm.train import compile_mode
     assert compile_mode("auto", "cuda") == "reduce-overhead"   # one GPU: compiled, replayed from CUDA graphs

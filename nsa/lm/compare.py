@@ -319,11 +319,11 @@ def verdict_table(summary):
             rows.append(f"recall at T: NSA {acc['nsa'][0]:.2f}, full {acc['full'][0]:.2f}, window-only "
                         f"{acc['window'][0]:.2f}: {'met' if met else 'not met'} (NSA >= 0.9 and at most 0.05 below "
                         f"full, window-only <= 0.3)")
-            if acc["full"][0] < 0.9:
-                rows.append(f"full attention did not learn the recall at T ({acc['full'][0]:.2f} < 0.9): this run "
-                            f"cannot show that NSA recalls as well as a full attention that has learned it "
-                            f"(another --seed may; docs/training.md)")
             if len(lengths) > 1:
                 rows.append(f"recall at 2T: NSA {acc['nsa'][1]:.2f}, full {acc['full'][1]:.2f}: NSA "
                             f"{'>=' if acc['nsa'][1] >= acc['full'][1] else '<'} full")
+            if acc["full"][0] < 0.9:
+                rows.append(f"full attention did not learn the recall at T ({acc['full'][0]:.2f} < 0.9): this run "
+                            f"cannot show that NSA recalls as well as a full attention that has learned it, at T "
+                            f"or 2T (another --seed may; docs/training.md)")
     return "\n".join(rows)
